@@ -1,0 +1,42 @@
+# Two commands run everything on a fresh machine: `make test` and `make demo`.
+# Both bootstrap what they need (a .venv, the npm packages) and redo it only when its inputs change.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PY_STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.installed
+
+.PHONY: help deps test lint demo dev bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+$(PY_STAMP): requirements.txt requirements-dev.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+deps: $(PY_STAMP) $(NODE_STAMP) ## create .venv and install Python and npm packages (only when changed)
+
+lint: $(PY_STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+
+test: deps lint ## ruff plus the whole pytest suite (Azurite and the stand-ins start on their own)
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: deps ## the main job end to end on the local stack, then a summary
+	$(PY) -m devstack.demo $(DEMO_ARGS)
+
+dev: deps ## start the local stack and leave it running (Ctrl-C stops it)
+	$(PY) -m devstack.demo --keep-running $(DEMO_ARGS)
+
+bench: deps ## benchmark scripts; figures go to stdout
+	$(PY) -m bench.run $(BENCH_ARGS)
+
+clean: ## remove the venv, npm packages and local state
+	rm -rf $(VENV) node_modules .devstack .pytest_cache .ruff_cache test-output

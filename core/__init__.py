@@ -1,0 +1,1 @@
+"""Pieces every part of the app shares: settings, storage clients, logging, HTTP helpers."""

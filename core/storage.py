@@ -1,0 +1,99 @@
+"""Storage queue and table clients built from the storage settings.
+
+Every queue client here encodes base64: the Functions queue trigger expects base64 and silently
+moves anything else to the poison queue after maxDequeueCount attempts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from typing import Any
+
+from azure.core.exceptions import ResourceExistsError
+from azure.data.tables import TableClient, TableServiceClient
+from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+
+from core.settings import StorageSettings
+
+CONTACT_EVENTS = "contact-events"
+BACKFILL_PAGES = "backfill-pages"
+QUEUES = (CONTACT_EVENTS, BACKFILL_PAGES)
+POISON_SUFFIX = "-poison"
+# Storage caps a message at 64 KiB; base64 costs a third of that.
+MAX_MESSAGE_BYTES = 48 * 1024
+
+
+def poison_queue_name(queue_name: str) -> str:
+    return queue_name + POISON_SUFFIX
+
+
+def _credential(storage: StorageSettings) -> Any:
+    from azure.identity import DefaultAzureCredential
+
+    return DefaultAzureCredential(managed_identity_client_id=storage.managed_identity_client_id)
+
+
+def queue_client(storage: StorageSettings, queue_name: str) -> QueueClient:
+    codec = {
+        "message_encode_policy": TextBase64EncodePolicy(),
+        "message_decode_policy": TextBase64DecodePolicy(),
+    }
+    if storage.connection_string:
+        return QueueClient.from_connection_string(storage.connection_string, queue_name, **codec)
+    return QueueClient(storage.queue_service_uri, queue_name, credential=_credential(storage), **codec)
+
+
+def table_service(storage: StorageSettings) -> TableServiceClient:
+    if storage.connection_string:
+        return TableServiceClient.from_connection_string(storage.connection_string)
+    return TableServiceClient(storage.table_service_uri, credential=_credential(storage))
+
+
+def ensure_queue(client: QueueClient) -> QueueClient:
+    with contextlib.suppress(ResourceExistsError):
+        client.create_queue()
+    return client
+
+
+class QueueSender:
+    """Sends small JSON messages, base64-encoded, creating the queue on first use."""
+
+    def __init__(self, storage: StorageSettings) -> None:
+        self._storage = storage
+        self._clients: dict[str, QueueClient] = {}
+        self._lock = threading.Lock()
+
+    def client(self, queue_name: str) -> QueueClient:
+        with self._lock:
+            found = self._clients.get(queue_name)
+            if found is None:
+                found = ensure_queue(queue_client(self._storage, queue_name))
+                self._clients[queue_name] = found
+            return found
+
+    def send(self, queue_name: str, message: dict[str, Any], *, delay_seconds: int = 0) -> None:
+        text = json.dumps(message, separators=(",", ":"), sort_keys=True)
+        if len(text.encode()) > MAX_MESSAGE_BYTES:
+            raise ValueError(f"queue message for {queue_name} is {len(text)} bytes; keep messages to ids")
+        # Storage caps the initial invisibility at 7 days.
+        delay = max(0, min(int(delay_seconds), 7 * 24 * 3600))
+        self.client(queue_name).send_message(text, visibility_timeout=delay or None)
+
+
+class Tables:
+    """Table clients by name, each table created once per process."""
+
+    def __init__(self, storage: StorageSettings) -> None:
+        self._service = table_service(storage)
+        self._clients: dict[str, TableClient] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, table_name: str) -> TableClient:
+        with self._lock:
+            found = self._clients.get(table_name)
+            if found is None:
+                found = self._service.create_table_if_not_exists(table_name)
+                self._clients[table_name] = found
+            return found

@@ -1,0 +1,11 @@
+"""Azure Functions entry point: wiring only. Each feature lives in its own blueprint."""
+
+import azure.functions as func
+
+from core.bootstrap import configure_logging
+from core.health import bp as health_bp
+
+configure_logging()
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+app.register_functions(health_bp)

@@ -1,0 +1,5 @@
+"""Test-session wiring. Each area keeps its fixtures in tests/fixtures/<area>.py, listed here."""
+
+pytest_plugins = [
+    "tests.fixtures.stack",
+]

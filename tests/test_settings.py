@@ -1,0 +1,99 @@
+"""Settings are read once, validated, and a bad one is named in a one-line error."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.errors import SettingsError
+from core.settings import APP_SETTINGS, DEV_SETTINGS, load_settings
+from tests.fixtures.stack import BASE_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+GOOD = {**BASE_ENV, "AzureWebJobsStorage": "UseDevelopmentStorage=true"}
+
+
+def test_a_complete_environment_loads_with_secrets_hidden_from_repr():
+    settings = load_settings(GOOD)
+    assert settings.wave_webhook_secrets == ("whsec_test_current_0123456789", "whsec_test_previous_0123456789")
+    assert settings.is_development
+    text = repr(settings)
+    for secret in ("test-client-secret-value", "whsec_test_current", "wave-api-token-for-tests"):
+        assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "problem"),
+    [
+        ("KEY_VAULT_URL", "", "is missing"),
+        ("KEY_VAULT_URL", "http://vault.example", "must be an https URL"),
+        ("DYNAMICS_CLIENT_SECRET", "  ", "is missing"),
+        ("OAUTH_REDIRECT_URI", "ftp://x/callback", "must be an https URL (or http on localhost)"),
+        ("WAVE_WEBHOOK_SECRETS", "a,,b", "empty entry"),
+        ("WAVE_RETURN_URL_PREFIXES", "javascript:alert(1)", "must be an https URL"),
+        ("APP_ENV", "staging", "must be 'production' or 'development'"),
+        ("AzureWebJobsStorage", "not-a-connection-string", "not a storage connection string"),
+    ],
+)
+def test_a_bad_setting_is_named(name, value, problem):
+    with pytest.raises(SettingsError) as err:
+        load_settings({**GOOD, name: value})
+    assert err.value.name == name
+    assert problem in str(err.value)
+    assert str(err.value).startswith(f"setting {name}: ")
+
+
+def test_identity_based_storage_needs_both_service_uris():
+    env = {k: v for k, v in GOOD.items() if k != "AzureWebJobsStorage"}
+    env["AzureWebJobsStorage__queueServiceUri"] = "https://st.queue.core.windows.net"
+    with pytest.raises(SettingsError) as err:
+        load_settings(env)
+    assert err.value.name == "AzureWebJobsStorage__tableServiceUri"
+    env["AzureWebJobsStorage__tableServiceUri"] = "https://st.table.core.windows.net"
+    env["AzureWebJobsStorage__clientId"] = "abc"
+    storage = load_settings(env).storage
+    assert storage.connection_string is None and storage.managed_identity_client_id == "abc"
+
+
+def test_dev_overrides_only_count_in_development(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    overrides = {"DEV_ALLOWED_INSTANCE_HOSTS": "127.0.0.1:8443", "DEV_CA_BUNDLE": str(ca),
+                 "DEV_ENTRA_AUTHORITY": "https://localhost:1234/tenant/v2.0"}
+    dev = load_settings({**GOOD, **overrides}).dev
+    assert dev.allowed_instance_hosts == ("127.0.0.1:8443",) and dev.ca_bundle == str(ca)
+    prod = load_settings({**GOOD, **overrides, "APP_ENV": "production",
+                          "WAVE_API_BASE_URL": "https://api.wave.test",
+                          "WAVE_RETURN_URL_PREFIXES": "https://app.wave.test/"}).dev
+    assert prod.allowed_instance_hosts == () and prod.ca_bundle is None and prod.entra_authority is None
+
+
+def test_production_refuses_plain_http_for_wave():
+    with pytest.raises(SettingsError) as err:
+        load_settings({**GOOD, "APP_ENV": "production"})
+    assert err.value.name == "WAVE_API_BASE_URL"
+
+
+def test_every_documented_setting_is_in_the_example_file():
+    import json
+
+    example = json.loads((ROOT / "local.settings.example.json").read_text())
+    documented = set(example["Values"]) | set(example.get("Comments", {}))
+    assert set(APP_SETTINGS) - {"AzureWebJobsStorage__queueServiceUri", "AzureWebJobsStorage__tableServiceUri",
+                                "AzureWebJobsStorage__clientId"} <= documented
+    assert set(DEV_SETTINGS) <= documented
+
+
+def test_dev_host_exits_with_a_one_line_error_naming_the_setting():
+    env = {k: v for k, v in os.environ.items() if k not in APP_SETTINGS and k not in DEV_SETTINGS}
+    env.update({**GOOD, "WAVE_API_BASE_URL": "not a url"})
+    result = subprocess.run([sys.executable, "-m", "devstack.devhost", "--port", "0"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: setting WAVE_API_BASE_URL: must be an https URL (or http on localhost), "
+                     "got 'not a url'"]
