@@ -39,6 +39,7 @@ APP_SETTINGS = (
     "WAVE_API_TOKEN",
     "WAVE_RETURN_URL_PREFIXES",
     "APP_ENV",
+    "AZURE_CLIENT_ID",
 )
 # Honoured only when APP_ENV=development.
 DEV_SETTINGS = (
@@ -77,6 +78,8 @@ class Settings:
     wave_api_token: str = field(default="", repr=False)
     wave_return_url_prefixes: tuple[str, ...] = ()
     app_env: str = "production"
+    # The user-assigned managed identity for Key Vault (and storage, unless its own clientId is set).
+    managed_identity_client_id: str | None = None
     dev: DevOverrides = field(default_factory=DevOverrides)
 
     @property
@@ -173,6 +176,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             for p in _csv(env, "WAVE_RETURN_URL_PREFIXES")
         ),
         app_env=app_env,
+        managed_identity_client_id=env.get("AZURE_CLIENT_ID", "").strip() or None,
         dev=_dev_overrides(env, development),
     )
 
