@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import threading
@@ -47,10 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             if args.keep_running:
                 print("running; Ctrl-C stops the stack")
-                try:
+                with contextlib.suppress(KeyboardInterrupt):
                     threading.Event().wait()
-                except KeyboardInterrupt:
-                    pass
         return 0
     finally:
         azurite.stop()
