@@ -1,0 +1,213 @@
+"""Connection state: one row per Wave account in the `connections` table.
+
+The row holds what the status endpoint shows (state, instance, who connected, backfill progress) and
+the connection's generation: a new id on every successful connect. Queue messages carry the generation,
+so work queued for an earlier connection becomes a no-op after a disconnect or reconnect.
+
+Counters (synced, deleted, failed, skipped) live in a few shard rows per generation beside the main row,
+so that many workers can count at once without fighting over one ETag.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableClient, UpdateMode
+
+from core.errors import AppError
+
+TABLE = "connections"
+MAIN_ROW = "connection"
+COUNTER_SHARDS = 8
+ACCOUNT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+PENDING, CONNECTED, NEEDS_REAUTH, DISCONNECTED = "pending", "connected", "needs_reauth", "disconnected"
+STATES = (PENDING, CONNECTED, NEEDS_REAUTH, DISCONNECTED)
+DELETE_POLICIES = ("delete", "deactivate", "ignore")
+COUNTER_NAMES = ("synced", "deleted", "failed", "skipped")
+
+
+class ConcurrencyError(AppError):
+    """A row kept changing under us; the caller may retry the whole operation."""
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def valid_account_id(account_id: str) -> bool:
+    return bool(ACCOUNT_ID_RE.fullmatch(account_id or ""))
+
+
+@dataclass
+class Backfill:
+    state: str = "idle"  # idle | running | done | failed
+    run_id: str | None = None
+    pages: int = 0
+    contacts: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
+@dataclass
+class Counters:
+    synced: int = 0
+    deleted: int = 0
+    failed: int = 0
+    skipped: int = 0
+    last_sync_at: str | None = None  # when any of them last moved
+
+
+@dataclass
+class Connection:
+    account_id: str
+    state: str = PENDING
+    generation: str | None = None
+    instance_url: str | None = None
+    tenant_id: str | None = None
+    plan: str | None = None
+    initiated_by: str | None = None  # the Wave user who clicked Connect
+    connected_by: str | None = None  # the Microsoft account that signed in
+    connected_at: str | None = None
+    dataverse_user_id: str | None = None
+    auto_sync: bool = False
+    delete_policy: str = "delete"
+    secret_name: str | None = None
+    reason_category: str | None = None  # why the connection is not healthy, for the status page
+    reason: str | None = None
+    disconnected_by: str | None = None
+    disconnected_at: str | None = None
+    token_refreshed_at: str | None = None
+    backfill: Backfill = field(default_factory=Backfill)
+    etag: str | None = field(default=None, compare=False)
+
+    @property
+    def active(self) -> bool:
+        return self.state == CONNECTED
+
+    def accepts(self, generation: str | None) -> bool:
+        """True when work tagged with `generation` belongs to this live connection."""
+        return self.active and generation is not None and generation == self.generation
+
+
+_PLAIN = [f.name for f in fields(Connection) if f.name not in ("account_id", "backfill", "etag")]
+_BACKFILL = [f.name for f in fields(Backfill)]
+
+
+def _to_entity(conn: Connection) -> dict[str, Any]:
+    entity: dict[str, Any] = {"PartitionKey": conn.account_id, "RowKey": MAIN_ROW}
+    for name in _PLAIN:
+        value = getattr(conn, name)
+        if value is not None:
+            entity[name] = value
+    for name, value in asdict(conn.backfill).items():
+        if value is not None:
+            entity[f"backfill_{name}"] = value
+    return entity
+
+
+def _from_entity(entity: dict[str, Any]) -> Connection:
+    known = {name: entity[name] for name in _PLAIN if name in entity}
+    backfill = Backfill(**{n: entity[f"backfill_{n}"] for n in _BACKFILL if f"backfill_{n}" in entity})
+    conn = Connection(account_id=entity["PartitionKey"], backfill=backfill, **known)
+    conn.etag = entity.metadata.get("etag") if hasattr(entity, "metadata") else None
+    return conn
+
+
+class ConnectionStore:
+    def __init__(self, table: TableClient) -> None:
+        self.table = table
+
+    def get(self, account_id: str) -> Connection | None:
+        try:
+            return _from_entity(self.table.get_entity(account_id, MAIN_ROW))
+        except ResourceNotFoundError:
+            return None
+
+    def save(self, conn: Connection) -> Connection:
+        """Insert a new row (etag None) or replace the row only if nobody changed it since it was read."""
+        entity = _to_entity(conn)
+        try:
+            if conn.etag is None:
+                meta = self.table.create_entity(entity)
+            else:
+                meta = self.table.update_entity(
+                    entity, mode=UpdateMode.REPLACE, etag=conn.etag, match_condition=MatchConditions.IfNotModified
+                )
+        except (ResourceExistsError, ResourceModifiedError) as exc:
+            raise ConcurrencyError(f"connection {conn.account_id} changed concurrently") from exc
+        conn.etag = meta.get("etag")
+        return conn
+
+    def update(self, account_id: str, mutate: Callable[[Connection], bool | None], attempts: int = 20
+               ) -> Connection | None:
+        """Read-modify-write with optimistic concurrency. `mutate` returns False to leave the row alone."""
+        for attempt in range(attempts):
+            conn = self.get(account_id)
+            if conn is None:
+                return None
+            if mutate(conn) is False:
+                return conn
+            try:
+                return self.save(conn)
+            except ConcurrencyError:
+                time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # back off a little before re-reading
+        raise ConcurrencyError(f"connection {account_id} kept changing; gave up after {attempts} attempts")
+
+    def all(self) -> Iterator[Connection]:
+        for entity in self.table.query_entities("RowKey eq @rk", parameters={"rk": MAIN_ROW}):
+            yield _from_entity(entity)
+
+    # -- counters ------------------------------------------------------------------------------
+
+    def add_counts(self, account_id: str, generation: str, *, synced: int = 0, deleted: int = 0,
+                   failed: int = 0, skipped: int = 0) -> None:
+        """Add to this generation's counters (one random shard row, retried on conflict)."""
+        delta = {"synced": synced, "deleted": deleted, "failed": failed, "skipped": skipped}
+        if not any(delta.values()):
+            return
+        row = f"counters-{generation}-{random.randrange(COUNTER_SHARDS)}"
+        for attempt in range(30):
+            try:
+                entity = self.table.get_entity(account_id, row)
+            except ResourceNotFoundError:
+                try:
+                    self.table.create_entity({"PartitionKey": account_id, "RowKey": row, **delta,
+                                              "updated_at": utcnow()})
+                    return
+                except ResourceExistsError:
+                    continue
+            for name, value in delta.items():
+                entity[name] = int(entity.get(name, 0)) + value
+            entity["updated_at"] = utcnow()
+            try:
+                self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=entity.metadata["etag"],
+                                         match_condition=MatchConditions.IfNotModified)
+                return
+            except ResourceModifiedError:
+                time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
+        raise ConcurrencyError(f"counters of {account_id} kept changing")
+
+    def counters(self, account_id: str, generation: str | None) -> Counters:
+        total = Counters()
+        if not generation:
+            return total
+        prefix = f"counters-{generation}-"
+        for entity in self.table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @lo and RowKey lt @hi",
+            parameters={"pk": account_id, "lo": prefix, "hi": prefix + "~"},
+        ):
+            for name in COUNTER_NAMES:
+                setattr(total, name, getattr(total, name) + int(entity.get(name, 0)))
+            updated = entity.get("updated_at")
+            if updated and (total.last_sync_at is None or updated > total.last_sync_at):
+                total.last_sync_at = updated
+        return total

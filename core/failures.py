@@ -1,0 +1,90 @@
+"""Contacts that could not be synced, with a category and a reason a person can act on.
+
+One row per (account, Wave contact) in the `failures` table; a later success clears it. The status
+endpoint shows the most recent ones and `failures/retry` re-queues them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables import TableClient, UpdateMode
+
+from core.connections import utcnow
+
+TABLE = "failures"
+
+# Categories a customer can see, each with what it means for them.
+CATEGORIES = {
+    "validation": "Dynamics rejected a value of this contact",
+    "permission": "the connected Dynamics user lacks a privilege",
+    "owner": "the contact's owner could not be set",
+    "throttled": "Dynamics asked us to slow down; the contact will be retried",
+    "auth": "Microsoft no longer accepts the connection's sign-in; reconnect",
+    "not_found": "the Dynamics record no longer exists",
+    "transient": "Dynamics or the network failed temporarily",
+    "source": "Wave's contacts API failed",
+    "internal": "an unexpected error in the integration",
+}
+
+
+@dataclass(frozen=True)
+class Failure:
+    account_id: str
+    contact_id: str
+    category: str
+    reason: str
+    attempts: int
+    first_at: str
+    last_at: str
+    version: int | None = None
+    generation: str | None = None
+
+
+def _from_entity(e: dict) -> Failure:
+    return Failure(
+        account_id=e["PartitionKey"], contact_id=e["RowKey"], category=e["category"], reason=e["reason"],
+        attempts=int(e.get("attempts", 1)), first_at=e.get("first_at", ""), last_at=e.get("last_at", ""),
+        version=e.get("version"), generation=e.get("generation"),
+    )
+
+
+class FailureStore:
+    def __init__(self, table: TableClient) -> None:
+        self.table = table
+
+    def record(self, account_id: str, contact_id: str, category: str, reason: str, *,
+               version: int | None = None, generation: str | None = None) -> Failure:
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown failure category {category!r}")
+        now = utcnow()
+        try:
+            old = self.table.get_entity(account_id, contact_id)
+            attempts, first_at = int(old.get("attempts", 0)) + 1, old.get("first_at", now)
+        except ResourceNotFoundError:
+            attempts, first_at = 1, now
+        entity = {"PartitionKey": account_id, "RowKey": contact_id, "category": category,
+                  "reason": reason[:1000], "attempts": attempts, "first_at": first_at, "last_at": now}
+        if version is not None:
+            entity["version"] = int(version)
+        if generation:
+            entity["generation"] = generation
+        self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+        return _from_entity(entity)
+
+    def clear(self, account_id: str, contact_id: str) -> None:
+        """Forget a failure (the contact synced after all); a missing row is fine."""
+        self.table.delete_entity(account_id, contact_id)
+
+    def all(self, account_id: str) -> Iterator[Failure]:
+        for entity in self.table.query_entities("PartitionKey eq @pk", parameters={"pk": account_id}):
+            yield _from_entity(entity)
+
+    def recent(self, account_id: str, limit: int = 20) -> list[Failure]:
+        return sorted(self.all(account_id), key=lambda f: f.last_at, reverse=True)[:limit]
+
+    def count(self, account_id: str) -> int:
+        return sum(1 for _ in self.table.query_entities(
+            "PartitionKey eq @pk", parameters={"pk": account_id}, select=["RowKey"]))
