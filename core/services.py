@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 from functools import cached_property
 
+from core.connections import ConnectionStore
+from core.failures import FailureStore
 from core.settings import Settings, get_settings
 from core.storage import QueueSender, Tables
 
@@ -16,7 +18,6 @@ from core.storage import QueueSender, Tables
 class Services:
     def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings
-        self._lock = threading.Lock()
 
     @cached_property
     def settings(self) -> Settings:
@@ -29,6 +30,14 @@ class Services:
     @cached_property
     def queues(self) -> QueueSender:
         return QueueSender(self.settings.storage)
+
+    @cached_property
+    def connections(self) -> ConnectionStore:
+        return ConnectionStore(self.tables("connections"))
+
+    @cached_property
+    def failures(self) -> FailureStore:
+        return FailureStore(self.tables("failures"))
 
 
 _services: Services | None = None

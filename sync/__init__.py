@@ -1,0 +1,1 @@
+"""Wave -> Dataverse sync: webhook intake, contact worker, backfill, mapping, Dataverse and Wave clients."""
