@@ -22,6 +22,7 @@ def start_backfill(connections: ConnectionStore, queues: QueueSender, account_id
     started: dict[str, Connection] = {}
 
     def begin(conn: Connection) -> bool:
+        started.clear()
         if not conn.active:
             return False
         conn.backfill.state, conn.backfill.run_id = "running", run_id
