@@ -1,0 +1,65 @@
+"""Errors of the connect flow and the token store.
+
+Each carries what the caller needs to answer well: bad input knows its field and error code; a failed
+sign-in knows the category and the reason a Wave admin can act on (shown in the connection status).
+"""
+
+from __future__ import annotations
+
+from core.errors import AppError
+
+
+class OAuthError(AppError):
+    """Base of the connect flow's and token store's errors."""
+
+
+class InvalidInput(OAuthError):
+    """A connect request field is wrong; answered 400 with `code` and `field`, nothing stored."""
+
+    code = "invalid_request"
+    field = ""
+    status = 400
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if field is not None:
+            self.field = field
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+
+class SessionInvalid(OAuthError):
+    """The callback's `state` is unknown, already used or expired: nothing happens."""
+
+
+class ConnectFailed(OAuthError):
+    """Sign-in or the access check failed; `category` and `message` go to the status and the redirect."""
+
+    def __init__(self, category: str, message: str) -> None:
+        super().__init__(message)
+        self.category = category
+        self.message = message
+
+
+class ReauthRequired(OAuthError):
+    """Microsoft no longer accepts the connection's sign-in (invalid_grant); an admin must reconnect.
+
+    The connection has been moved to `needs_reauth` already; callers drop their work.
+    """
+
+    def __init__(self, account_id: str, message: str) -> None:
+        super().__init__(message)
+        self.account_id = account_id
+        self.message = message
+
+
+class NotConnected(ReauthRequired):
+    """The connection is not active (disconnected, pending, or a newer generation replaced it)."""
+
+
+class TokenUnavailable(OAuthError):
+    """Entra or Key Vault failed in a way that may pass (network, 5xx, throttling); retry later."""
