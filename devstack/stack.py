@@ -1,0 +1,280 @@
+"""The whole local stack as separate processes on free loopback ports.
+
+Azurite, the Entra stand-in (oauth2-mock-server), the Key Vault, Dataverse and Wave simulators, and the
+dev host serving function_app.py (`python -m devstack.devhost`) with the environment the app reads in
+Azure plus the development overrides. Each process logs to .devstack/<run>/<name>.log. The dev host
+can be killed (SIGKILL) and restarted on demand, which is what the chaos test does.
+
+    with Stack(StackOptions(...)) as stack:
+        stack.devhost_url, stack.wave_url, stack.dataverse_url, stack.admin_page_url(account)
+        stack.restart_devhost(kill=True)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import requests
+
+from devstack.certs import TestCerts, make_certs
+from devstack.entra import EntraStandIn, start_entra
+from devstack.processes import ROOT, Azurite, StackError, free_port, start_azurite, stop_process, wait_for_port
+
+STATE_DIR = ROOT / ".devstack"
+CLIENT_ID = "11111111-2222-3333-4444-555555555555"
+
+
+@dataclass
+class StackOptions:
+    """What differs between the demo, the browser test, the benchmarks and the chaos run."""
+
+    name: str = "stack"  # the log folder under .devstack/
+    lease_seconds: int = 600  # the dev host's peek-lock lease (short for chaos: a killed worker's lease expires)
+    dataverse_args: list[str] = field(default_factory=list)  # extra flags for devstack.dataverse_sim
+    wave_args: list[str] = field(default_factory=list)  # extra flags for devstack.wave_sim
+    devhost_env: dict[str, str] = field(default_factory=dict)  # extra environment for the dev host
+    webhook_secret: str = "whsec_local_" + "0123456789abcdef"
+    wave_api_token: str = "wave-api-token-local"
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen
+    port: int
+    log: Path
+    argv: list[str]
+    env: dict[str, str] | None = None
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class Stack:
+    def __init__(self, options: StackOptions | None = None) -> None:
+        self.options = options or StackOptions()
+        self.dir = STATE_DIR / self.options.name
+        self.procs: dict[str, Proc] = {}
+        self.azurite: Azurite | None = None
+        self.certs: TestCerts | None = None
+        self.function_key = "fk-" + secrets.token_hex(16)
+        self.master_key = "mk-" + secrets.token_hex(16)
+        self.client_secret = "cs-" + secrets.token_hex(16)
+        self.devhost_env: dict[str, str] = {}
+        self.devhost_port = free_port()
+        self.entra: EntraStandIn | None = None
+        self._logs: list[IO[bytes]] = []
+
+    # -- URLs ---------------------------------------------------------------------------------------
+
+    def url(self, name: str, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.procs[name].port}"
+
+    @property
+    def devhost_url(self) -> str:
+        return f"http://127.0.0.1:{self.devhost_port}"
+
+    @property
+    def wave_url(self) -> str:
+        return self.url("wave")
+
+    @property
+    def dataverse_url(self) -> str:
+        return self.url("dataverse", "https")
+
+    @property
+    def keyvault_url(self) -> str:
+        return self.url("keyvault", "https")
+
+    @property
+    def entra_authority(self) -> str:
+        assert self.entra is not None
+        return self.entra.authority
+
+    @property
+    def callback_url(self) -> str:
+        return f"http://127.0.0.1:{self.devhost_port}/api/oauth/callback"
+
+    def admin_page_url(self, account_id: str) -> str:
+        return f"{self.wave_url}/integrations/dynamics365/{account_id}"
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> Stack:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        try:
+            self.certs = make_certs(STATE_DIR / "certs")
+            self.azurite = start_azurite(log_file=self.dir / "azurite.log")
+            self._start_entra()
+            self._start_keyvault()
+            self._start_dataverse()
+            self._start_wave()
+            self._start_devhost()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            stop_process(self.procs[name].proc, grace=5.0)
+        self.procs.clear()
+        if self.azurite is not None:
+            self.azurite.stop()
+            self.azurite = None
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+    def __enter__(self) -> Stack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- processes ----------------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str], port: int, env: dict[str, str] | None = None,
+               cwd: Path = ROOT, timeout: float = 30.0) -> Proc:
+        log_path = self.dir / f"{name}.log"
+        out = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        self._logs.append(out)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=full_env)
+        entry = Proc(name, proc, port, log_path, argv, env)
+        self.procs[name] = entry
+        try:
+            wait_for_port(port, proc, timeout=timeout, name=name)
+        except StackError as exc:
+            raise StackError(f"{exc}; see {log_path}:\n{tail(log_path)}") from None
+        return entry
+
+    def _python(self, module: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", module, *args]
+
+    def _start_entra(self) -> None:
+        assert self.certs is not None
+        entra = start_entra(self.certs, client_id=CLIENT_ID, client_secret=self.client_secret,
+                            redirect_uris=(self.callback_url,), log_file=self.dir / "entra.log")
+        self.entra = entra
+        self.procs["entra"] = Proc("entra", entra.proc, entra.port, self.dir / "entra.log", [])
+
+    def _start_keyvault(self) -> None:
+        assert self.certs is not None
+        port = free_port()
+        self._spawn("keyvault", self._python(
+            "devstack.keyvault_sim", "--port", str(port), "--cert", str(self.certs.server_cert),
+            "--key", str(self.certs.server_key), "--jwks-url", self.entra.jwks_url,
+        ), port)
+
+    def _start_dataverse(self) -> None:
+        assert self.certs is not None
+        port = free_port()
+        self._spawn("dataverse", self._python(
+            "devstack.dataverse_sim", "--port", str(port), "--cert", str(self.certs.server_cert),
+            "--key", str(self.certs.server_key), *self.options.dataverse_args,
+        ), port)
+
+    def _start_wave(self) -> None:
+        """The Wave simulator with the admin page mounted (devstack/wave_admin/__main__.py)."""
+        port = free_port()
+        self._spawn("wave", self._python(
+            "devstack.wave_admin", "--port", str(port), "--token", self.options.wave_api_token,
+            "--secrets", self.options.webhook_secret, "--webhook-url", f"{self.devhost_url}/api/webhooks/wave",
+            "--connections-api", self.devhost_url, *self.options.wave_args,
+        ), port, env={"WAVE_ADMIN_FUNCTION_KEY": self.function_key})
+
+    def _devhost_environment(self) -> dict[str, str]:
+        assert self.azurite is not None and self.certs is not None
+        dataverse_host = f"127.0.0.1:{self.procs['dataverse'].port}"
+        return {
+            "APP_ENV": "development",
+            "AzureWebJobsStorage": self.azurite.connection_string,
+            "DEV_ENTRA_AUTHORITY": self.entra_authority,
+            "DEV_CA_BUNDLE": str(self.certs.bundle),
+            "DEV_ALLOWED_INSTANCE_HOSTS": dataverse_host,
+            "KEY_VAULT_URL": self.keyvault_url,
+            "WAVE_API_BASE_URL": self.wave_url,
+            "WAVE_API_TOKEN": self.options.wave_api_token,
+            "WAVE_WEBHOOK_SECRETS": self.options.webhook_secret,
+            "WAVE_RETURN_URL_PREFIXES": f"{self.wave_url}/integrations/",
+            "DYNAMICS_CLIENT_ID": CLIENT_ID,
+            "DYNAMICS_CLIENT_SECRET": self.client_secret,
+            "OAUTH_REDIRECT_URI": self.callback_url,
+            "DEVHOST_FUNCTION_KEY": self.function_key,
+            "DEVHOST_MASTER_KEY": self.master_key,
+            "DEVHOST_LEASE_SECONDS": str(self.options.lease_seconds),
+            # The app's own HTTPS clients (requests, azure-core) trust the test CA through this bundle.
+            "REQUESTS_CA_BUNDLE": str(self.certs.bundle),
+            "SSL_CERT_FILE": str(self.certs.bundle),
+            **self.options.devhost_env,
+        }
+
+    def _start_devhost(self) -> None:
+        self.devhost_env = self._devhost_environment()
+        port = self.devhost_port
+        self._spawn("devhost", self._python("devstack.devhost", "--port", str(port)), port, env=self.devhost_env)
+        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=30, proc=self.procs["devhost"])
+
+    def kill_devhost(self) -> None:
+        """SIGKILL: no clean shutdown, leases stay taken until they expire (what a crashed worker leaves)."""
+        entry = self.procs["devhost"]
+        entry.proc.kill()
+        entry.proc.wait(10)
+
+    def restart_devhost(self, kill: bool = True) -> None:
+        """Kill (SIGKILL) or stop (SIGTERM) the dev host and start it again on the same port."""
+        entry = self.procs["devhost"]
+        if kill:
+            self.kill_devhost()
+        else:
+            stop_process(entry.proc, grace=10.0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the port is free again once the dead process's socket is gone
+            try:
+                self._spawn("devhost", entry.argv, entry.port, env=entry.env)
+                break
+            except StackError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+        wait_http(f"{self.devhost_url}/api/health", timeout=30, proc=self.procs["devhost"])
+
+    def check_alive(self) -> None:
+        dead = [f"{p.name} (exit {p.proc.returncode}, log {p.log})" for p in self.procs.values() if not p.alive()]
+        if dead:
+            raise StackError("stack processes died: " + ", ".join(dead))
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: Proc | None = None, **kwargs: object) -> requests.Response:
+    """GET url until it answers 200 (or the process dies, or the deadline passes)."""
+    deadline = time.monotonic() + timeout
+    last: str = ""
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise StackError(f"{proc.name} exited with {proc.proc.returncode}; see {proc.log}:\n{tail(proc.log)}")
+        try:
+            res = requests.get(url, timeout=2, **kwargs)  # type: ignore[arg-type]
+            if res.status_code == 200:
+                return res
+            last = f"HTTP {res.status_code}"
+        except requests.RequestException as exc:
+            last = type(exc).__name__
+        time.sleep(0.1)
+    raise StackError(f"{url} did not answer 200 within {timeout:.0f} s (last: {last})")
