@@ -7,6 +7,7 @@ scoped to resources, no secret or key sits in a template, and the security prope
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from functools import cache
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lark.exceptions import LarkError
 from pycep import BicepParser
 
 from core import storage
@@ -142,6 +144,13 @@ def site_file() -> Path:
     return app_settings()[0]
 
 
+def main_modules() -> list[str]:
+    try:
+        return sorted(parse(MAIN)["modules"])
+    except LarkError:  # test_every_bicep_file_parses reports it
+        return []
+
+
 def main_var(name: str) -> Any:
     return parse(MAIN)["variables"][name]["value"]
 
@@ -162,7 +171,7 @@ def test_every_bicep_file_parses(path):
     assert parsed.get("resources") or parsed.get("modules"), f"{rel(path)} declares nothing"
 
 
-@pytest.mark.parametrize("name", sorted(parse(MAIN)["modules"]))
+@pytest.mark.parametrize("name", main_modules())
 def test_each_module_is_a_local_file_given_exactly_the_params_it_declares(name):
     module = parse(MAIN)["modules"][name]
     assert module["type"] == "local", f"module {name} is fetched from a registry: {module['detail']}"
@@ -379,6 +388,65 @@ def test_storage_refuses_shared_keys_and_has_the_queues_and_tables():
         if res["type"].endswith(("/queues", "/tables"))
     }
     assert loops == {"queues": "queueNames", "tables": "tableNames"}
+
+
+CODE_PACKAGES = ("core", "oauth", "sync")
+
+
+def module_constants(tree: ast.Module) -> dict[str, str]:
+    """Module-level `NAME = "text"` and `A, B = "x", "y"` string constants."""
+    found: dict[str, str] = {}
+    for node in tree.body:
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        target, value = node.targets[0], node.value
+        pairs = [(target, value)]
+        if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple) and len(target.elts) == len(value.elts):
+            pairs = list(zip(target.elts, value.elts, strict=True))
+        for name, const in pairs:
+            if isinstance(name, ast.Name) and isinstance(const, ast.Constant) and isinstance(const.value, str):
+                found[name.id] = const.value
+    return found
+
+
+def tables_the_code_opens() -> dict[str, str]:
+    """Table name -> where: module constants named TABLE/*_TABLE and names passed to a `tables(...)` call."""
+    trees = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts): ast.parse(path.read_text())
+        for package in CODE_PACKAGES
+        for path in (ROOT / package).rglob("*.py")
+    }
+    constants = {module: module_constants(tree) for module, tree in trees.items()}
+    used: dict[str, str] = {}
+    for module, tree in trees.items():
+        scope = dict(constants[module])
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module in constants:
+                for alias in node.names:
+                    if alias.name in constants[node.module]:
+                        scope[alias.asname or alias.name] = constants[node.module][alias.name]
+        for name, value in constants[module].items():
+            if name == "TABLE" or name.endswith("_TABLE"):
+                used[value] = f"{module}.{name}"
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and node.args):
+                continue
+            func = node.func
+            if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)) != "tables":
+                continue
+            arg = node.args[0]
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                used[arg.value] = f"{module}:{node.lineno}"
+            elif isinstance(arg, ast.Name) and arg.id in scope:
+                used[scope[arg.id]] = f"{module}:{node.lineno}"
+    return used
+
+
+def test_every_table_the_code_opens_is_created_by_the_bicep():
+    used = tables_the_code_opens()
+    assert used, "found no table names in the code; the scan is broken"
+    missing = {name: where for name, where in used.items() if name not in main_var("tableNames")}
+    assert not missing, f"add these to tableNames in infra/main.bicep: {missing}"
 
 
 def test_key_vault_is_standard_rbac_with_soft_delete_and_purge_protection():
