@@ -157,7 +157,7 @@ module rbac './app/rbac.bicep' = {
   }
 }
 
-module function './app/function.bicep' = {
+module app './app/function.bicep' = {
   name: 'function'
   scope: rg
   params: {
@@ -190,10 +190,10 @@ module function './app/function.bicep' = {
 output AZURE_LOCATION string = location
 output AZURE_TENANT_ID string = tenant().tenantId
 output AZURE_RESOURCE_GROUP string = rg.name
-output AZURE_FUNCTION_NAME string = function.outputs.name
-output SERVICE_API_NAME string = function.outputs.name
-output SERVICE_API_URI string = function.outputs.uri
-output OAUTH_REDIRECT_URI string = function.outputs.oauthRedirectUri
+output AZURE_FUNCTION_NAME string = app.outputs.name
+output SERVICE_API_NAME string = app.outputs.name
+output SERVICE_API_URI string = app.outputs.uri
+output OAUTH_REDIRECT_URI string = app.outputs.oauthRedirectUri
 output AZURE_KEY_VAULT_NAME string = keyVault.outputs.name
 output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
 output AZURE_MANAGED_IDENTITY_CLIENT_ID string = identity.outputs.clientId
