@@ -297,6 +297,7 @@ def test_roles_are_exactly_the_least_privilege_set():
         assert role_id in names_by_id, f"{rel(path)} {name}: unexpected role {role_id}"
         granted.add((names_by_id[role_id], symbol_type(path, config["scope"])))
     assert granted == EXPECTED_ROLES
+    assert len(role_assignments()) == len(EXPECTED_ROLES), "a role is granted twice"
 
 
 # --- no secrets in templates ----------------------------------------------------------------------
