@@ -1,58 +1,438 @@
-"""`make demo`: start the local stack and the dev host, check health, print the endpoints.
+"""`make demo`: the main job end to end on the local stack, then a summary; exit 0 only if Dynamics = Wave.
 
-(The full end-to-end run - seeding Wave, connecting, backfill, live events - builds on this.)
+1. starts the stack (devstack/stack.py: Azurite, Entra stand-in, Key Vault / Dataverse / Wave simulators,
+   the dev host serving function_app.py), each a separate process;
+2. seeds a Wave account with N contacts (--contacts, default 5,000) assigned to a few team members: two
+   match enabled Dynamics users, one matches a disabled user, one exists only in Wave;
+3. connects through the public connect API and the OAuth redirect chain (authorize -> callback -> Wave's
+   page), auto-sync on, as the admin's browser would;
+4. waits for the backfill with a progress bar (the status API);
+5. sends a burst of live create/update/delete webhooks (signed by the Wave simulator's sender);
+6. compares every mapped field of every contact, owners and deletions, and prints a summary table.
+
+    python -m devstack.demo [--contacts N] [--burst N] [--keep-running]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
+import random
 import sys
 import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from devstack.processes import free_port, start_azurite
+from devstack.stack import Stack, StackOptions, dataverse_add_user, dataverse_rows, dataverse_users
+from devstack.wave_sim import WebhookSender
+from sync.mapping import COLUMNS, EXTERNAL_ID_COLUMN, EXTERNAL_ID_PREFIX, map_contact, owner_email
+
+ACCOUNT = "acct_demo"
+
+
+class DemoError(RuntimeError):
+    """A step of the run failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class TeamMember:
+    id: str
+    email: str
+    dynamics: str  # "enabled" | "disabled" | "absent": how the person exists in Dynamics
+
+
+TEAM = (
+    TeamMember("tm_alice", "alice.sales@contoso.test", "enabled"),
+    TeamMember("tm_bob", "Bob.Sales@Contoso.test", "enabled"),  # case differs from Dynamics on purpose
+    TeamMember("tm_carol", "carol.left@contoso.test", "disabled"),
+    TeamMember("tm_dave", "dave.wave-only@fabrikam.test", "absent"),
+)
+
+
+# -- talking to the stack -----------------------------------------------------------------------------
+
+
+def connections_api(stack: Stack, account: str, action: str = "", method: str = "GET",
+                    body: dict[str, Any] | None = None) -> requests.Response:
+    url = f"{stack.devhost_url}/api/connections/{account}{'/' + action if action else ''}"
+    return requests.request(method, url, json=body, headers={"x-functions-key": stack.function_key}, timeout=30)
+
+
+def status(stack: Stack, account: str) -> dict[str, Any]:
+    res = connections_api(stack, account)
+    if res.status_code != 200:
+        raise DemoError(f"status API answered {res.status_code}: {res.text[:300]}")
+    return res.json()
+
+
+def connect(stack: Stack, account: str, *, auto_sync: bool = True, plan: str = "teams") -> str:
+    """The connect API, then the redirect chain a browser follows; returns the final Wave page URL."""
+    res = connections_api(stack, account, "connect", "POST", {
+        "instance_url": stack.dataverse_url, "auto_sync": auto_sync, "plan": plan,
+        "initiated_by": "admin@wave.test", "return_url": stack.admin_page_url(account),
+    })
+    if res.status_code != 200:
+        raise DemoError(f"connect API answered {res.status_code}: {res.text[:300]}")
+    url = res.json()["authorize_url"]
+    session = requests.Session()
+    session.verify = str(stack.certs.bundle) if stack.certs else True
+    for _ in range(10):  # authorize (Entra stand-in) -> callback (dev host) -> Wave's page
+        if url.startswith(stack.admin_page_url(account)):
+            outcome = parse_qs(urlsplit(url).query)
+            if outcome.get("dynamics") != ["connected"]:
+                raise DemoError(f"sign-in ended with {url}")
+            return url
+        hop = session.get(url, allow_redirects=False, timeout=30)
+        if hop.status_code not in (301, 302, 303, 307, 308):
+            raise DemoError(f"sign-in stopped at {urlsplit(url).path}: HTTP {hop.status_code} {hop.text[:300]}")
+        url = requests.compat.urljoin(url, hop.headers["Location"])
+    raise DemoError("sign-in redirected too many times")
+
+
+def wait_for_backfill(stack: Stack, account: str, total: int, timeout: float, show: bool = True
+                      ) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        last = status(stack, account)
+        backfill = last.get("backfill") or {}
+        if show:
+            progress_bar(int(backfill.get("contacts") or 0), total, backfill.get("state", "?"))
+        if backfill.get("state") in ("done", "failed"):
+            if show:
+                print()
+            return last
+        time.sleep(0.25)
+    raise DemoError(f"backfill did not finish within {timeout:.0f} s (last status: {last})")
+
+
+def progress_bar(done: int, total: int, state: str, width: int = 40) -> None:
+    share = min(1.0, done / total) if total else 1.0
+    filled = int(share * width)
+    print(f"\r  backfill [{'#' * filled}{'.' * (width - filled)}] {done:>6}/{total} {state:<8}", end="", flush=True)
+
+
+def wave_state(stack: Stack, account: str) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
+    """Every live Wave contact by id, and the ids deleted in Wave (with the delete's version)."""
+    res = requests.get(f"{stack.wave_url}/_control/accounts/{account}/contacts", timeout=60)
+    res.raise_for_status()
+    doc = res.json()
+    return {c["id"]: c for c in doc["contacts"]}, {d["id"]: d["version"] for d in doc["deleted"]}
+
+
+def wave_populate(stack: Stack, account: str, count: int, seed: int = 1) -> None:
+    members = [{"id": m.id, "email": m.email} for m in TEAM] + [None]
+    res = requests.post(f"{stack.wave_url}/_control/accounts/{account}/populate",
+                        json={"count": count, "team_members": members, "seed": seed}, timeout=120)
+    res.raise_for_status()
+
+
+def wave_change(stack: Stack, account: str, doc: dict[str, Any]) -> dict[str, Any]:
+    """Create or update a contact in Wave without sending its webhook; returns the event."""
+    res = requests.post(f"{stack.wave_url}/_control/accounts/{account}/contacts", json=doc, timeout=30)
+    res.raise_for_status()
+    return res.json()["event"]
+
+
+def wave_delete(stack: Stack, account: str, contact_id: str) -> dict[str, Any]:
+    res = requests.delete(f"{stack.wave_url}/_control/accounts/{account}/contacts/{contact_id}", timeout=30)
+    res.raise_for_status()
+    return res.json()["event"]
+
+
+# -- comparing Dynamics with Wave ---------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    wave_contacts: int = 0
+    wave_deleted: int = 0
+    dynamics_rows: int = 0  # rows carrying a wavecnct_ external id
+    duplicates: int = 0  # external ids with more than one row
+    missing: list[str] = field(default_factory=list)  # live in Wave, no row
+    resurrected: list[str] = field(default_factory=list)  # deleted in Wave, row still there
+    unknown: list[str] = field(default_factory=list)  # a row for an id Wave never had
+    mismatched: list[str] = field(default_factory=list)  # "<id>: <column> wave=... dynamics=..."
+    owners_assigned: int = 0  # rows owned by the team member's Dynamics user
+    owner_errors: list[str] = field(default_factory=list)
+
+    @property
+    def equal(self) -> bool:
+        return not (self.duplicates or self.missing or self.resurrected or self.unknown or self.mismatched
+                    or self.owner_errors)
+
+    def problems(self, limit: int = 5) -> list[str]:
+        out = []
+        for name in ("missing", "resurrected", "unknown", "mismatched", "owner_errors"):
+            items = getattr(self, name)
+            if items:
+                out.append(f"{name}: {len(items)} e.g. {items[:limit]}")
+        if self.duplicates:
+            out.append(f"duplicates: {self.duplicates}")
+        return out
+
+
+def expected_owner(contact: dict[str, Any], users: list[dict[str, Any]]) -> str | None:
+    """The enabled Dynamics user whose email matches the assigned team member (case-insensitive), or None."""
+    email = owner_email(contact)
+    if not email:
+        return None
+    for user in users:
+        if (user.get("internalemailaddress") or "").lower() == email.lower() and not user.get("isdisabled"):
+            return user["systemuserid"]
+    return None
+
+
+def compare(wave: dict[str, dict[str, Any]], deleted: dict[str, int], rows: list[dict[str, Any]],
+            users: list[dict[str, Any]]) -> Comparison:
+    """Every mapped column of every live contact, its owner, and the absence of every deleted one."""
+    result = Comparison(wave_contacts=len(wave), wave_deleted=len(deleted))
+    by_external: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        ext = row.get(EXTERNAL_ID_COLUMN) or ""
+        if ext.startswith(EXTERNAL_ID_PREFIX):
+            by_external.setdefault(ext, []).append(row)
+    result.dynamics_rows = sum(len(v) for v in by_external.values())
+    result.duplicates = sum(len(v) - 1 for v in by_external.values() if len(v) > 1)
+    for wave_id, contact in wave.items():
+        found = by_external.get(EXTERNAL_ID_PREFIX + wave_id)
+        if not found:
+            result.missing.append(wave_id)
+            continue
+        row = found[0]
+        owner = expected_owner(contact, users)
+        payload = map_contact(contact, owner).payload
+        for col in COLUMNS:
+            if (row.get(col.column) or None) != payload[col.column]:
+                result.mismatched.append(
+                    f"{wave_id}: {col.column} wave={payload[col.column]!r} dynamics={row.get(col.column)!r}")
+        if owner is not None:
+            if (row.get("_ownerid_value") or "").lower() == owner.lower():
+                result.owners_assigned += 1
+            else:
+                result.owner_errors.append(f"{wave_id}: owner {row.get('_ownerid_value')} expected {owner}")
+    for wave_id in deleted:
+        if EXTERNAL_ID_PREFIX + wave_id in by_external:
+            result.resurrected.append(wave_id)
+    known = {EXTERNAL_ID_PREFIX + i for i in (*wave, *deleted)}
+    result.unknown = sorted(ext for ext in by_external if ext not in known)
+    return result
+
+
+# -- the live burst -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Burst:
+    events: list[dict[str, Any]]
+    sent_at: dict[str, float] = field(default_factory=dict)  # "<contact id>@<version>" -> when it was posted
+    statuses: Counter = field(default_factory=Counter)
+
+
+def make_burst(stack: Stack, account: str, size: int, rng: random.Random) -> list[dict[str, Any]]:
+    """About half updates, a quarter creates and a quarter deletes of the account's contacts, in Wave."""
+    live, _ = wave_state(stack, account)
+    ids = sorted(live)
+    rng.shuffle(ids)
+    members = [{"id": m.id, "email": m.email} for m in TEAM] + [None]
+    events = []
+    for i in range(size):
+        kind = ("update", "update", "create", "delete")[i % 4]
+        if kind == "create" or not ids:
+            events.append(wave_change(stack, account, {
+                "first_name": "Live", "last_name": f"Contact {i}", "email": f"live.{i}@example.com",
+                "company": "Burst Ltd", "assigned_team_member": rng.choice(members)}))
+        elif kind == "update":
+            events.append(wave_change(stack, account, {
+                "id": ids.pop(), "job_title": f"Updated title {i}", "phone": None,
+                "note": f"changed live ({i})", "assigned_team_member": rng.choice(members)}))
+        else:
+            events.append(wave_delete(stack, account, ids.pop()))
+    return events
+
+
+def event_key(event: dict[str, Any]) -> str:
+    contact = event["data"]["contact"]
+    return f"{contact['id']}@{contact['version']}"
+
+
+def deliver(sender: WebhookSender, events: list[dict[str, Any]], burst: Burst, threads: int = 8) -> None:
+    def post(event: dict[str, Any]) -> None:
+        burst.sent_at.setdefault(event_key(event), time.monotonic())
+        burst.statuses[sender.deliver(event).status_code] += 1
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(post, events))
+
+
+def row_matches(row: dict[str, Any] | None, contact: dict[str, Any] | None, users: list[dict[str, Any]]) -> bool:
+    if contact is None:
+        return row is None
+    if row is None:
+        return False
+    payload = map_contact(contact, expected_owner(contact, users)).payload
+    return all((row.get(c.column) or None) == payload[c.column] for c in COLUMNS)
+
+
+def watch_latencies(stack: Stack, account: str, burst: Burst, users: list[dict[str, Any]], timeout: float,
+                    stop: threading.Event | None = None) -> dict[str, float]:
+    """Poll Dataverse until each burst event's final state shows; the time from its post is its latency.
+
+    Only the last event per contact can be observed (a later one overwrites it), so those are measured.
+    """
+    final: dict[str, dict[str, Any]] = {}
+    for event in burst.events:
+        final[event["data"]["contact"]["id"]] = event
+    pending = dict(final)
+    latencies: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        if stop is not None and stop.is_set():
+            break
+        rows = {r.get(EXTERNAL_ID_COLUMN): r for r in dataverse_rows(stack)}
+        now = time.monotonic()
+        for contact_id, event in list(pending.items()):
+            key = event_key(event)
+            if key not in burst.sent_at:
+                continue
+            deleted = event["type"] == "contact.deleted"
+            contact = None if deleted else event["data"]["contact"]
+            if row_matches(rows.get(EXTERNAL_ID_PREFIX + contact_id), contact, users):
+                latencies[key] = now - burst.sent_at[key]
+                del pending[contact_id]
+        time.sleep(0.05)
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+# -- the run ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    comparison: Comparison
+    backfill_seconds: float
+    backfill_contacts: int
+    latencies: list[float]
+    webhook_statuses: Counter
+    status: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.comparison.equal
+
+
+def seed_dynamics_users(stack: Stack) -> None:
+    for m in TEAM:
+        if m.dynamics != "absent":
+            dataverse_add_user(stack, m.email.lower(), f"{m.id} (Dynamics)", disabled=m.dynamics == "disabled")
+
+
+def run(stack: Stack, *, contacts: int, burst_size: int, seed: int = 7, show: bool = True,
+        account: str = ACCOUNT) -> Summary:
+    say = print if show else (lambda *a, **k: None)
+    rng = random.Random(seed)
+    seed_dynamics_users(stack)
+    wave_populate(stack, account, contacts, seed=seed)
+    say(f"Wave account {account}: {contacts} contacts, team members {', '.join(m.email for m in TEAM)}")
+
+    started = time.monotonic()
+    connect(stack, account)
+    say(f"connected {account} to {stack.dataverse_url} (auto-sync on); importing existing contacts")
+    final = wait_for_backfill(stack, account, contacts, timeout=max(120.0, contacts / 10), show=show)
+    backfill_seconds = time.monotonic() - started
+    if final["backfill"]["state"] != "done":
+        raise DemoError(f"backfill ended {final['backfill']['state']}: {final}")
+
+    say(f"sending a burst of {burst_size} live webhooks (creates, updates, deletes)")
+    events = make_burst(stack, account, burst_size, rng)
+    burst = Burst(events)
+    users = dataverse_users(stack)
+    sender = WebhookSender(f"{stack.devhost_url}/api/webhooks/wave", [stack.options.webhook_secret])
+    watcher_result: dict[str, float] = {}
+    watcher = threading.Thread(target=lambda: watcher_result.update(
+        watch_latencies(stack, account, burst, users, timeout=120)), daemon=True)
+    watcher.start()
+    deliver(sender, events, burst)
+    watcher.join()
+
+    wave, deleted = wave_state(stack, account)
+    comparison = compare(wave, deleted, dataverse_rows(stack), users)
+    return Summary(comparison, backfill_seconds, contacts, list(watcher_result.values()), burst.statuses,
+                   status(stack, account))
+
+
+def print_summary(s: Summary) -> None:
+    c = s.comparison
+    failures = Counter(f.get("category", "?") for f in (s.status.get("recent_failures") or []))
+    counters = s.status.get("counters") or {}
+    lat = sorted(s.latencies)
+    rows = [
+        ("Wave contacts (live)", f"{c.wave_contacts}"),
+        ("Wave contacts deleted", f"{c.wave_deleted}"),
+        ("Dynamics rows (wavecnct_*)", f"{c.dynamics_rows}"),
+        ("Duplicates", f"{c.duplicates}"),
+        ("Missing / resurrected / unknown", f"{len(c.missing)} / {len(c.resurrected)} / {len(c.unknown)}"),
+        ("Field mismatches", f"{len(c.mismatched)}"),
+        ("Owners assigned (matched users)", f"{c.owners_assigned}"),
+        ("Owner errors", f"{len(c.owner_errors)}"),
+        ("Counters synced/deleted/failed/skipped",
+         "/".join(str(counters.get(k, 0)) for k in ("synced", "deleted", "failed", "skipped"))),
+        ("Failures by reason", ", ".join(f"{k}: {v}" for k, v in sorted(failures.items())) or "none"),
+        ("Backfill time", f"{s.backfill_seconds:.1f} s (connect to done)"),
+        ("Backfill throughput", f"{s.backfill_contacts / s.backfill_seconds:.0f} contacts/s"),
+        ("Live webhooks answered", ", ".join(f"{k}: {v}" for k, v in sorted(s.webhook_statuses.items()))),
+        ("Live latency p50 / p95", f"{percentile(lat, 50) * 1000:.0f} ms / {percentile(lat, 95) * 1000:.0f} ms "
+                                   f"({len(lat)} events measured)"),
+        ("Dynamics = Wave", "YES" if s.ok else "NO"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    print(f"  {'':-<{width}}-+-{'':-<40}")
+    for key, value in rows:
+        print(f"  {key:<{width}} | {value}")
+    print(f"  {'':-<{width}}-+-{'':-<40}")
+    for problem in c.problems():
+        print(f"  PROBLEM {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the Wave -> Dynamics 365 sync on the local stack.")
+    parser.add_argument("--contacts", type=int, default=5000, help="contacts seeded in Wave (default 5000)")
+    parser.add_argument("--burst", type=int, default=200, help="live webhooks sent after the backfill")
     parser.add_argument("--keep-running", action="store_true", help="leave the stack running until Ctrl-C")
     args = parser.parse_args(argv)
 
-    azurite = start_azurite()
-    try:
-        os.environ.update({
-            "AzureWebJobsStorage": azurite.connection_string,
-            "APP_ENV": "development",
-            "KEY_VAULT_URL": "https://127.0.0.1:9",
-            "DYNAMICS_CLIENT_ID": "11111111-2222-3333-4444-555555555555",
-            "DYNAMICS_CLIENT_SECRET": "demo-client-secret",
-            "OAUTH_REDIRECT_URI": "http://localhost:7071/api/oauth/callback",
-            "WAVE_WEBHOOK_SECRETS": "whsec_demo_0123456789",
-            "WAVE_API_BASE_URL": "http://127.0.0.1:9",
-            "WAVE_API_TOKEN": "demo-wave-token",
-            "WAVE_RETURN_URL_PREFIXES": "http://127.0.0.1/",
-        })
-        from devstack.devhost import DevHost
-        from function_app import app
-
-        with DevHost(app, connection_strings={"AzureWebJobsStorage": azurite.connection_string},
-                     function_key="demo-function-key", master_key="demo-master-key", port=free_port()) as host:
-            health = requests.get(f"{host.url}/api/health", timeout=10)
-            print(f"health: {health.status_code} {health.text}")
-            print(f"dev host:   {host.url}/api/  (function key: demo-function-key)")
-            print(f"azurite:    queues 127.0.0.1:{azurite.queue_port}, tables 127.0.0.1:{azurite.table_port}")
-            if health.status_code != 200:
-                return 1
-            if args.keep_running:
-                print("running; Ctrl-C stops the stack")
-                with contextlib.suppress(KeyboardInterrupt):
-                    threading.Event().wait()
-        return 0
-    finally:
-        azurite.stop()
+    print("starting the local stack (logs in .devstack/demo/)")
+    with Stack(StackOptions(name="demo")) as stack:
+        print(f"  dev host   {stack.devhost_url}/api/")
+        print(f"  admin page {stack.admin_page_url(ACCOUNT)}")
+        print(f"  Dataverse  {stack.dataverse_url}   Wave {stack.wave_url}   Entra {stack.entra_authority}")
+        try:
+            summary = run(stack, contacts=args.contacts, burst_size=args.burst)
+        except DemoError as exc:
+            print(f"\ndemo failed: {exc}", file=sys.stderr)
+            return 1
+        print_summary(summary)
+        if args.keep_running:
+            print(f"\nthe stack keeps running; open {stack.admin_page_url(ACCOUNT)}  (Ctrl-C stops it)")
+            with contextlib.suppress(KeyboardInterrupt):
+                threading.Event().wait()
+        return 0 if summary.ok else 1
 
 
 if __name__ == "__main__":

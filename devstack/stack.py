@@ -180,7 +180,7 @@ class Stack:
         assert self.certs is not None
         port = free_port()
         self._spawn("dataverse", self._python(
-            "devstack.dataverse_sim", "--port", str(port), "--cert", str(self.certs.server_cert),
+            "devstack.dataverse_sim", "--port", str(port), "--https", "--cert", str(self.certs.server_cert),
             "--key", str(self.certs.server_key), *self.options.dataverse_args,
         ), port)
 
@@ -278,3 +278,28 @@ def wait_http(url: str, timeout: float = 30.0, proc: Proc | None = None, **kwarg
             last = type(exc).__name__
         time.sleep(0.1)
     raise StackError(f"{url} did not answer 200 within {timeout:.0f} s (last: {last})")
+
+
+# -- the Dataverse simulator's control API (/_sim/...), for seeding users and reading what was written --
+
+
+def dataverse_control(stack: Stack, method: str, command: str, body: object = None, timeout: float = 60.0) -> object:
+    assert stack.certs is not None
+    res = requests.request(method, f"{stack.dataverse_url}/_sim/{command}", json=body,
+                           verify=str(stack.certs.bundle), timeout=timeout)
+    if res.status_code >= 400:
+        raise StackError(f"Dataverse simulator /_sim/{command}: HTTP {res.status_code} {res.text[:300]}")
+    return res.json()
+
+
+def dataverse_rows(stack: Stack, entity_set: str = "contacts") -> list[dict]:
+    return dataverse_control(stack, "GET", f"rows/{entity_set}")  # type: ignore[return-value]
+
+
+def dataverse_users(stack: Stack) -> list[dict]:
+    return dataverse_rows(stack, "systemusers")
+
+
+def dataverse_add_user(stack: Stack, email: str, fullname: str, *, disabled: bool = False) -> dict:
+    return dataverse_control(stack, "POST", "users",  # type: ignore[return-value]
+                             {"email": email, "fullname": fullname, "enabled": not disabled})

@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import threading
+import unicodedata
 from typing import Any
 
 from devstack.wave_admin import AdminPage
@@ -36,7 +37,8 @@ TITLES = ["Mathematician", "Engineer", "Head of Sales", "CTO", None, "Buyer"]
 
 def demo_contact(i: int, rng: random.Random) -> dict[str, Any]:
     first, last = rng.choice(FIRST), rng.choice(LAST)
-    slug = f"{first}.{last}".lower().replace("'", "").replace(" ", "")
+    ascii_name = unicodedata.normalize("NFKD", f"{first}.{last}").encode("ascii", "ignore").decode()
+    slug = ascii_name.lower().replace("'", "").replace(" ", "")
     return {
         "first_name": first,
         "last_name": last,
