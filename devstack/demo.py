@@ -25,13 +25,20 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import requests
 
-from devstack.stack import Stack, StackOptions, dataverse_add_user, dataverse_rows, dataverse_users
+from devstack.stack import (
+    Stack,
+    StackOptions,
+    dataverse_add_user,
+    dataverse_control,
+    dataverse_rows,
+    dataverse_users,
+)
 from devstack.wave_sim import WebhookSender
-from sync.mapping import COLUMNS, EXTERNAL_ID_COLUMN, EXTERNAL_ID_PREFIX, map_contact, owner_email
+from sync.mapping import COLUMNS, EXTERNAL_ID_COLUMN, EXTERNAL_ID_PREFIX, contact_id, map_contact, owner_email
 
 ACCOUNT = "acct_demo"
 
@@ -232,7 +239,7 @@ def compare(wave: dict[str, dict[str, Any]], deleted: dict[str, int], rows: list
 @dataclass
 class Burst:
     events: list[dict[str, Any]]
-    sent_at: dict[str, float] = field(default_factory=dict)  # "<contact id>@<version>" -> when it was posted
+    sent_at: dict[str, float] = field(default_factory=dict)  # "<contact id>@<version>" -> time.time() of the post
     statuses: Counter = field(default_factory=Counter)
 
 
@@ -265,50 +272,60 @@ def event_key(event: dict[str, Any]) -> str:
 
 def deliver(sender: WebhookSender, events: list[dict[str, Any]], burst: Burst, threads: int = 8) -> None:
     def post(event: dict[str, Any]) -> None:
-        burst.sent_at.setdefault(event_key(event), time.monotonic())
+        burst.sent_at.setdefault(event_key(event), time.time())
         burst.statuses[sender.deliver(event).status_code] += 1
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(post, events))
 
 
-def row_matches(row: dict[str, Any] | None, contact: dict[str, Any] | None, users: list[dict[str, Any]]) -> bool:
-    if contact is None:
-        return row is None
-    if row is None:
-        return False
-    payload = map_contact(contact, expected_owner(contact, users)).payload
-    return all((row.get(c.column) or None) == payload[c.column] for c in COLUMNS)
+def watch_latencies(stack: Stack, account: str, burst: Burst, timeout: float) -> dict[str, float]:
+    """Time from posting each contact's last burst event to the first successful Dataverse write of that
+    contact after it, read from the simulator's request log (both clocks are this machine's wall clock).
 
-
-def watch_latencies(stack: Stack, account: str, burst: Burst, users: list[dict[str, Any]], timeout: float,
-                    stop: threading.Event | None = None) -> dict[str, float]:
-    """Poll Dataverse until each burst event's final state shows; the time from its post is its latency.
-
-    Only the last event per contact can be observed (a later one overwrites it), so those are measured.
+    A write is recognised by the row's contactid (known rows, or the deterministic id of a new one) or by
+    its external id (alternate-key URL) in the request path. Only the last event per contact is measured:
+    an earlier one is overwritten before it could be observed.
     """
-    final: dict[str, dict[str, Any]] = {}
-    for event in burst.events:
-        final[event["data"]["contact"]["id"]] = event
-    pending = dict(final)
+    ids = {r.get(EXTERNAL_ID_COLUMN): r["contactid"] for r in dataverse_rows(stack) if r.get(EXTERNAL_ID_COLUMN)}
+    final: dict[str, dict[str, Any]] = {e["data"]["contact"]["id"]: e for e in burst.events}
+    needles: dict[str, tuple[str, ...]] = {}
+    for wave_id in final:
+        ext = EXTERNAL_ID_PREFIX + wave_id
+        needles[wave_id] = tuple({ids.get(ext) or contact_id(account, wave_id), contact_id(account, wave_id), ext})
     latencies: dict[str, float] = {}
     deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        if stop is not None and stop.is_set():
-            break
-        rows = {r.get(EXTERNAL_ID_COLUMN): r for r in dataverse_rows(stack)}
-        now = time.monotonic()
-        for contact_id, event in list(pending.items()):
-            key = event_key(event)
-            if key not in burst.sent_at:
+    seen_until = 0.0
+    while len(latencies) < len(final) and time.monotonic() < deadline:
+        stack.check_alive()
+        log = dataverse_control(stack, "GET", "log?limit=5000")
+        for entry in log:  # type: ignore[union-attr]
+            if entry["t"] <= seen_until or not 200 <= entry["status"] < 300 or entry["method"] == "GET":
                 continue
-            deleted = event["type"] == "contact.deleted"
-            contact = None if deleted else event["data"]["contact"]
-            if row_matches(rows.get(EXTERNAL_ID_PREFIX + contact_id), contact, users):
-                latencies[key] = now - burst.sent_at[key]
-                del pending[contact_id]
-        time.sleep(0.05)
+            path = unquote(entry["path"])
+            for wave_id, event in final.items():
+                key = event_key(event)
+                sent = burst.sent_at.get(key)
+                if key in latencies or sent is None or entry["t"] < sent:
+                    continue
+                if any(n in path for n in needles[wave_id]):
+                    latencies[key] = entry["t"] - sent
+        if log:
+            seen_until = max(seen_until, max(e["t"] for e in log) - 2.0)  # type: ignore[union-attr]
+        time.sleep(0.1)
     return latencies
+
+
+def wait_until_equal(stack: Stack, account: str, timeout: float) -> Comparison:
+    """Compare until Dynamics equals Wave or the deadline passes; the last comparison either way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        wave, deleted = wave_state(stack, account)
+        result = compare(wave, deleted, dataverse_rows(stack), dataverse_users(stack))
+        if result.equal or time.monotonic() > deadline:
+            return result
+        stack.check_alive()
+        time.sleep(0.5)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -361,24 +378,20 @@ def run(stack: Stack, *, contacts: int, burst_size: int, seed: int = 7, show: bo
     say(f"sending a burst of {burst_size} live webhooks (creates, updates, deletes)")
     events = make_burst(stack, account, burst_size, rng)
     burst = Burst(events)
-    users = dataverse_users(stack)
     sender = WebhookSender(f"{stack.devhost_url}/api/webhooks/wave", [stack.options.webhook_secret])
-    watcher_result: dict[str, float] = {}
-    watcher = threading.Thread(target=lambda: watcher_result.update(
-        watch_latencies(stack, account, burst, users, timeout=120)), daemon=True)
-    watcher.start()
     deliver(sender, events, burst)
-    watcher.join()
+    latencies = watch_latencies(stack, account, burst, timeout=120)
+    wait_until_equal(stack, account, timeout=60)
 
     wave, deleted = wave_state(stack, account)
-    comparison = compare(wave, deleted, dataverse_rows(stack), users)
-    return Summary(comparison, backfill_seconds, contacts, list(watcher_result.values()), burst.statuses,
+    comparison = compare(wave, deleted, dataverse_rows(stack), dataverse_users(stack))
+    return Summary(comparison, backfill_seconds, contacts, list(latencies.values()), burst.statuses,
                    status(stack, account))
 
 
 def print_summary(s: Summary) -> None:
     c = s.comparison
-    failures = Counter(f.get("category", "?") for f in (s.status.get("recent_failures") or []))
+    failures = Counter(f.get("category", "?") for f in (s.status.get("failures") or []))
     counters = s.status.get("counters") or {}
     lat = sorted(s.latencies)
     rows = [

@@ -42,7 +42,8 @@ function render(s) {
   text("status-instance", s.instance_url);
   text("status-connected-by", s.connected_by);
   text("status-connected-at", s.connected_at);
-  text("status-last-sync", s.last_sync_at || (s.counters || {}).last_sync_at);
+  text("status-last-sync", s.last_sync_at);
+  text("status-reason", s.reason ? `${s.reason.category}: ${s.reason.message}` : "");
   if (s.instance_url && !$("instance-url").value) $("instance-url").value = s.instance_url;
   $("disconnect").hidden = !(state === "connected" || state === "needs_reauth");
   $("connect").textContent = state === "needs_reauth" || state === "disconnected" ? "Reconnect" : "Connect";
@@ -66,7 +67,7 @@ function render(s) {
   const c = s.counters || {};
   for (const k of ["synced", "deleted", "failed", "skipped"]) $(`count-${k}`).textContent = c[k] || 0;
 
-  const failures = s.recent_failures || s.failures || [];
+  const failures = s.failures || [];
   const body = $("failures").tBodies[0];
   body.replaceChildren();
   if (!failures.length) {
@@ -75,7 +76,7 @@ function render(s) {
   }
   for (const f of failures) {
     const tr = body.insertRow();
-    for (const v of [f.contact_id || f.wave_id || f.id, f.category, f.reason, f.last_at || f.at]) {
+    for (const v of [f.contact_id, f.category, f.reason, f.last_attempt_at]) {
       tr.insertCell().textContent = v === undefined || v === null ? "" : v;
     }
   }
