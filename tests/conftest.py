@@ -2,5 +2,6 @@
 
 pytest_plugins = [
     "tests.fixtures.stack",
+    "tests.fixtures.dataverse",
     "tests.fixtures.browser",
 ]
