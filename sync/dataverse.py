@@ -1,0 +1,534 @@
+"""Dataverse Web API client for contact sync (research/dataverse.md; DESIGN.md §2.4).
+
+    client = DataverseClient(instance_url, token_provider, verify=ca_bundle_or_True)
+    token_provider(force_refresh: bool = False) -> str     # an access token for the instance
+
+    whoami() -> WhoAmI
+    retrieve_user_privileges(user_id) -> set[str]
+    find_contact(external_id) -> ContactRef | None
+    find_contacts(external_ids) -> dict[external_id, ContactRef]          (batched, chunked by URL length)
+    get_contact(contact_id) -> ContactRef | None
+    upsert_contact(contact_id, payload, *, reactivate=False) -> WriteResult     PATCH contacts(<id>)
+    upsert_contact_by_key(external_id, payload, *, reactivate=False) -> WriteResult (needs an Active key)
+    update_contact(contact_id, payload, *, etag="*", reactivate=False) -> WriteResult   (If-Match)
+    delete_contact(contact_id, *, etag=None) -> bool           False when it was already gone
+    deactivate_contact(contact_id) / reactivate_contact(contact_id) -> bool
+    find_user_by_email(email) -> str | None                    enabled users only
+    find_users_by_email(emails) -> dict[lower-case email, UserRef]
+    external_id_key_status() -> str | None                     EntityKeyIndexStatus of a key on externaluseridentifier
+    bulk_upsert_supported() -> bool                            UpsertMultiple available for contact
+    bulk_upsert(items, *, use_key=None, method=None) -> BulkResult
+    dop_hint                                                   the last x-ms-dop-hint seen (int or None)
+
+Behaviour shared by every call: one pooled `requests.Session`, (connect, read) timeouts on every request;
+a 401 forces one token refresh and one retry, then raises AuthExpired; a 429 whose Retry-After is at most
+`max_inline_wait` seconds is waited out inline (a few times), a longer one raises Throttled(retry_after)
+so the caller can reschedule its queue message instead of holding a function instance; 5xx, dropped
+connections and timeouts are retried `transient_retries` times, then raise Transient. Every write here
+is idempotent (upserts by a deterministic id or key), which is what makes those retries safe.
+
+Reactivation: Dataverse treats inactive contacts as read-only. A contact deactivated by the `deactivate`
+delete policy comes back when a newer Wave update arrives: pass reactivate=True (the ContactRef from a
+lookup says statecode 1) and the same PATCH sets statecode 0 / statuscode 1 with the new values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode, urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from sync.dataverse_batch import BatchFormatError, BatchPart, build_batch, parse_batch_response
+from sync.dataverse_errors import (
+    AuthExpired,
+    Conflict,
+    DataverseError,
+    NotFound,
+    PermissionDenied,
+    Throttled,
+    Transient,
+    ValidationFailed,
+    error_for,
+    retry_after_seconds,
+)
+
+log = logging.getLogger("sync.dataverse")
+
+API_PATH = "/api/data/v9.2/"
+CONTACT_TYPE = "Microsoft.Dynamics.CRM.contact"
+EXTERNAL_ID = "externaluseridentifier"
+CONTACT_SELECT = "contactid,externaluseridentifier,statecode,_ownerid_value,createdon"
+ACTIVE = {"statecode": 0, "statuscode": 1}
+INACTIVE = {"statecode": 1, "statuscode": 2}
+
+__all__ = [
+    "AuthExpired", "BulkResult", "Conflict", "ContactRef", "DataverseClient", "DataverseError", "NotFound",
+    "PermissionDenied", "RecordFailure", "Throttled", "TokenProvider", "Transient", "UpsertItem", "UserRef",
+    "ValidationFailed", "WhoAmI", "WriteResult", "odata_string",
+]
+
+
+class TokenProvider(Protocol):
+    def __call__(self, force_refresh: bool = False) -> str: ...
+
+
+@dataclass(frozen=True)
+class WhoAmI:
+    user_id: str
+    business_unit_id: str
+    organization_id: str
+
+
+@dataclass(frozen=True)
+class ContactRef:
+    contactid: str
+    etag: str | None
+    statecode: int | None
+    externaluseridentifier: str | None
+    owner: str | None  # _ownerid_value
+
+
+@dataclass(frozen=True)
+class UserRef:
+    systemuserid: str
+    email: str
+    accessmode: int | None
+    fullname: str | None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    contactid: str
+    etag: str | None
+    created: bool
+
+
+@dataclass(frozen=True)
+class UpsertItem:
+    key: str  # the caller's name for the record in the report (e.g. the Wave contact id)
+    contact_id: str  # the row's contactid: existing, or the deterministic id for a new one
+    payload: dict[str, Any]  # sync.mapping payload, externaluseridentifier included
+    reactivate: bool = False
+
+
+@dataclass(frozen=True)
+class RecordFailure:
+    key: str
+    field: str | None
+    code: str
+    message: str
+    category: str = "validation"
+
+
+@dataclass
+class BulkResult:
+    succeeded: list[str] = field(default_factory=list)  # item keys
+    failed: list[RecordFailure] = field(default_factory=list)
+    requests_made: int = 0
+    method: str = ""  # "UpsertMultiple" or "$batch"
+
+
+def odata_string(value: str) -> str:
+    """An OData string literal: single quotes, embedded quotes doubled."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _in_filter(prop: str, values: Sequence[str]) -> str:
+    # Array parameters take JSON (double-quoted) strings, not OData literals.
+    return f"Microsoft.Dynamics.CRM.In(PropertyName='{prop}',PropertyValues={json.dumps(list(values))})"
+
+
+def _encode_query(params: dict[str, str]) -> str:
+    return urlencode(params, quote_via=quote, safe="$'(),=/:@*")
+
+
+def _contact_ref(row: dict[str, Any]) -> ContactRef:
+    return ContactRef(row["contactid"], row.get("@odata.etag"), row.get("statecode"),
+                      row.get(EXTERNAL_ID), row.get("_ownerid_value"))
+
+
+class DataverseClient:
+    def __init__(
+        self,
+        instance_url: str,
+        token_provider: TokenProvider | Callable[..., str],
+        *,
+        verify: str | bool = True,
+        timeout: tuple[float, float] = (5.0, 60.0),
+        max_inline_wait: float = 2.0,
+        max_throttle_retries: int = 3,
+        transient_retries: int = 1,
+        url_budget: int = 16_000,
+        upsert_multiple_size: int = 500,
+        batch_size: int = 100,
+        pool_size: int = 16,
+        sleep: Callable[[float], None] = time.sleep,
+        user_agent: str = "wave-dynamics365-sync/1",
+    ) -> None:
+        parts = urlsplit(instance_url)
+        self.instance_url = f"{parts.scheme}://{parts.netloc}"
+        self.api_url = self.instance_url + API_PATH
+        self._token_provider = token_provider
+        self.verify = verify
+        self.timeout = timeout
+        self.max_inline_wait = max_inline_wait
+        self.max_throttle_retries = max_throttle_retries
+        self.transient_retries = transient_retries
+        self.url_budget = url_budget
+        self.upsert_multiple_size = upsert_multiple_size
+        self.batch_size = min(batch_size, 1000)
+        self._sleep = sleep
+        self.dop_hint: int | None = None
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
+        self._session.mount("https://", adapter)
+        self._session.mount("http://", adapter)
+        self._session.headers.update({
+            "Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",
+            "User-Agent": user_agent,
+        })
+        self._local = threading.local()
+        self._capabilities: dict[str, Any] = {}
+
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> DataverseClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport -------------------------------------------------------------------------------
+
+    @property
+    def _requests_made(self) -> int:
+        return getattr(self._local, "count", 0)
+
+    def _token(self, force: bool) -> str:
+        return self._token_provider(force_refresh=True) if force else self._token_provider()
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        data: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> requests.Response:
+        """One Web API call with the retry rules of the module docstring; raises a DataverseError subclass."""
+        url = path if path.startswith("http") else self.api_url + path
+        if params:
+            url += "?" + _encode_query(params)
+        send_headers = dict(headers or {})
+        if "If-Match" not in send_headers and "If-None-Match" not in send_headers:
+            send_headers["If-None-Match"] = "null"
+        if body is not None:
+            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+            send_headers.setdefault("Content-Type", "application/json")
+        refreshed = False
+        throttled = transient = 0
+        while True:
+            send_headers["Authorization"] = "Bearer " + self._token(refreshed)
+            self._local.count = self._requests_made + 1
+            try:
+                resp = self._session.request(method, url, data=data, headers=send_headers, timeout=self.timeout,
+                                             verify=self.verify)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if transient < self.transient_retries:
+                    transient += 1
+                    self._sleep(0.2 * transient)
+                    continue
+                raise Transient(f"{method} {urlsplit(url).path}: {type(exc).__name__}") from None
+            hint = resp.headers.get("x-ms-dop-hint")
+            if hint and hint.isdigit():
+                self.dop_hint = int(hint)
+            status = resp.status_code
+            if status < 400 or status == 304:
+                return resp
+            if status == 401 and not refreshed:
+                refreshed = True
+                continue
+            if status == 429:
+                wait = retry_after_seconds(resp.headers.get("Retry-After"))
+                if wait <= self.max_inline_wait and throttled < self.max_throttle_retries:
+                    throttled += 1
+                    log.info("Dataverse throttled %s %s; waiting %.1f s inline", method, urlsplit(url).path, wait)
+                    self._sleep(wait)
+                    continue
+            error = error_for(status, resp.content, dict(resp.headers))
+            if isinstance(error, Transient) and transient < self.transient_retries:
+                transient += 1
+                self._sleep(0.2 * transient)
+                continue
+            raise error
+
+    def _get_all(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
+        """A collection query, following @odata.nextLink."""
+        rows: list[dict[str, Any]] = []
+        headers = {"Prefer": "odata.maxpagesize=5000"}
+        data = self.request("GET", path, params=params, headers=headers).json()
+        rows += data.get("value", [])
+        while data.get("@odata.nextLink"):
+            data = self.request("GET", data["@odata.nextLink"], headers=headers).json()
+            rows += data.get("value", [])
+        return rows
+
+    def _chunks(self, values: list[str], make_filter: Callable[[list[str]], str]) -> Iterable[list[str]]:
+        """Greedy chunks whose encoded $filter stays within the URL budget."""
+        chunk: list[str] = []
+        for value in values:
+            if chunk and len(_encode_query({"$filter": make_filter([*chunk, value])})) > self.url_budget:
+                yield chunk
+                chunk = []
+            chunk.append(value)
+        if chunk:
+            yield chunk
+
+    # -- identity and privileges -----------------------------------------------------------------
+
+    def whoami(self) -> WhoAmI:
+        data = self.request("GET", "WhoAmI").json()
+        return WhoAmI(data["UserId"], data["BusinessUnitId"], data["OrganizationId"])
+
+    def retrieve_user_privileges(self, user_id: str) -> set[str]:
+        data = self.request("GET", f"systemusers({user_id})/Microsoft.Dynamics.CRM.RetrieveUserPrivileges").json()
+        return {p["PrivilegeName"] for p in data.get("RolePrivileges", [])}
+
+    # -- contact lookups -------------------------------------------------------------------------
+
+    @staticmethod
+    def _pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Several rows for one external id (made before this integration): the active, oldest one."""
+        return min(rows, key=lambda r: (r.get("statecode") != 0, r.get("createdon") or "", r["contactid"]))
+
+    def find_contacts(self, external_ids: Iterable[str]) -> dict[str, ContactRef]:
+        wanted = list(dict.fromkeys(external_ids))
+        found: dict[str, list[dict[str, Any]]] = {}
+        for chunk in self._chunks(wanted, lambda c: _in_filter(EXTERNAL_ID, c)):
+            rows = self._get_all("contacts", {"$select": CONTACT_SELECT, "$filter": _in_filter(EXTERNAL_ID, chunk)})
+            for row in rows:
+                # Dataverse compares strings case-insensitively; Wave ids are case-sensitive.
+                if row.get(EXTERNAL_ID) in chunk:
+                    found.setdefault(row[EXTERNAL_ID], []).append(row)
+        return {ext: _contact_ref(self._pick(rows)) for ext, rows in found.items()}
+
+    def find_contact(self, external_id: str) -> ContactRef | None:
+        rows = self._get_all("contacts", {"$select": CONTACT_SELECT,
+                                          "$filter": f"{EXTERNAL_ID} eq {odata_string(external_id)}"})
+        rows = [r for r in rows if r.get(EXTERNAL_ID) == external_id]
+        return _contact_ref(self._pick(rows)) if rows else None
+
+    def get_contact(self, contact_id: str) -> ContactRef | None:
+        try:
+            row = self.request("GET", f"contacts({contact_id})", params={"$select": CONTACT_SELECT}).json()
+        except NotFound:
+            return None
+        return _contact_ref(row)
+
+    # -- contact writes --------------------------------------------------------------------------
+
+    def _write(self, path: str, payload: dict[str, Any], headers: dict[str, str]) -> WriteResult:
+        resp = self.request("PATCH", path, params={"$select": "contactid,statecode"}, body=payload,
+                            headers={"Prefer": "return=representation", **headers})
+        data = resp.json()
+        return WriteResult(data["contactid"], data.get("@odata.etag"), resp.status_code == 201)
+
+    def upsert_contact(self, contact_id: str, payload: dict[str, Any], *, reactivate: bool = False) -> WriteResult:
+        """Create-or-update by contactid. With the deterministic id, racing creates converge on one row."""
+        body = {**payload, **ACTIVE} if reactivate else payload
+        return self._write(f"contacts({contact_id})", body, {})
+
+    def upsert_contact_by_key(self, external_id: str, payload: dict[str, Any], *,
+                              reactivate: bool = False) -> WriteResult:
+        """Create-or-update through the alternate key on externaluseridentifier (it must be Active)."""
+        body = {k: v for k, v in payload.items() if k != EXTERNAL_ID}
+        if reactivate:
+            body.update(ACTIVE)
+        return self._write(f"contacts({EXTERNAL_ID}={odata_string(external_id)})", body, {})
+
+    def update_contact(self, contact_id: str, payload: dict[str, Any], *, etag: str = "*",
+                       reactivate: bool = False) -> WriteResult:
+        """Update only (If-Match): NotFound when the row is gone, Conflict when `etag` no longer matches."""
+        body = {**payload, **ACTIVE} if reactivate else payload
+        return self._write(f"contacts({contact_id})", body, {"If-Match": etag})
+
+    def delete_contact(self, contact_id: str, *, etag: str | None = None) -> bool:
+        try:
+            self.request("DELETE", f"contacts({contact_id})", headers={"If-Match": etag} if etag else None)
+        except NotFound:
+            return False
+        return True
+
+    def _set_state(self, contact_id: str, state: dict[str, int]) -> bool:
+        try:
+            self.request("PATCH", f"contacts({contact_id})", body=state, headers={"If-Match": "*"})
+        except NotFound:
+            return False
+        return True
+
+    def deactivate_contact(self, contact_id: str) -> bool:
+        return self._set_state(contact_id, INACTIVE)
+
+    def reactivate_contact(self, contact_id: str) -> bool:
+        return self._set_state(contact_id, ACTIVE)
+
+    # -- users -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _best_user(rows: list[dict[str, Any]]) -> UserRef:
+        row = min(rows, key=lambda r: (r.get("accessmode") not in (0, None), r["systemuserid"]))
+        return UserRef(row["systemuserid"], row.get("internalemailaddress") or "", row.get("accessmode"),
+                       row.get("fullname"))
+
+    def find_users_by_email(self, emails: Iterable[str]) -> dict[str, UserRef]:
+        """Enabled systemusers by internal email (case-insensitive), keyed by the lower-cased email."""
+        wanted = list(dict.fromkeys(e.strip().lower() for e in emails if e and e.strip()))
+        by_email: dict[str, list[dict[str, Any]]] = {}
+
+        def make_filter(chunk: list[str]) -> str:
+            return f"isdisabled eq false and {_in_filter('internalemailaddress', chunk)}"
+
+        for chunk in self._chunks(wanted, make_filter):
+            rows = self._get_all("systemusers", {
+                "$select": "systemuserid,internalemailaddress,isdisabled,accessmode,fullname",
+                "$filter": make_filter(chunk)})
+            for row in rows:
+                email = (row.get("internalemailaddress") or "").lower()
+                if email in chunk and not row.get("isdisabled"):
+                    by_email.setdefault(email, []).append(row)
+        return {email: self._best_user(rows) for email, rows in by_email.items()}
+
+    def find_user_by_email(self, email: str) -> str | None:
+        rows = self._get_all("systemusers", {
+            "$select": "systemuserid,internalemailaddress,isdisabled,accessmode,fullname",
+            "$filter": f"internalemailaddress eq {odata_string(email.strip())} and isdisabled eq false"})
+        return self._best_user(rows).systemuserid if rows else None
+
+    # -- capabilities ----------------------------------------------------------------------------
+
+    def external_id_key_status(self, refresh: bool = False) -> str | None:
+        """EntityKeyIndexStatus (Active, Pending, InProgress, Failed) of a key on externaluseridentifier alone."""
+        if refresh or "key" not in self._capabilities:
+            data = self.request("GET", "EntityDefinitions(LogicalName='contact')/Keys",
+                                params={"$select": "LogicalName,KeyAttributes,EntityKeyIndexStatus"}).json()
+            status = next((k.get("EntityKeyIndexStatus") for k in data.get("value", [])
+                           if k.get("KeyAttributes") == [EXTERNAL_ID]), None)
+            self._capabilities["key"] = status
+        return self._capabilities["key"]
+
+    def bulk_upsert_supported(self, refresh: bool = False) -> bool:
+        if refresh or "upsert_multiple" not in self._capabilities:
+            rows = self.request("GET", "sdkmessagefilters", params={
+                "$select": "sdkmessagefilterid",
+                "$filter": "sdkmessageid/name eq 'UpsertMultiple' and primaryobjecttypecode eq 'contact'",
+            }).json().get("value", [])
+            self._capabilities["upsert_multiple"] = bool(rows)
+        return self._capabilities["upsert_multiple"]
+
+    # -- bulk ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _target(item: UpsertItem, use_key: bool) -> tuple[str, dict[str, Any]]:
+        """(URL of the row, body without identity) for one item."""
+        body = {**item.payload, **ACTIVE} if item.reactivate else dict(item.payload)
+        if use_key:
+            external = body.pop(EXTERNAL_ID)  # a key column in the body breaks the create path (0x80040216)
+            return f"contacts({EXTERNAL_ID}={odata_string(external)})", body
+        return f"contacts({item.contact_id})", body
+
+    def bulk_upsert(self, items: Sequence[UpsertItem], *, use_key: bool | None = None,
+                    method: str | None = None) -> BulkResult:
+        """Upsert many contacts: UpsertMultiple when the table offers it (else a continue-on-error $batch).
+
+        A rejected request is split in halves until the bad records are isolated, so every good record
+        lands and each bad one is reported with its field and reason. Throttled, Transient, AuthExpired
+        and PermissionDenied are raised (the records that already landed stay: every write is an upsert).
+        `use_key` None: address rows by the alternate key when it is Active, else by contactid.
+        """
+        start = self._requests_made
+        if use_key is None:
+            use_key = self.external_id_key_status() == "Active"
+        if method is None:
+            method = "UpsertMultiple" if self.bulk_upsert_supported() else "$batch"
+        unique = list({(i.payload.get(EXTERNAL_ID) if use_key else i.contact_id): i for i in items}.values())
+        result = BulkResult(method=method)
+        send = self._send_upsert_multiple if method == "UpsertMultiple" else self._send_batch
+        size = self.upsert_multiple_size if method == "UpsertMultiple" else self.batch_size
+        for i in range(0, len(unique), size):
+            self._bisect(unique[i : i + size], use_key, send, result)
+        superseded = {i.key for i in items} - {i.key for i in unique}  # duplicates of a later snapshot
+        result.succeeded += sorted(superseded)
+        result.requests_made = self._requests_made - start
+        return result
+
+    def _bisect(self, items: list[UpsertItem], use_key: bool,
+                send: Callable[[list[UpsertItem], bool], list[RecordFailure]], result: BulkResult) -> None:
+        try:
+            failures = send(items, use_key)
+        except (ValidationFailed, NotFound, Conflict) as err:
+            if len(items) == 1:
+                failures = [RecordFailure(items[0].key, getattr(err, "field", None) or _field_of(err), err.code,
+                                          err.message, err.category)]
+            else:
+                middle = len(items) // 2
+                self._bisect(items[:middle], use_key, send, result)
+                self._bisect(items[middle:], use_key, send, result)
+                return
+        failed = {f.key for f in failures}
+        result.failed += failures
+        result.succeeded += [i.key for i in items if i.key not in failed]
+
+    def _send_upsert_multiple(self, items: list[UpsertItem], use_key: bool) -> list[RecordFailure]:
+        targets = []
+        for item in items:
+            url, body = self._target(item, use_key)
+            if use_key:
+                body["@odata.id"] = url
+            else:
+                body["contactid"] = item.contact_id
+            targets.append({"@odata.type": CONTACT_TYPE, **body})
+        self.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", body={"Targets": targets})
+        return []  # all or nothing on standard tables: success means every record landed
+
+    def _send_batch(self, items: list[UpsertItem], use_key: bool) -> list[RecordFailure]:
+        parts = [BatchPart("PATCH", url, body) for url, body in (self._target(i, use_key) for i in items)]
+        content_type, data = build_batch(parts, API_PATH)
+        resp = self.request("POST", "$batch", data=data,
+                            headers={"Content-Type": content_type, "Prefer": "odata.continue-on-error"})
+        try:
+            responses = parse_batch_response(resp.headers.get("Content-Type", ""), resp.content)
+        except BatchFormatError as exc:
+            raise Transient(f"unreadable $batch response: {exc}") from None
+        if len(responses) != len(items):
+            raise Transient(f"$batch answered {len(responses)} parts for {len(items)} requests")
+        failures: list[RecordFailure] = []
+        retryable: DataverseError | None = None
+        for item, part in zip(items, responses, strict=True):
+            if part.status < 400:
+                continue
+            error = error_for(part.status, part.body, part.headers)
+            if isinstance(error, (Throttled, Transient, AuthExpired, PermissionDenied)):
+                retryable = retryable or error
+            else:
+                failures.append(RecordFailure(item.key, getattr(error, "field", None) or _field_of(error),
+                                              error.code, error.message, error.category))
+        if retryable is not None:
+            raise retryable
+        return failures
+
+
+def _field_of(error: DataverseError) -> str | None:
+    if isinstance(error, NotFound) and error.entity in ("systemuser", "team"):
+        return "ownerid"
+    return None
