@@ -4,8 +4,10 @@ import azure.functions as func
 
 from core.bootstrap import configure_logging
 from core.health import bp as health_bp
+from oauth.api import bp as oauth_bp
 
 configure_logging()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(health_bp)
+app.register_functions(oauth_bp)

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.stack",
     "tests.fixtures.dataverse",
     "tests.fixtures.browser",
+    "tests.fixtures.identity",
 ]

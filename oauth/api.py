@@ -1,0 +1,135 @@
+"""HTTP and timer functions of the connect flow (DESIGN §2.3). Thin: parse, validate, call oauth.connect.
+
+The route's account id is the only key any of these functions reads or writes by, so one account can
+never see or change another's connection.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import azure.functions as func
+
+from core.connections import valid_account_id
+from core.http import error_response, json_response
+from core.log import outcome
+from core.services import services
+from oauth import connect as flow
+from oauth.errors import InvalidInput, SessionInvalid
+from oauth.maintenance import refresh_idle_connections
+from oauth.pages import page, redirect
+from oauth.return_url import with_result
+from oauth.sessions import TABLE as SESSIONS_TABLE
+from oauth.sessions import SessionStore
+from oauth.status import connection_status
+
+log = logging.getLogger(__name__)
+bp = func.Blueprint()
+
+
+def _sessions() -> SessionStore:
+    return SessionStore(services().tables(SESSIONS_TABLE))
+
+
+def _account(req: func.HttpRequest) -> str | None:
+    account_id = req.route_params.get("account_id", "")
+    return account_id if valid_account_id(account_id) else None
+
+
+def _bad_account() -> func.HttpResponse:
+    return error_response(400, "invalid_account_id", "account_id must be 1-64 letters, digits, '_' or '-'",
+                          field="account_id")
+
+
+def _status(account_id: str) -> func.HttpResponse:
+    s = services()
+    conn = s.connections.get(account_id)
+    if conn is None:
+        return error_response(404, "not_found", f"account {account_id} has no Dynamics 365 connection")
+    return json_response(connection_status(conn, s.connections.counters(account_id, conn.generation),
+                                           s.failures.recent(account_id)))
+
+
+@bp.function_name("connect")
+@bp.route(route="connections/{account_id}/connect", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def connect(req: func.HttpRequest) -> func.HttpResponse:
+    try:
+        body = req.get_json()
+    except ValueError:
+        body = None
+    s = services()
+    try:
+        request = flow.parse_connect_request(req.route_params.get("account_id", ""), body, s.settings)
+    except InvalidInput as exc:
+        outcome(log, "connect", "rejected", field=exc.field, code=exc.code)
+        return error_response(exc.status, exc.code, exc.message, field=exc.field)
+    try:
+        answer = flow.start_connect(request, settings=s.settings, sessions=_sessions(), connections=s.connections)
+    except (OSError, ValueError) as exc:  # the cloud's Entra metadata could not be fetched
+        outcome(log, "connect", "unavailable", level=logging.WARNING, account_id=request.account_id,
+                error=type(exc).__name__)
+        return error_response(502, "identity_provider_unavailable",
+                              "Microsoft sign-in could not be reached; try again shortly")
+    return json_response(answer)
+
+
+@bp.function_name("oauth_callback")
+@bp.route(route="oauth/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
+def oauth_callback(req: func.HttpRequest) -> func.HttpResponse:
+    from sync.backfill import start_backfill
+
+    s = services()
+    try:
+        result = flow.finish_connect(
+            dict(req.params), settings=s.settings, sessions=_sessions(), connections=s.connections,
+            tokens=s.tokens, queues=s.queues, dataverse=s.dataverse_client, start_backfill=start_backfill)
+    except SessionInvalid as exc:
+        outcome(log, "oauth_callback", "invalid_state")
+        return page("This sign-in link cannot be used", f"{exc}.",
+                    ok=False, status=400, hint="Start the connection again from Wave's Integrations page.")
+    if result.session.return_url:
+        params = {"dynamics": "connected"} if result.connected else {"dynamics": "error",
+                                                                    "reason": result.category or "internal"}
+        return redirect(with_result(result.session.return_url, **params))
+    if result.connected:
+        return page("Dynamics 365 is connected",
+                    f"Wave is connected to {result.session.instance_url} as {result.connected_by or 'you'}.", ok=True)
+    return page("Dynamics 365 could not be connected", result.message, ok=False)
+
+
+@bp.function_name("connection_status")
+@bp.route(route="connections/{account_id}", methods=["GET"], auth_level=func.AuthLevel.FUNCTION)
+def status(req: func.HttpRequest) -> func.HttpResponse:
+    account_id = _account(req)
+    return _bad_account() if account_id is None else _status(account_id)
+
+
+@bp.function_name("disconnect")
+@bp.route(route="connections/{account_id}/disconnect", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def disconnect(req: func.HttpRequest) -> func.HttpResponse:
+    account_id = _account(req)
+    if account_id is None:
+        return _bad_account()
+    body: object = {}
+    if req.get_body():
+        try:
+            body = req.get_json()
+        except ValueError:
+            return error_response(400, "invalid_json", "the body must be a JSON object", field="body")
+    if not isinstance(body, dict):
+        return error_response(400, "invalid_json", "the body must be a JSON object", field="body")
+    who = body.get("disconnected_by")
+    if who is not None and (not isinstance(who, str) or len(who) > 256):
+        return error_response(400, "invalid_request", "disconnected_by must be a string of at most 256 characters",
+                              field="disconnected_by")
+    s = services()
+    if flow.disconnect(account_id, who, connections=s.connections, tokens=s.tokens) is None:
+        return error_response(404, "not_found", f"account {account_id} has no Dynamics 365 connection")
+    return _status(account_id)
+
+
+@bp.function_name("refresh_idle_tokens")
+@bp.timer_trigger(schedule="0 17 3 * * *", arg_name="timer", run_on_startup=False)
+def refresh_idle_tokens(timer: func.TimerRequest) -> None:
+    s = services()
+    refresh_idle_connections(s.connections, s.tokens, _sessions())

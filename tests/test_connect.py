@@ -1,0 +1,288 @@
+"""Connect, callback, status and disconnect through the HTTP surface, against the Entra stand-in, the Key
+Vault simulator, a Dataverse simulator and Azurite (DESIGN §2.3, issue 4)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from core.connections import ConnectionStore
+from core.settings import StorageSettings
+from core.storage import Tables
+from devstack.dataverse_sim import ADMIN_PRIVILEGES
+from tests.fixtures.identity import RETURN_URL, api, callback, connect_account, connect_body, sign_in, status
+from tests.test_instance_url import HOSTILE_INSTANCE_URLS
+
+
+@pytest.fixture(scope="module")
+def tables(azurite) -> Tables:
+    return Tables(StorageSettings(connection_string=azurite.connection_string))
+
+
+@pytest.fixture(scope="module")
+def store(tables) -> ConnectionStore:
+    return ConnectionStore(tables("connections"))
+
+
+def _account() -> str:
+    return f"acct_{uuid.uuid4().hex[:12]}"
+
+
+def _secrets_of(identity, account_id: str) -> set[str]:
+    prefix = f"dyn-{account_id.replace('_', '-')}-"
+    return {n for n in identity.keyvault.names() if n.startswith(prefix)}
+
+
+def _sessions_of(tables, account_id: str) -> list:
+    return list(tables("oauthsessions").query_entities("account_id eq @a", parameters={"a": account_id}))
+
+
+def test_happy_path_connects_and_keeps_tokens_in_key_vault(devhost, identity, fresh_entra, store, tables):
+    acct = _account()
+    started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
+    assert started.status_code == 200, started.text
+    body = started.json()
+    authorize = urlsplit(body["authorize_url"])
+    query = parse_qs(authorize.query)
+    assert body["authorize_url"].startswith(f"{identity.entra.authority}/oauth2/v2.0/authorize?")
+    assert query["code_challenge_method"] == ["S256"] and query["code_challenge"][0]
+    assert f"{identity.dataverse.url}/user_impersonation" in query["scope"][0].split()
+    expires = datetime.strptime(body["expires_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert timedelta(minutes=9) < expires - datetime.now(UTC) <= timedelta(minutes=10)
+    assert status(devhost, acct)["state"] == "pending"
+
+    done = callback(devhost, sign_in(identity, body["authorize_url"]))
+    assert done.status_code == 302
+    assert done.headers["Location"] == f"{RETURN_URL}?dynamics=connected"
+    assert not done.content  # the browser gets a redirect, never a token
+
+    st = status(devhost, acct)
+    assert st["state"] == "connected" and st["reason"] is None
+    assert st["instance_url"] == identity.dataverse.url
+    assert st["connected_by"] == "admin@contoso.test" and st["connected_at"]
+    assert (st["auto_sync"], st["delete_policy"]) == (False, "delete")
+    assert st["counters"] == {"synced": 0, "deleted": 0, "failed": 0, "skipped": 0} and st["failures"] == []
+    assert st["backfill"]["state"] == "idle"
+
+    row = store.get(acct)
+    assert row.generation and row.tenant_id == identity.entra.tenant_id and row.dataverse_user_id
+    assert row.secret_name == f"dyn-{acct.replace('_', '-')}-{row.generation}"
+    assert _secrets_of(identity, acct) == {row.secret_name}
+    cache = json.loads(identity.keyvault.value(row.secret_name))
+    assert cache["RefreshToken"] and cache["AccessToken"]
+    assert _sessions_of(tables, acct) == []  # the sign-in session is gone once used
+
+
+def test_auto_sync_opens_a_backfill_run(devhost, identity, fresh_entra, store):
+    acct = _account()
+    assert connect_account(devhost, identity, acct, auto_sync=True).status_code == 302
+    st = status(devhost, acct)
+    assert st["auto_sync"] is True and st["backfill"]["started_at"]
+    assert store.get(acct).backfill.run_id
+
+
+def test_the_connected_client_calls_dataverse_with_the_stored_tokens(devhost, identity, fresh_entra, store):
+    from core.services import services
+
+    acct = _account()
+    connect_account(devhost, identity, acct)
+    conn = store.get(acct)
+    client = services().dataverse(conn)
+    assert client is services().dataverse(conn)  # one per instance and generation
+    services().tokens.delete(None, conn.generation)  # forget the in-memory cache: Key Vault must serve it
+    assert services().tokens.provider(conn)(False)
+    assert client.whoami()
+
+
+def test_no_return_url_renders_a_result_page(devhost, identity, fresh_entra):
+    acct = _account()
+    done = connect_account(devhost, identity, acct, return_url=None)
+    assert done.status_code == 200 and done.headers["Content-Type"].startswith("text/html")
+    assert "Dynamics 365 is connected" in done.text and "admin@contoso.test" in done.text
+    assert "script" not in done.text.lower() and done.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize("plan", ["free", "starter", "PRO-trial"])
+def test_plan_not_eligible_is_refused_and_nothing_is_stored(devhost, identity, tables, plan):
+    acct = _account()
+    resp = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity, plan=plan))
+    assert resp.status_code == 403
+    assert resp.json()["error"]["code"] == "plan_not_eligible" and resp.json()["error"]["field"] == "plan"
+    assert api(devhost, "GET", f"/api/connections/{acct}").status_code == 404
+    assert _sessions_of(tables, acct) == []
+
+
+def test_hostile_instance_urls_are_refused_before_any_network_call(devhost, identity, tables):
+    assert len(HOSTILE_INSTANCE_URLS) >= 20
+    acct = _account()
+    entra_before = identity.entra.request_count()
+    vault_before = len(identity.keyvault.requests)
+    dataverse_before = len(identity.dataverse.request_log())
+    for url in HOSTILE_INSTANCE_URLS:
+        resp = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity, instance_url=url))
+        assert resp.status_code == 400, url
+        error = resp.json()["error"]
+        assert (error["code"], error["field"]) == ("invalid_instance_url", "instance_url"), url
+    assert identity.entra.request_count() == entra_before
+    assert len(identity.keyvault.requests) == vault_before
+    assert len(identity.dataverse.request_log()) == dataverse_before
+    assert api(devhost, "GET", f"/api/connections/{acct}").status_code == 404
+    assert _sessions_of(tables, acct) == []
+
+
+@pytest.mark.parametrize(("override", "status_code", "code", "field"), [
+    ({"return_url": "https://app.wave.test.evil.com/integrations/x"}, 400, "invalid_return_url", "return_url"),
+    ({"return_url": "https://evil.com/"}, 400, "invalid_return_url", "return_url"),
+    ({"auto_sync": "yes"}, 400, "invalid_request", "auto_sync"),
+    ({"initiated_by": ""}, 400, "invalid_request", "initiated_by"),
+    ({"delete_policy": "purge"}, 400, "invalid_request", "delete_policy"),
+    ({"plan": None}, 400, "invalid_request", "plan"),
+    ({"instance_url": None}, 400, "invalid_instance_url", "instance_url"),
+])
+def test_bad_connect_fields_are_named_and_nothing_is_stored(devhost, identity, tables, override, status_code, code,
+                                                            field):
+    acct = _account()
+    resp = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity, **override))
+    assert resp.status_code == status_code
+    assert (resp.json()["error"]["code"], resp.json()["error"]["field"]) == (code, field)
+    assert api(devhost, "GET", f"/api/connections/{acct}").status_code == 404
+    assert _sessions_of(tables, acct) == []
+
+
+def test_bad_body_and_account_id_are_refused(devhost, identity):
+    acct = _account()
+    resp = api(devhost, "POST", f"/api/connections/{acct}/connect", data=b"{not json")
+    assert resp.status_code == 400 and resp.json()["error"]["field"] == "body"
+    resp = api(devhost, "POST", f"/api/connections/{'a' * 65}/connect", json=connect_body(identity))
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_account_id"
+    assert api(devhost, "GET", "/api/connections/acct.x").json()["error"]["field"] == "account_id"
+
+
+def test_connect_needs_the_function_key(devhost, identity):
+    import requests
+
+    resp = requests.post(f"{devhost.url}/api/connections/{_account()}/connect", json=connect_body(identity), timeout=30)
+    assert resp.status_code == 401
+
+
+def test_a_state_is_single_use(devhost, identity, fresh_entra, store):
+    acct = _account()
+    started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
+    query = sign_in(identity, started.json()["authorize_url"])
+    assert callback(devhost, query).status_code == 302
+    generation = store.get(acct).generation
+    replay = callback(devhost, query)
+    assert replay.status_code == 400 and "already completed" in replay.text
+    assert store.get(acct).generation == generation and len(_secrets_of(identity, acct)) == 1
+
+
+@pytest.mark.parametrize("query", ["state=unknown-state&code=abc", "code=abc", "state=a%2Fb&code=x", ""])
+def test_unknown_or_missing_state_is_a_clear_error_page(devhost, query):
+    resp = callback(devhost, query)
+    assert resp.status_code == 400 and resp.headers["Content-Type"].startswith("text/html")
+    assert "cannot be used" in resp.text
+
+
+def test_an_expired_state_is_refused(devhost, identity, fresh_entra, tables):
+    acct = _account()
+    started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
+    (session,) = _sessions_of(tables, acct)
+    session["expires_at"] = (datetime.now(UTC) - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    tables("oauthsessions").upsert_entity(session)  # ten minutes pass
+    resp = callback(devhost, sign_in(identity, started.json()["authorize_url"]))
+    assert resp.status_code == 400 and "expired" in resp.text
+    assert status(devhost, acct)["state"] == "pending" and _secrets_of(identity, acct) == set()
+
+
+def test_consent_denied_comes_back_as_a_reason(devhost, identity, fresh_entra):
+    acct = _account()
+    fresh_entra.deny_next_consent()
+    done = connect_account(devhost, identity, acct)
+    assert done.status_code == 302
+    assert done.headers["Location"] == f"{RETURN_URL}?dynamics=error&reason=consent"
+    st = status(devhost, acct)
+    assert st["state"] == "pending" and st["reason"]["category"] == "consent"
+    assert "AADSTS65004" in st["reason"]["message"]
+    assert _secrets_of(identity, acct) == set()
+
+    fresh_entra.deny_next_consent()
+    page = connect_account(devhost, identity, acct, return_url=None)
+    assert page.status_code == 200 and "could not be connected" in page.text and "declined" in page.text
+
+
+def test_a_missing_privilege_fails_the_connect_naming_it(devhost, identity, fresh_entra):
+    acct = _account()
+    oid = str(uuid.uuid4())
+    identity.dataverse.add_user("limited@contoso.test", oid=oid,
+                                privileges=set(ADMIN_PRIVILEGES) - {"prvAssignContact"})
+    fresh_entra.sign_in_as("limited@contoso.test", oid)
+    done = connect_account(devhost, identity, acct)
+    assert done.headers["Location"] == f"{RETURN_URL}?dynamics=error&reason=permission"
+    st = status(devhost, acct)
+    assert st["state"] == "pending" and st["reason"]["category"] == "permission"
+    assert "prvAssignContact" in st["reason"]["message"] and "limited@contoso.test" in st["reason"]["message"]
+    assert _secrets_of(identity, acct) == set()
+
+
+def test_a_failed_reconnect_leaves_the_live_connection_alone(devhost, identity, fresh_entra, store):
+    acct = _account()
+    connect_account(devhost, identity, acct)
+    before = store.get(acct)
+    started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity, auto_sync=True))
+    assert status(devhost, acct)["state"] == "connected"  # starting a reconnect does not break the live one
+    fresh_entra.deny_next_consent()
+    assert "dynamics=error" in callback(devhost, sign_in(identity, started.json()["authorize_url"])).headers["Location"]
+    after = store.get(acct)
+    assert (after.state, after.generation, after.secret_name, after.auto_sync) == \
+        ("connected", before.generation, before.secret_name, False)
+    assert after.reason is None and identity.keyvault.value(before.secret_name)
+
+
+def test_disconnect_deletes_the_secret_and_reconnect_uses_a_new_one(devhost, identity, fresh_entra, store):
+    from core.services import services
+    from oauth.errors import ReauthRequired
+
+    acct = _account()
+    connect_account(devhost, identity, acct)
+    live = store.get(acct)
+    resp = api(devhost, "POST", f"/api/connections/{acct}/disconnect", json={"disconnected_by": "wave-user-9"})
+    assert resp.status_code == 200
+    st = resp.json()
+    assert st["state"] == "disconnected" and st["disconnected_by"] == "wave-user-9" and st["disconnected_at"]
+    assert live.secret_name not in identity.keyvault.names()
+    assert live.secret_name in identity.keyvault.deleted_names()  # soft-deleted, as a real vault does
+    gone = store.get(acct)
+    assert gone.generation is None and not gone.accepts(live.generation)
+    with pytest.raises(ReauthRequired):  # a worker still holding the old connection gets no token
+        services().tokens.provider(live)(False)
+    assert store.get(acct).state == "disconnected"  # ...and does not disturb the row
+
+    assert connect_account(devhost, identity, acct).headers["Location"].endswith("dynamics=connected")
+    again = store.get(acct)
+    assert again.state == "connected" and again.generation != live.generation
+    assert again.secret_name != live.secret_name and _secrets_of(identity, acct) == {again.secret_name}
+    rows = list(store.table.query_entities("PartitionKey eq @a and RowKey eq 'connection'", parameters={"a": acct}))
+    assert len(rows) == 1
+    assert api(devhost, "POST", f"/api/connections/{_account()}/disconnect").status_code == 404
+
+
+def test_accounts_are_isolated(devhost, identity, fresh_entra, store):
+    a, b = _account(), _account()
+    connect_account(devhost, identity, a)
+    assert api(devhost, "GET", f"/api/connections/{b}").status_code == 404
+    assert api(devhost, "POST", f"/api/connections/{b}/disconnect").status_code == 404
+    assert status(devhost, a)["state"] == "connected"
+    connect_account(devhost, identity, b)
+    secret_a, secret_b = store.get(a).secret_name, store.get(b).secret_name
+    assert secret_a != secret_b
+    api(devhost, "POST", f"/api/connections/{a}/disconnect")
+    assert status(devhost, b)["state"] == "connected" and identity.keyvault.value(secret_b)
+    assert status(devhost, a)["state"] == "disconnected" and status(devhost, a)["account_id"] == a
+    # B's sign-in can only ever finish B's connection: the session, not the browser, names the account
+    started = api(devhost, "POST", f"/api/connections/{a}/connect", json=connect_body(identity))
+    callback(devhost, sign_in(identity, started.json()["authorize_url"]))
+    assert store.get(b).secret_name == secret_b
