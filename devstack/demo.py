@@ -88,6 +88,7 @@ def connect(stack: Stack, account: str, *, auto_sync: bool = True, plan: str = "
         raise DemoError(f"connect API answered {res.status_code}: {res.text[:300]}")
     url = res.json()["authorize_url"]
     session = requests.Session()
+    session.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override verify
     session.verify = str(stack.certs.bundle) if stack.certs else True
     for _ in range(10):  # authorize (Entra stand-in) -> callback (dev host) -> Wave's page
         if url.startswith(stack.admin_page_url(account)):

@@ -1,0 +1,205 @@
+"""Benchmark (a): backfill throughput against the Dataverse simulator's service-protection limits.
+
+The limits are research/dataverse.md §6 scaled in time: a `window` of W seconds instead of 300 with the
+request and execution-time budgets scaled by W/300, so the sustained rates are the real ones (20
+requests/s and 4 s of execution per second, per user) while a run needs minutes, not hours. The
+simulator charges `base_ms` per request (and per request inside a $batch) plus `per_record_ms` per row
+written (its defaults); a bulk request counts once against the request limit.
+
+The ceiling the limits allow is the best any client could do: one bulk request of 1,000 rows pays
+base_ms + 1000 * per_record_ms, so the execution-time budget caps a client at
+(execution budget per second) / (per_record_ms + base_ms / 1000) contacts/s, and the request budget at
+requests per second * 1000.
+
+Beside the pipeline (connect with auto-sync, the real backfill through queues), two baselines use the
+app's Dataverse client directly against the same limits, as a different user (own windows): naive, one
+upsert request per contact; and $batch of 10 upserts per request. Each runs for a fixed time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+
+from devstack.demo import TEAM, connect, seed_dynamics_users, wait_for_backfill
+from devstack.stack import CLIENT_ID, Stack, dataverse_control
+
+REAL_WINDOW = 300.0
+REAL_REQUESTS = 6000
+REAL_EXECUTION_MS = 1_200_000
+MAX_BULK = 1000
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    window_seconds: float
+
+    @property
+    def requests(self) -> int:
+        return round(REAL_REQUESTS * self.window_seconds / REAL_WINDOW)
+
+    @property
+    def execution_ms(self) -> int:
+        return round(REAL_EXECUTION_MS * self.window_seconds / REAL_WINDOW)
+
+    def simulator_args(self) -> list[str]:
+        return ["--window-seconds", str(self.window_seconds), "--requests", str(self.requests),
+                "--execution-ms", str(self.execution_ms)]
+
+
+@dataclass
+class Run:
+    name: str
+    contacts: int
+    seconds: float
+    requests: int  # Web API requests (429s included)
+    throttled: int  # 429 answers
+    other_errors: int = 0
+
+    @property
+    def per_second(self) -> float:
+        return self.contacts / self.seconds if self.seconds else 0.0
+
+    @property
+    def requests_per_contact(self) -> float:
+        return self.requests / self.contacts if self.contacts else float("nan")
+
+
+def ceiling(stack: Stack) -> tuple[float, dict[str, Any]]:
+    """Contacts/s the simulator's configured limits allow at best, and the configuration it came from."""
+    cfg = dataverse_control(stack, "GET", "config")
+    limits, sim = cfg["limits"], cfg["config"]  # type: ignore[index]
+    window = float(limits["window_seconds"])
+    exec_per_second = limits["execution_ms"] / window
+    by_execution = exec_per_second / (sim["per_record_ms"] + sim["base_ms"] / MAX_BULK)
+    by_requests = limits["requests"] / window * MAX_BULK
+    return min(by_execution, by_requests), {**limits, "base_ms": sim["base_ms"],
+                                            "per_record_ms": sim["per_record_ms"]}
+
+
+def _counters(stack: Stack) -> dict[str, Any]:
+    return dataverse_control(stack, "GET", "counters")  # type: ignore[return-value]
+
+
+def run_pipeline(stack: Stack, account: str, contacts: int, show: bool = True) -> Run:
+    seed_dynamics_users(stack)
+    members = [{"id": m.id, "email": m.email} for m in TEAM] + [None]
+    requests.post(f"{stack.wave_url}/_control/accounts/{account}/populate", timeout=600,
+                  json={"count": contacts, "team_members": members, "seed": 11}).raise_for_status()
+    dataverse_control(stack, "POST", "reset")  # fresh limit windows and counters (users stay)
+    before = _counters(stack)
+    t0 = time.monotonic()
+    connect(stack, account)
+    final = wait_for_backfill(stack, account, contacts, timeout=max(600.0, contacts / 5), show=show)
+    seconds = time.monotonic() - t0
+    after = _counters(stack)
+    if final["backfill"]["state"] != "done":
+        raise RuntimeError(f"backfill ended {final['backfill']['state']}")
+    return Run("pipeline (connect, auto-sync backfill through the queues)", final["backfill"]["contacts"],
+               seconds, after.get("requests", 0) - before.get("requests", 0),
+               after.get("status_429", 0) - before.get("status_429", 0))
+
+
+def run_for(name: str, stack: Stack, seconds: float, step: Callable[[int], int]) -> Run:
+    """Call `step(i)` (which syncs some contacts and returns how many) until `seconds` have passed."""
+    dataverse_control(stack, "POST", "reset")
+    before = _counters(stack)
+    done, i = 0, 0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        done += step(i)
+        i += 1
+    elapsed = time.monotonic() - t0
+    after = _counters(stack)
+    return Run(name, done, elapsed, after.get("requests", 0) - before.get("requests", 0),
+               after.get("status_429", 0) - before.get("status_429", 0))
+
+
+def baseline_payloads(count: int) -> list[tuple[str, dict[str, Any]]]:
+    from sync.mapping import contact_id, map_contact
+
+    out = []
+    for i in range(count):
+        contact = {"id": f"c_bench_base_{i:07d}", "first_name": "Base", "last_name": f"Line {i}",
+                   "email": f"baseline.{i}@example.com", "company": "Baseline Ltd"}
+        out.append((contact_id("acct_bench_baseline", contact["id"]), map_contact(contact, None).payload))
+    return out
+
+
+class EntraAppToken:
+    """An app-only access token for the Dataverse simulator from the Entra stand-in (client credentials),
+    so the baselines run as their own Dataverse user (the app's) with their own limit windows."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.session = requests.Session()
+        self.session.trust_env = False  # REQUESTS_CA_BUNDLE in the environment would override verify
+        self.session.verify = str(stack.certs.bundle) if stack.certs else True
+        discovery = self.session.get(f"{stack.entra_authority}/.well-known/openid-configuration", timeout=10)
+        discovery.raise_for_status()
+        self.token_url = discovery.json()["token_endpoint"]
+        self.form = {"grant_type": "client_credentials", "client_id": CLIENT_ID, "client_secret": stack.client_secret,
+                     "scope": f"{stack.dataverse_url}/.default"}
+        self._token: str | None = None
+
+    def __call__(self, force_refresh: bool = False) -> str:
+        if force_refresh or self._token is None:
+            res = self.session.post(self.token_url, data=self.form, timeout=10)
+            res.raise_for_status()
+            self._token = res.json()["access_token"]
+        return self._token
+
+
+def baseline_client(stack: Stack, **kwargs: Any):
+    from sync.dataverse import DataverseClient
+
+    return DataverseClient(stack.dataverse_url, EntraAppToken(stack),
+                           verify=str(stack.certs.bundle) if stack.certs else True, **kwargs)
+
+
+def _waiting_out_throttles(call: Callable[[], Any]) -> Any:
+    """What a simple sync does with a 429 whose Retry-After is too long for the client to wait inline."""
+    from sync.dataverse import Throttled
+
+    while True:
+        try:
+            return call()
+        except Throttled as exc:
+            time.sleep(exc.retry_after)
+
+
+def run_naive(stack: Stack, seconds: float) -> Run:
+    """One upsert request per contact, one after the other."""
+    client = baseline_client(stack)
+    payloads = baseline_payloads(200_000)
+
+    def step(i: int) -> int:
+        contact_id, payload = payloads[i]
+        _waiting_out_throttles(lambda: client.upsert_contact(contact_id, payload))
+        return 1
+
+    try:
+        return run_for("naive: one upsert request per contact", stack, seconds, step)
+    finally:
+        client.close()
+
+
+def run_batch10(stack: Stack, seconds: float) -> Run:
+    """$batch requests of 10 upserts each, one after the other."""
+    from sync.dataverse import UpsertItem
+
+    client = baseline_client(stack, batch_size=10)
+    payloads = baseline_payloads(200_000)
+
+    def step(i: int) -> int:
+        items = [UpsertItem(str(j), *payloads[j]) for j in range(i * 10, i * 10 + 10)]
+        result = _waiting_out_throttles(lambda: client.bulk_upsert(items, use_key=False, method="$batch"))
+        return len(result.succeeded)
+
+    try:
+        return run_for("$batch of 10 upserts per request", stack, seconds, step)
+    finally:
+        client.close()
