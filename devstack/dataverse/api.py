@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from devstack.dataverse import multipart
 from devstack.dataverse.errors import SimError, not_found, privilege_id
@@ -365,7 +365,8 @@ class WebApi:
         if more:
             token = base64.urlsafe_b64encode(json.dumps(sort_key(page[-1])).encode()).decode()
             params = [(k, v) for k, v in parse_qsl(req.raw_query, keep_blank_values=True) if k != "$skiptoken"]
-            body["@odata.nextLink"] = f"{self.base}{entity_set}?{urlencode([*params, ('$skiptoken', token)])}"
+            query = urlencode([*params, ("$skiptoken", token)], quote_via=quote, safe="$'(),=/:@")
+            body["@odata.nextLink"] = f"{self.base}{entity_set}?{query}"
         resp = Response.of_json(200, body, reads=len(page))
         resp.headers.update(headers)
         return resp

@@ -316,8 +316,13 @@ class DataverseSimulator:
             caller = Caller(target, on_behalf_of=user, duplicate_detection=caller.duplicate_detection)
         return caller, user
 
-    def serve_api(self, method: str, target: str, headers: dict[str, str], body: bytes) -> Response:
-        """One Web API request after faults: auth, limits, semantics, execution cost, headers."""
+    def serve_api(self, method: str, target: str, headers: dict[str, str], body: bytes,
+                  hold: Fault | None = None) -> Response:
+        """One Web API request after faults: auth, limits, semantics, execution cost, headers.
+
+        `hold` (a slow or hold fault) keeps the admitted request in flight first; the time held counts
+        as execution time, as a slow request's would.
+        """
         try:
             if len(target) > self.config.max_url_length:
                 raise SimError(414, "", "The request URL is too long.")
@@ -329,10 +334,17 @@ class DataverseSimulator:
             return Response.of_error(err)
         exec_ms = 0.0
         try:
+            if hold is not None:
+                held = time.monotonic()
+                if hold.kind == "hold":
+                    self.faults.wait_for_release(hold.delay)
+                else:
+                    self._stopping.wait(hold.delay)
+                exec_ms += (time.monotonic() - held) * 1000
             request = Request(method, target.split(API_PREFIX, 1)[1], headers, body)
             resp = self.api.handle(caller, request)
             cfg = self.config
-            exec_ms = (cfg.base_ms * (1 + resp.inner_requests) + cfg.per_record_ms * resp.writes
+            exec_ms += (cfg.base_ms * (1 + resp.inner_requests) + cfg.per_record_ms * resp.writes
                        + cfg.per_read_row_ms * resp.reads)
             if cfg.sleep_fraction > 0:
                 self._stopping.wait(exec_ms / 1000 * cfg.sleep_fraction)
@@ -467,20 +479,15 @@ class _Handler(BaseHTTPRequestHandler):
             resp = Response.of_error(SimError(404, "0x80060888", f"Resource not found for the segment '{path}'."))
         else:
             fault = sim.faults.pick(method, path)
-            if fault is not None:
-                if fault.kind in ("drop", "timeout"):
-                    sim.record(method, path, 0, fault=fault.kind)
-                    if fault.kind == "timeout":
-                        sim._stopping.wait(fault.delay)
-                    self._drop()
-                    return
-                if fault.kind in ("slow", "hold"):
-                    if fault.kind == "hold":
-                        sim.faults.wait_for_release(fault.delay)
-                    else:
-                        sim._stopping.wait(fault.delay)
-                    fault = None
-            if fault is not None and fault.kind == "token_expired":
+            if fault is not None and fault.kind in ("drop", "timeout"):
+                sim.record(method, path, 0, fault=fault.kind)
+                if fault.kind == "timeout":
+                    sim._stopping.wait(fault.delay)
+                self._drop()
+                return
+            if fault is not None and fault.kind in ("slow", "hold"):
+                resp = sim.serve_api(method, path, headers, body, hold=fault)
+            elif fault is not None and fault.kind == "token_expired":
                 resp = Response.of_error(sim._challenge("The access token expired.", "invalid_token"))
             elif fault is not None:
                 code, message = _STATUS_MESSAGES.get(fault.status, ("", "Injected fault"))
