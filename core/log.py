@@ -26,7 +26,7 @@ _PATTERNS = (
     ),
     (
         re.compile(
-            r'(?i)(\\?")(access_token|refresh_token|id_token|client_secret|secret|code)\\?"\s*:\s*\\?"[^"\\]*\\?"'
+            r'(?i)(\\?")(access_token|refresh_token|id_token|client_secret|secret|code_verifier|code)\\?"\s*:\s*\\?"[^"\\]*\\?"'
         ),
         r"\1\2\1: \1" + _MASK + r"\1",
     ),

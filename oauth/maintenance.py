@@ -36,7 +36,7 @@ def refresh_idle_connections(connections: ConnectionStore, tokens: TokenStore, s
     cutoff = (now - IDLE_AFTER).strftime("%Y-%m-%dT%H:%M:%SZ")
     refreshed = reauth = unavailable = 0
     for conn in connections.all():
-        if not conn.active or (conn.token_refreshed_at or conn.connected_at or "") > cutoff:
+        if not (conn.active and conn.secret_name) or (conn.token_refreshed_at or conn.connected_at or "") > cutoff:
             continue
         try:
             tokens.access_token(conn, force_refresh=True)
