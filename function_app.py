@@ -5,9 +5,11 @@ import azure.functions as func
 from core.bootstrap import configure_logging
 from core.health import bp as health_bp
 from oauth.api import bp as oauth_bp
+from sync.webhook import bp as webhook_bp
 
 configure_logging()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(health_bp)
 app.register_functions(oauth_bp)
+app.register_functions(webhook_bp)

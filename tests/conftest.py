@@ -4,5 +4,6 @@ pytest_plugins = [
     "tests.fixtures.stack",
     "tests.fixtures.dataverse",
     "tests.fixtures.browser",
+    "tests.fixtures.sync",
     "tests.fixtures.identity",
 ]

@@ -1,0 +1,103 @@
+"""The sync's business rules as pure functions: ordering, dedupe, owner choice, retry timing.
+
+Everything here is decided from values the caller has read; nothing does I/O, so each rule is tested
+on its own (tests/test_rules.py).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What the contact sync state says was last written to Dataverse for one Wave contact."""
+
+    version: int | None = None
+    deleted: bool = False
+    content_hash: str | None = None
+    dynamics_id: str | None = None
+
+
+class Step(enum.Enum):
+    STALE = "stale"  # an equal or newer version is already applied: do nothing
+    UPSERT = "upsert"
+    DELETE = "delete"
+
+
+def next_step(applied: Applied | None, version: int, deleted: bool, *, force: bool = False) -> Step:
+    """What to do with a snapshot at `version`, given what was applied.
+
+    Versions only move forward: an older snapshot never overwrites a newer one, and since a delete has
+    a version like any change, an update older than the delete can never undo it. `force` re-applies the
+    same version (after a concurrent writer may have clobbered it), never an older one.
+    """
+    if applied is not None and applied.version is not None and (
+            version < applied.version or (version == applied.version and not force)):
+        return Step.STALE
+    return Step.DELETE if deleted else Step.UPSERT
+
+
+def unchanged(applied: Applied | None, content_hash: str) -> bool:
+    """The mapped content equals what Dataverse already holds for a live row: skip the request."""
+    return (applied is not None and not applied.deleted and applied.dynamics_id is not None
+            and applied.content_hash == content_hash)
+
+
+def backfill_writes(wave_version: int, applied: Applied | None, pending_version: int | None) -> bool:
+    """A backfill snapshot is written only if it is newer than what was applied and than any live
+    snapshot still waiting in the contact-events lane (that one will be applied by the live worker)."""
+    if pending_version is not None and pending_version > wave_version:
+        return False
+    return next_step(applied, wave_version, deleted=False) is not Step.STALE
+
+
+def is_duplicate(expires_at: str | None, now_iso: str) -> bool:
+    """An event id seen before counts as a duplicate until its dedupe record expires."""
+    return expires_at is not None and expires_at > now_iso
+
+
+def choose_owner(users: Iterable[Mapping[str, Any]]) -> str | None:
+    """The systemuserid to own a contact among the users whose email matched, or None (no owner).
+
+    Only enabled, interactive users can own contacts: disabled users and non-interactive or
+    application users (accessmode 4) are skipped. Several matches are resolved deterministically,
+    preferring read-write users (accessmode 0).
+    """
+    eligible = [
+        u for u in users
+        if not u.get("isdisabled") and u.get("accessmode") != 4 and u.get("systemuserid")
+    ]
+    if not eligible:
+        return None
+    eligible.sort(key=lambda u: (u.get("accessmode") not in (0, None), str(u["systemuserid"]).lower()))
+    return str(eligible[0]["systemuserid"])
+
+
+def normalise_email(email: str | None) -> str | None:
+    """Dataverse compares strings case-insensitively; the cache key must do the same."""
+    if not email or not email.strip():
+        return None
+    return email.strip().lower()
+
+
+# Transient failures are re-enqueued with a growing delay (the host's fixed visibilityTimeout cannot
+# grow), until MAX_TRANSIENT_ATTEMPTS; then the contact is recorded as failed for a person to retry.
+MAX_TRANSIENT_ATTEMPTS = 8
+BASE_DELAY_SECONDS = 2
+MAX_DELAY_SECONDS = 300
+
+
+def retry_delay(attempt: int) -> int:
+    """Seconds before attempt number `attempt + 1` (attempt counts from 0)."""
+    return min(MAX_DELAY_SECONDS, BASE_DELAY_SECONDS * 2 ** max(0, attempt))
+
+
+def throttle_delay(retry_after: float | None) -> int:
+    """Honour Retry-After exactly (rounded up); with none given, wait a little."""
+    if retry_after is None or retry_after <= 0:
+        return BASE_DELAY_SECONDS
+    return min(MAX_DELAY_SECONDS * 4, int(-(-retry_after // 1)))

@@ -1,0 +1,250 @@
+"""Per-contact state in Table Storage (DESIGN §3), one partition per account:
+
+- `contactsnapshots`: the newest snapshot Wave sent by webhook (queue messages carry only ids, so the
+  worker reads the contact from here; an older snapshot never replaces a newer one).
+- `contactstate`: what was last written to Dataverse (dynamics id, version, content hash, deleted,
+  last result). Writes are conditional on the ETag read, so two writers of one contact notice each other.
+- `webhookevents`: event ids already accepted, with an expiry (dedupe of Wave's redeliveries).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+from azure.data.tables import TableClient, TableTransactionError, UpdateMode
+
+from core.connections import utcnow
+from core.errors import AppError
+from sync.rules import Applied, is_duplicate
+
+SNAPSHOTS, STATE, EVENTS = "contactsnapshots", "contactstate", "webhookevents"
+DEDUPE_DAYS = 7
+# A table string property holds 64 KiB (32K UTF-16 units); a snapshot is split over several.
+_CHUNK = 30_000
+_MAX_CHUNKS = 30
+# Table Storage allows at most 15 comparisons in one filter.
+_FILTER_KEYS = 14
+TRANSACTION_SIZE = 100
+
+
+class StateConflict(AppError):
+    """Another writer changed the contact's state since it was read."""
+
+
+def _iso(dt: datetime) -> str:
+    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _etag(entity: Any) -> str | None:
+    return getattr(entity, "metadata", {}).get("etag")
+
+
+def _rowkey_filter(keys: list[str]) -> tuple[str, dict[str, str]]:
+    params = {f"k{i}": k for i, k in enumerate(keys)}
+    clause = " or ".join(f"RowKey eq @k{i}" for i in range(len(keys)))
+    return f"PartitionKey eq @pk and ({clause})", params
+
+
+def _query_rows(table: TableClient, account_id: str, keys: Iterable[str]) -> dict[str, Any]:
+    """Entities of one partition by RowKey, a few keys per request."""
+    keys = sorted(set(keys))
+    found: dict[str, Any] = {}
+    for start in range(0, len(keys), _FILTER_KEYS):
+        flt, params = _rowkey_filter(keys[start:start + _FILTER_KEYS])
+        for entity in table.query_entities(flt, parameters={"pk": account_id, **params}):
+            found[entity["RowKey"]] = entity
+    return found
+
+
+# -- snapshots ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Snapshot:
+    account_id: str
+    contact_id: str
+    version: int
+    deleted: bool
+    contact: dict[str, Any]
+
+
+class SnapshotStore:
+    def __init__(self, table: TableClient) -> None:
+        self.table = table
+
+    def put_if_newer(self, account_id: str, contact: dict[str, Any], *, deleted: bool, event_id: str) -> bool:
+        """Store the snapshot unless one with an equal or newer version is stored. True if stored."""
+        text = json.dumps(contact, separators=(",", ":"), ensure_ascii=False)
+        chunks = [text[i:i + _CHUNK] for i in range(0, len(text), _CHUNK)] or [""]
+        if len(chunks) > _MAX_CHUNKS:
+            raise ValueError("snapshot too large for a table row")
+        entity = {"PartitionKey": account_id, "RowKey": contact["id"], "version": int(contact["version"]),
+                  "deleted": deleted, "event_id": event_id, "received_at": utcnow(), "chunks": len(chunks),
+                  **{f"data{i}": chunk for i, chunk in enumerate(chunks)}}
+        for _ in range(20):
+            try:
+                old = self.table.get_entity(account_id, contact["id"])
+            except ResourceNotFoundError:
+                try:
+                    self.table.create_entity(entity)
+                    return True
+                except ResourceExistsError:
+                    continue
+            if int(old["version"]) >= int(contact["version"]):
+                return False
+            try:
+                self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=_etag(old),
+                                         match_condition=MatchConditions.IfNotModified)
+                return True
+            except ResourceModifiedError:
+                continue
+        raise StateConflict(f"snapshot {account_id}/{contact['id']} kept changing")
+
+    def get(self, account_id: str, contact_id: str) -> Snapshot | None:
+        try:
+            return self._from_entity(self.table.get_entity(account_id, contact_id))
+        except ResourceNotFoundError:
+            return None
+
+    def versions(self, account_id: str, contact_ids: Iterable[str]) -> dict[str, int]:
+        rows = _query_rows(self.table, account_id, contact_ids)
+        return {key: int(row["version"]) for key, row in rows.items()}
+
+    @staticmethod
+    def _from_entity(e: Any) -> Snapshot:
+        text = "".join(e[f"data{i}"] for i in range(int(e["chunks"])))
+        return Snapshot(e["PartitionKey"], e["RowKey"], int(e["version"]), bool(e["deleted"]), json.loads(text))
+
+
+# -- contact sync state ---------------------------------------------------------------------------
+
+@dataclass
+class ContactState:
+    account_id: str
+    contact_id: str
+    dynamics_id: str | None = None
+    version: int | None = None
+    content_hash: str | None = None
+    deleted: bool = False
+    last_result: str | None = None  # synced | deleted | skipped | failed:<category>
+    updated_at: str | None = None
+    etag: str | None = field(default=None, compare=False)
+
+    @property
+    def applied(self) -> Applied:
+        return Applied(self.version, self.deleted, self.content_hash, self.dynamics_id)
+
+    def entity(self) -> dict[str, Any]:
+        e: dict[str, Any] = {"PartitionKey": self.account_id, "RowKey": self.contact_id,
+                             "deleted": self.deleted, "updated_at": self.updated_at or utcnow()}
+        for name in ("dynamics_id", "version", "content_hash", "last_result"):
+            value = getattr(self, name)
+            if value is not None:
+                e[name] = value
+        return e
+
+
+def _state_from(e: Any) -> ContactState:
+    version = e.get("version")
+    return ContactState(e["PartitionKey"], e["RowKey"], e.get("dynamics_id"),
+                        int(version) if version is not None else None, e.get("content_hash"),
+                        bool(e.get("deleted", False)), e.get("last_result"), e.get("updated_at"), _etag(e))
+
+
+class ContactStateStore:
+    def __init__(self, table: TableClient) -> None:
+        self.table = table
+
+    def get(self, account_id: str, contact_id: str) -> ContactState | None:
+        try:
+            return _state_from(self.table.get_entity(account_id, contact_id))
+        except ResourceNotFoundError:
+            return None
+
+    def get_many(self, account_id: str, contact_ids: Iterable[str]) -> dict[str, ContactState]:
+        return {k: _state_from(e) for k, e in _query_rows(self.table, account_id, contact_ids).items()}
+
+    def all(self, account_id: str) -> list[ContactState]:
+        return [_state_from(e) for e in self.table.query_entities("PartitionKey eq @pk",
+                                                                   parameters={"pk": account_id})]
+
+    def save(self, state: ContactState) -> ContactState:
+        """Create (etag None) or replace only if unchanged since read; StateConflict otherwise."""
+        state.updated_at = utcnow()
+        try:
+            if state.etag is None:
+                meta = self.table.create_entity(state.entity())
+            else:
+                meta = self.table.update_entity(state.entity(), mode=UpdateMode.REPLACE, etag=state.etag,
+                                                match_condition=MatchConditions.IfNotModified)
+        except (ResourceExistsError, ResourceModifiedError) as exc:
+            raise StateConflict(f"state of {state.account_id}/{state.contact_id} changed concurrently") from exc
+        state.etag = meta.get("etag")
+        return state
+
+    def save_many(self, states: list[ContactState]) -> list[ContactState]:
+        """Save one partition's states in transactions of up to 100; returns the ones that conflicted.
+
+        A transaction is all or nothing, so a chunk that hits a conflict is retried row by row to find
+        which contacts another writer touched.
+        """
+        conflicts: list[ContactState] = []
+        for start in range(0, len(states), TRANSACTION_SIZE):
+            chunk = states[start:start + TRANSACTION_SIZE]
+            now = utcnow()
+            ops: list[Any] = []
+            for s in chunk:
+                s.updated_at = now
+                if s.etag is None:
+                    ops.append(("create", s.entity()))
+                else:
+                    ops.append(("update", s.entity(), {"mode": UpdateMode.REPLACE, "etag": s.etag,
+                                                       "match_condition": MatchConditions.IfNotModified}))
+            try:
+                self.table.submit_transaction(ops)
+            except TableTransactionError:
+                for s in chunk:
+                    try:
+                        self.save(s)
+                    except StateConflict:
+                        conflicts.append(s)
+        return conflicts
+
+
+# -- webhook event dedupe -------------------------------------------------------------------------
+
+class EventLog:
+    def __init__(self, table: TableClient, days: int = DEDUPE_DAYS) -> None:
+        self.table, self.days = table, days
+
+    def first_time(self, account_id: str, event_id: str) -> bool:
+        """Record the event id; False when it was already recorded and has not expired."""
+        now = datetime.now(UTC)
+        entity = {"PartitionKey": account_id, "RowKey": event_id, "received_at": _iso(now),
+                  "expires_at": _iso(now + timedelta(days=self.days))}
+        try:
+            self.table.create_entity(entity)
+            return True
+        except ResourceExistsError:
+            pass
+        try:
+            old = self.table.get_entity(account_id, event_id)
+        except ResourceNotFoundError:
+            return self.first_time(account_id, event_id)
+        if is_duplicate(old.get("expires_at"), _iso(now)):
+            return False
+        try:  # expired: this delivery counts as new, unless a concurrent one just claimed it
+            self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=_etag(old),
+                                     match_condition=MatchConditions.IfNotModified)
+            return True
+        except ResourceModifiedError:
+            return False
+
+    def forget(self, account_id: str, event_id: str) -> None:
+        """Undo `first_time` when the event could not be queued, so Wave's retry is not a duplicate."""
+        self.table.delete_entity(account_id, event_id)
