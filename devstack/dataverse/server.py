@@ -426,6 +426,7 @@ class DataverseSimulator:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "DataverseSimulator/1.0"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes; avoid 40 ms delayed-ACK stalls
     server: _Server
 
     def setup(self) -> None:

@@ -1,0 +1,432 @@
+"""sync.dataverse.DataverseClient against the simulator: every operation and every error class."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from devstack.dataverse_sim import DataverseSimulator, Fault, Limits
+from sync.dataverse import (
+    AuthExpired,
+    Conflict,
+    DataverseClient,
+    NotFound,
+    PermissionDenied,
+    Throttled,
+    Transient,
+    UpsertItem,
+    ValidationFailed,
+)
+from sync.mapping import contact_id, external_id, map_contact
+from tests.fixtures.dataverse import SimTokens, make_token
+
+ACCOUNT = "acct_test"
+
+
+def wave(wave_id: str, **fields) -> dict:
+    return {"id": wave_id, "first_name": "Ada", "last_name": f"Last {wave_id}", "email": f"{wave_id}@example.com",
+            **fields}
+
+
+def item(wave_id: str, owner: str | None = None, **fields) -> UpsertItem:
+    return UpsertItem(wave_id, contact_id(ACCOUNT, wave_id), map_contact(wave(wave_id, **fields), owner).payload)
+
+
+# -- identity, privileges, dop hint --------------------------------------------------------------------------
+
+
+def test_whoami_and_dop_hint(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
+    dataverse_sim.configure(dop_hint=6)
+    assert dataverse_client.dop_hint is None
+    me = dataverse_client.whoami()
+    assert me.user_id in {u["systemuserid"] for u in dataverse_sim.rows("systemusers")}
+    assert me.business_unit_id and me.organization_id
+    assert dataverse_client.dop_hint == 6
+
+
+def test_retrieve_user_privileges(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
+    rep = dataverse_sim.add_user("rep@contoso.test", privileges={"prvReadContact", "prvCreateContact"})
+    assert dataverse_client.retrieve_user_privileges(rep["systemuserid"]) == {"prvReadContact", "prvCreateContact"}
+    me = dataverse_client.whoami().user_id
+    assert {"prvCreateContact", "prvWriteContact", "prvAssignContact", "prvReadUser"} <= (
+        dataverse_client.retrieve_user_privileges(me))
+
+
+def test_https_with_ca_bundle(dataverse_https_sim: DataverseSimulator, test_certs) -> None:
+    client = DataverseClient(dataverse_https_sim.url, SimTokens(), verify=str(test_certs.bundle))
+    assert client.whoami().user_id
+    with pytest.raises(Transient):  # the system roots alone do not trust the test CA
+        DataverseClient(dataverse_https_sim.url, SimTokens(), transient_retries=0).whoami()
+
+
+# -- lookups ---------------------------------------------------------------------------------------------
+
+
+def test_upsert_then_find_by_external_id(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
+    mapped = map_contact(wave("c_1"), None)
+    assert dataverse_client.find_contact("wavecnct_c_1") is None
+    first = dataverse_client.upsert_contact(contact_id(ACCOUNT, "c_1"), mapped.payload)
+    assert first.created and first.contactid == contact_id(ACCOUNT, "c_1") and first.etag
+    second = dataverse_client.upsert_contact(first.contactid, mapped.payload)
+    assert not second.created and second.etag != first.etag
+    found = dataverse_client.find_contact("wavecnct_c_1")
+    assert found is not None
+    assert (found.contactid, found.statecode, found.externaluseridentifier) == (first.contactid, 0, "wavecnct_c_1")
+    assert found.etag == second.etag and found.owner == dataverse_client.whoami().user_id
+    assert dataverse_client.get_contact(first.contactid) == found
+    assert dataverse_client.get_contact(contact_id(ACCOUNT, "nope")) is None
+
+
+def test_find_contacts_many_at_once_chunked(dataverse_sim: DataverseSimulator, sim_tokens: SimTokens) -> None:
+    client = DataverseClient(dataverse_sim.url, sim_tokens, url_budget=1200)
+    ids = [f"c_{i}" for i in range(60)]
+    for wave_id in ids[:40]:
+        client.upsert_contact(contact_id(ACCOUNT, wave_id), map_contact(wave(wave_id), None).payload)
+    # A row whose external id differs only in case is not a match: Wave ids are case-sensitive.
+    client.upsert_contact(contact_id(ACCOUNT, "C_1"), map_contact(wave("C_1"), None).payload)
+    before = len(dataverse_sim.request_log())
+    found = client.find_contacts(external_id(w) for w in ids)
+    lookups = len(dataverse_sim.request_log()) - before
+    assert set(found) == {external_id(w) for w in ids[:40]}
+    assert found["wavecnct_c_1"].contactid == contact_id(ACCOUNT, "c_1")
+    assert 1 < lookups < 60  # chunked by URL length, not one request per id
+    assert all(len(e["path"]) < 1400 for e in dataverse_sim.request_log()[before:])
+
+
+def test_lookups_escape_quotes(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
+    odd = "wavecnct_o'brien&co+1"
+    dataverse_client.upsert_contact(contact_id(ACCOUNT, "odd"), {"externaluseridentifier": odd, "lastname": "x"})
+    assert dataverse_client.find_contact(odd).externaluseridentifier == odd
+    assert set(dataverse_client.find_contacts([odd, "wavecnct_other"])) == {odd}
+
+
+def test_duplicate_rows_pick_the_active_oldest(dataverse_sim: DataverseSimulator,
+                                               dataverse_client: DataverseClient) -> None:
+    a = dataverse_client.upsert_contact(contact_id(ACCOUNT, "a"), {"externaluseridentifier": "wavecnct_dup"})
+    b = dataverse_client.upsert_contact(contact_id(ACCOUNT, "b"), {"externaluseridentifier": "wavecnct_dup"})
+    dataverse_client.deactivate_contact(a.contactid)
+    assert dataverse_client.find_contact("wavecnct_dup").contactid == b.contactid
+
+
+# -- writes ----------------------------------------------------------------------------------------------
+
+
+def test_update_with_if_match(dataverse_client: DataverseClient) -> None:
+    created = dataverse_client.upsert_contact(contact_id(ACCOUNT, "u"), map_contact(wave("u"), None).payload)
+    updated = dataverse_client.update_contact(created.contactid, {"jobtitle": "CTO"}, etag=created.etag)
+    assert updated.etag != created.etag and not updated.created
+    with pytest.raises(Conflict) as stale:
+        dataverse_client.update_contact(created.contactid, {"jobtitle": "CEO"}, etag=created.etag)
+    assert stale.value.status == 412 and stale.value.category == "conflict"
+    with pytest.raises(NotFound) as missing:
+        dataverse_client.update_contact(contact_id(ACCOUNT, "missing"), {"jobtitle": "x"})
+    assert missing.value.entity == "contact"
+
+
+def test_delete_deactivate_reactivate(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
+    gone = dataverse_client.upsert_contact(contact_id(ACCOUNT, "d"), map_contact(wave("d"), None).payload)
+    assert dataverse_client.delete_contact(gone.contactid) is True
+    assert dataverse_client.delete_contact(gone.contactid) is False
+    assert dataverse_client.deactivate_contact(gone.contactid) is False
+
+    kept = dataverse_client.upsert_contact(contact_id(ACCOUNT, "k"), map_contact(wave("k"), None).payload)
+    assert dataverse_client.deactivate_contact(kept.contactid) is True
+    row = dataverse_sim.rows()[0]
+    assert (row["statecode"], row["statuscode"]) == (1, 2)
+    ref = dataverse_client.find_contact("wavecnct_k")
+    assert ref.statecode == 1
+    newer = map_contact(wave("k", job_title="Returned"), None).payload
+    with pytest.raises(ValidationFailed):  # inactive rows are read-only
+        dataverse_client.upsert_contact(kept.contactid, newer)
+    dataverse_client.upsert_contact(kept.contactid, newer, reactivate=True)
+    row = dataverse_sim.rows()[0]
+    assert (row["statecode"], row["statuscode"], row["jobtitle"]) == (0, 1, "Returned")
+    assert dataverse_client.deactivate_contact(kept.contactid) and dataverse_client.reactivate_contact(kept.contactid)
+    assert dataverse_sim.rows()[0]["statecode"] == 0
+
+
+def test_delete_with_stale_etag_conflicts(dataverse_client: DataverseClient) -> None:
+    created = dataverse_client.upsert_contact(contact_id(ACCOUNT, "e"), {"lastname": "x"})
+    dataverse_client.upsert_contact(created.contactid, {"lastname": "y"})
+    with pytest.raises(Conflict):
+        dataverse_client.delete_contact(created.contactid, etag=created.etag)
+
+
+def test_owner_binding_round_trip(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
+    seller = dataverse_sim.add_user("seller@contoso.test")
+    owner = dataverse_client.find_user_by_email("SELLER@contoso.test")
+    assert owner == seller["systemuserid"]
+    dataverse_client.upsert_contact(contact_id(ACCOUNT, "o"), map_contact(wave("o"), owner).payload)
+    assert dataverse_client.find_contact("wavecnct_o").owner == owner
+
+
+def test_alternate_key_detection_and_use(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
+    assert dataverse_client.external_id_key_status() is None
+    payload = map_contact(wave("key1"), None).payload
+    with pytest.raises(ValidationFailed) as no_key:
+        dataverse_client.upsert_contact_by_key("wavecnct_key1", payload)
+    assert no_key.value.code == "0x80060888"
+    dataverse_sim.define_key(status="Pending")
+    assert dataverse_client.external_id_key_status() is None  # cached per client
+    assert dataverse_client.external_id_key_status(refresh=True) == "Pending"
+    dataverse_sim.define_key(status="Active")
+    assert dataverse_client.external_id_key_status(refresh=True) == "Active"
+    created = dataverse_client.upsert_contact_by_key("wavecnct_key1", payload)
+    again = dataverse_client.upsert_contact_by_key("wavecnct_key1", payload)
+    assert created.created and not again.created and created.contactid == again.contactid
+    assert [r["externaluseridentifier"] for r in dataverse_sim.rows()] == ["wavecnct_key1"]
+
+
+# -- users -----------------------------------------------------------------------------------------------
+
+
+def test_user_lookup_enabled_only_and_escaped(dataverse_sim: DataverseSimulator,
+                                              dataverse_client: DataverseClient) -> None:
+    obrien = dataverse_sim.add_user("o'brien@contoso.test")
+    dataverse_sim.add_user("off@contoso.test", enabled=False)
+    app = dataverse_sim.add_user("shared@contoso.test", accessmode=4)
+    human = dataverse_sim.add_user("Shared@Contoso.test", accessmode=0)
+    assert dataverse_client.find_user_by_email("O'Brien@contoso.test") == obrien["systemuserid"]
+    assert dataverse_client.find_user_by_email("off@contoso.test") is None
+    assert dataverse_client.find_user_by_email("nobody@contoso.test") is None
+    assert dataverse_client.find_user_by_email("shared@contoso.test") == human["systemuserid"]
+    found = dataverse_client.find_users_by_email(
+        ["o'brien@contoso.test", "OFF@contoso.test", "shared@contoso.test", "nobody@x.test"])
+    assert set(found) == {"o'brien@contoso.test", "shared@contoso.test"}
+    assert found["shared@contoso.test"].systemuserid == human["systemuserid"] != app["systemuserid"]
+
+
+def test_user_lookup_batches_many_emails(dataverse_sim: DataverseSimulator, sim_tokens: SimTokens) -> None:
+    client = DataverseClient(dataverse_sim.url, sim_tokens, url_budget=2000)
+    emails = [f"user{i}@contoso.test" for i in range(120)]
+    for email in emails[::2]:
+        dataverse_sim.add_user(email)
+    before = len(dataverse_sim.request_log())
+    found = client.find_users_by_email(emails)
+    assert set(found) == set(emails[::2])
+    assert 1 < len(dataverse_sim.request_log()) - before < 20
+
+
+# -- the race --------------------------------------------------------------------------------------------
+
+
+def test_eight_racing_writers_create_one_row(dataverse_sim: DataverseSimulator, sim_tokens: SimTokens) -> None:
+    """The same new Wave contact written by 8 threads at once: lookup, then upsert by the deterministic id."""
+    start = threading.Barrier(8)
+    results, errors = [], []
+    mapped = map_contact(wave("race"), None)
+
+    def writer() -> None:
+        client = DataverseClient(dataverse_sim.url, sim_tokens)
+        try:
+            start.wait(5)
+            ref = client.find_contact(external_id("race"))
+            target = ref.contactid if ref else contact_id(ACCOUNT, "race")
+            results.append(client.upsert_contact(target, mapped.payload))
+        except Exception as exc:  # collected: a failure in a thread must fail the test
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == []
+    assert len(dataverse_sim.contacts_by_external_id("wavecnct_race")) == 1
+    assert [r.created for r in results].count(True) == 1
+    assert {r.contactid for r in results} == {contact_id(ACCOUNT, "race")}
+
+
+# -- bulk ------------------------------------------------------------------------------------------------
+
+
+def _thousand_with_three_bad() -> tuple[list[UpsertItem], set[str]]:
+    items = [item(f"c_{i}") for i in range(1000)]
+    # Values the mapping would never produce (it cuts), sent raw to show isolation and reporting.
+    bad = {"c_17": ("lastname", "x" * 51), "c_500": ("description", "d" * 2001), "c_998": ("jobtitle", "j" * 101)}
+    for wave_id, (column, value) in bad.items():
+        index = int(wave_id[2:])
+        items[index] = UpsertItem(wave_id, items[index].contact_id, {**items[index].payload, column: value})
+    return items, set(bad)
+
+
+@pytest.mark.parametrize("bulk_messages", [True, False], ids=["UpsertMultiple", "$batch"])
+def test_bulk_upsert_1000_with_3_invalid(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient,
+                                         bulk_messages: bool) -> None:
+    if not bulk_messages:
+        dataverse_sim.set_bulk_messages([])
+    items, bad = _thousand_with_three_bad()
+    result = dataverse_client.bulk_upsert(items)
+    assert result.method == ("UpsertMultiple" if bulk_messages else "$batch")
+    assert len(result.succeeded) == 997 and set(result.succeeded).isdisjoint(bad)
+    assert {(f.key, f.field, f.code) for f in result.failed} == {
+        ("c_17", "lastname", "0x80044331"), ("c_500", "description", "0x80044331"),
+        ("c_998", "jobtitle", "0x80044331")}
+    assert all("exceeded the maximum allowed length" in f.message for f in result.failed)
+    rows = dataverse_sim.rows()
+    assert len(rows) == 997
+    assert {r["externaluseridentifier"] for r in rows} == {external_id(f"c_{i}") for i in range(1000)} - {
+        external_id(b) for b in bad}
+    assert result.requests_made < 80
+    # Running it again updates in place: still one row per contact.
+    again = dataverse_client.bulk_upsert(items)
+    assert len(again.succeeded) == 997 and len(dataverse_sim.rows()) == 997
+
+
+def test_bulk_page_of_500_is_cheap(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
+    """A backfill page: one lookup, one user lookup, one UpsertMultiple (+ capability checks, once per client)."""
+    owner = dataverse_sim.add_user("owner@contoso.test")["systemuserid"]
+    contacts = [wave(f"p_{i}", assigned_team_member={"email": "owner@contoso.test"}) for i in range(500)]
+    dataverse_client.bulk_upsert([item("warm")])  # capability checks happen once per client
+    before = len(dataverse_sim.request_log())
+    existing = dataverse_client.find_contacts(external_id(c["id"]) for c in contacts)
+    owners = dataverse_client.find_users_by_email({"owner@contoso.test"})
+    items = [UpsertItem(c["id"], existing[external_id(c["id"])].contactid if external_id(c["id"]) in existing
+                        else contact_id(ACCOUNT, c["id"]),
+                        map_contact(c, owners["owner@contoso.test"].systemuserid).payload) for c in contacts]
+    result = dataverse_client.bulk_upsert(items)
+    requests_made = len(dataverse_sim.request_log()) - before
+    assert len(result.succeeded) == 500 and requests_made / 500 < 0.05
+    assert {r["_ownerid_value"] for r in dataverse_sim.rows() if r["externaluseridentifier"] != "wavecnct_warm"} == {
+        owner}
+
+
+def test_bulk_upsert_by_alternate_key(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
+    dataverse_sim.define_key()
+    dataverse_client.upsert_contact(contact_id(ACCOUNT, "k_0"), map_contact(wave("k_0"), None).payload)
+    items = [item(f"k_{i}") for i in range(10)]
+    result = dataverse_client.bulk_upsert(items)
+    assert len(result.succeeded) == 10 and not result.failed
+    assert sorted(r["externaluseridentifier"] for r in dataverse_sim.rows()) == sorted(
+        external_id(f"k_{i}") for i in range(10))
+    assert any("UpsertMultiple" in e["path"] for e in dataverse_sim.request_log())
+
+
+def test_bulk_reports_missing_owner_as_ownerid(dataverse_sim: DataverseSimulator,
+                                               dataverse_client: DataverseClient) -> None:
+    ghost = "9f9f9f9f-0000-4000-8000-000000000000"
+    items = [item("a"), item("b", owner=ghost), item("c")]
+    result = dataverse_client.bulk_upsert(items)
+    assert sorted(result.succeeded) == ["a", "c"]
+    assert [(f.key, f.field, f.code, f.category) for f in result.failed] == [
+        ("b", "ownerid", "0x80040217", "not_found")]
+
+
+def test_bulk_raises_permission_denied_instead_of_bisecting(dataverse_sim: DataverseSimulator,
+                                                            dataverse_client: DataverseClient) -> None:
+    me = dataverse_client.whoami().user_id
+    dataverse_sim.set_privileges(me, ["prvReadContact", "prvReadUser", "prvWriteContact"])
+    before = len(dataverse_sim.request_log())
+    with pytest.raises(PermissionDenied) as denied:
+        dataverse_client.bulk_upsert([item(f"n_{i}") for i in range(50)])
+    assert denied.value.privilege == "prvCreateContact"
+    assert len(dataverse_sim.request_log()) - before <= 3
+
+
+# -- error classes -----------------------------------------------------------------------------------------
+
+
+def test_validation_failed_names_the_field(dataverse_client: DataverseClient) -> None:
+    with pytest.raises(ValidationFailed) as err:
+        dataverse_client.upsert_contact(contact_id(ACCOUNT, "v"), {"firstname": "f" * 51})
+    assert (err.value.field, err.value.code, err.value.status) == ("firstname", "0x80044331", 400)
+    with pytest.raises(ValidationFailed) as unknown:
+        dataverse_client.upsert_contact(contact_id(ACCOUNT, "v"), {"nickname": "x"})
+    assert unknown.value.field == "nickname"
+
+
+def test_permission_denied_names_the_privilege(dataverse_sim: DataverseSimulator,
+                                               dataverse_client: DataverseClient) -> None:
+    me = dataverse_client.whoami().user_id
+    dataverse_sim.set_privileges(me, ["prvReadContact"])
+    with pytest.raises(PermissionDenied) as err:
+        dataverse_client.upsert_contact(contact_id(ACCOUNT, "p"), {"lastname": "x"})
+    assert err.value.privilege == "prvCreateContact" and err.value.category == "permission"
+
+
+def test_short_retry_after_is_waited_inline(sim_tokens: SimTokens) -> None:
+    sim = DataverseSimulator(manual_clock=True, limits=Limits(requests=2, window_seconds=2)).start()
+    try:
+        waits: list[float] = []
+
+        def sleep(seconds: float) -> None:  # the simulator's clock moves instead of the test sleeping
+            waits.append(seconds)
+            sim.clock.advance(seconds)
+
+        client = DataverseClient(sim.url, SimTokens(), sleep=sleep, max_inline_wait=2.0)
+        for _ in range(3):
+            client.whoami()
+        assert waits == [2.0]
+        assert sim.counters()["throttled_0x80072322"] == 1
+    finally:
+        sim.stop()
+
+
+def test_long_retry_after_raises_throttled(sim_tokens: SimTokens) -> None:
+    sim = DataverseSimulator(manual_clock=True, limits=Limits(requests=2, window_seconds=300)).start()
+    try:
+        waits: list[float] = []
+        client = DataverseClient(sim.url, SimTokens(), sleep=waits.append)
+        client.whoami()
+        client.whoami()
+        with pytest.raises(Throttled) as err:
+            client.whoami()
+        assert err.value.retry_after == 300 and err.value.limit == "requests"
+        assert err.value.code == "0x80072322" and err.value.category == "throttled"
+        assert waits == []
+    finally:
+        sim.stop()
+
+
+def test_401_refreshes_the_token_once(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient,
+                                      sim_tokens: SimTokens) -> None:
+    dataverse_client.whoami()
+    dataverse_sim.revoke_tokens()
+    dataverse_client.whoami()
+    assert sim_tokens.forced == 1
+    dataverse_sim.script_faults(Fault("token_expired"))
+    dataverse_client.whoami()
+    assert sim_tokens.forced == 2
+
+
+def test_auth_expired_after_the_refresh_fails(dataverse_sim: DataverseSimulator) -> None:
+    forced: list[bool] = []
+
+    def expired(force_refresh: bool = False) -> str:
+        forced.append(force_refresh)
+        return make_token(expires_in=-10)
+
+    with pytest.raises(AuthExpired) as err:
+        DataverseClient(dataverse_sim.url, expired).whoami()
+    assert forced == [False, True] and err.value.category == "auth"
+    assert "eyJ" not in str(err.value)
+
+
+@pytest.mark.parametrize("fault", [Fault("status", status=503), Fault("status", status=502),
+                                   Fault("status", status=504), Fault("drop")], ids=lambda f: f"{f.kind}{f.status}")
+def test_transient_faults_retried_then_raised(dataverse_sim: DataverseSimulator, sim_tokens: SimTokens,
+                                              fault: Fault) -> None:
+    client = DataverseClient(dataverse_sim.url, sim_tokens, transient_retries=1, sleep=lambda s: None)
+    dataverse_sim.script_faults(fault)
+    assert client.whoami().user_id  # one fault: retried
+    dataverse_sim.script_faults(fault, fault)
+    with pytest.raises(Transient) as err:
+        client.whoami()
+    assert err.value.category == "transient"
+
+
+def test_read_timeout_is_transient(dataverse_sim: DataverseSimulator, sim_tokens: SimTokens) -> None:
+    client = DataverseClient(dataverse_sim.url, sim_tokens, timeout=(2.0, 0.3), transient_retries=0)
+    dataverse_sim.script_faults(Fault("timeout", delay=3))
+    with pytest.raises(Transient):
+        client.whoami()
+
+
+def test_error_classes_share_a_base() -> None:
+    from sync.dataverse import DataverseError
+
+    for cls in (Throttled, AuthExpired, PermissionDenied, ValidationFailed, NotFound, Conflict, Transient):
+        assert issubclass(cls, DataverseError)
