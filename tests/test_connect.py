@@ -286,3 +286,15 @@ def test_accounts_are_isolated(devhost, identity, fresh_entra, store):
     started = api(devhost, "POST", f"/api/connections/{a}/connect", json=connect_body(identity))
     callback(devhost, sign_in(identity, started.json()["authorize_url"]))
     assert store.get(b).secret_name == secret_b
+
+
+def test_racing_callbacks_with_one_state_connect_once(devhost, identity, fresh_entra, store):
+    from concurrent.futures import ThreadPoolExecutor
+
+    acct = _account()
+    started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
+    query = sign_in(identity, started.json()["authorize_url"])
+    with ThreadPoolExecutor(4) as pool:
+        answers = sorted(r.status_code for r in pool.map(lambda _: callback(devhost, query), range(4)))
+    assert answers == [302, 400, 400, 400]
+    assert store.get(acct).state == "connected" and len(_secrets_of(identity, acct)) == 1
