@@ -12,7 +12,8 @@ What it does like Azure Key Vault (REST api-version 7.x / 2025+):
   /deletedsecrets, re-creating it answers 409 ObjectIsDeletedButRecoverable, purge answers 403, and
   only recover brings it back.
 
-Tests inspect it through `value()`, `names()`, `deleted_names()`, `requests` and `tokens_seen`.
+Tests inspect it through `value()`, `names()`, `deleted_names()`, `requests` and `tokens_seen`, and set
+`forbidden` to make every call answer 403 (a missing role assignment).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ class KeyVaultSimulator:
         self._deleted: dict[str, Deleted] = {}
         self.requests: list[RequestRecord] = []
         self.tokens_seen: set[str] = set()
+        self.forbidden = False  # True: every call answers 403, as when the caller lacks its RBAC role
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -167,6 +169,10 @@ class KeyVaultSimulator:
         denied = self._authenticate(headers.get("authorization", ""))
         if denied:
             return denied[0], denied[1], {"WWW-Authenticate": self.challenge}
+        if self.forbidden:
+            return 403, _error("Forbidden", "Caller is not authorized to perform action on resource. If role "
+                                            "assignments were recently changed, please wait several minutes for "
+                                            "role assignments to become effective."), {}
         with self._lock:
             return self._route(method, path, query, body, base, parts.query)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msal
+from azure.core.exceptions import AzureError
 
 from core.connections import (
     CONNECTED,
@@ -246,7 +247,11 @@ def _activate(session: OAuthSession, claims: Mapping[str, Any], username: str, u
               cache: msal.SerializableTokenCache, connections: ConnectionStore, tokens: TokenStore) -> str:
     """Store the tokens under a new generation, switch the row to it, then drop the old generation."""
     generation = uuid.uuid4().hex
-    name = tokens.store_new(session.account_id, generation, cache)
+    try:
+        name = tokens.store_new(session.account_id, generation, cache)
+    except AzureError as exc:
+        raise ConnectFailed("internal", f"The sign-in could not be stored in Key Vault ({type(exc).__name__}). "
+                                        "Try connecting again; if it keeps failing, contact Wave support.") from exc
     now = utcnow()
     previous: dict[str, str | None] = {}
 

@@ -298,3 +298,16 @@ def test_racing_callbacks_with_one_state_connect_once(devhost, identity, fresh_e
         answers = sorted(r.status_code for r in pool.map(lambda _: callback(devhost, query), range(4)))
     assert answers == [302, 400, 400, 400]
     assert store.get(acct).state == "connected" and len(_secrets_of(identity, acct)) == 1
+
+
+def test_a_vault_that_refuses_the_write_fails_the_connect_cleanly(devhost, identity, fresh_entra):
+    acct = _account()
+    identity.keyvault.forbidden = True
+    try:
+        done = connect_account(devhost, identity, acct)
+    finally:
+        identity.keyvault.forbidden = False
+    assert done.headers["Location"] == f"{RETURN_URL}?dynamics=error&reason=internal"
+    st = status(devhost, acct)
+    assert st["state"] == "pending" and "Key Vault" in st["reason"]["message"]
+    assert _secrets_of(identity, acct) == set()
