@@ -41,6 +41,7 @@ from devstack.wave_sim import WebhookSender
 from sync.mapping import COLUMNS, EXTERNAL_ID_COLUMN, EXTERNAL_ID_PREFIX, contact_id, map_contact, owner_email
 
 ACCOUNT = "acct_demo"
+TRY_ACCOUNT = "acct_try"
 
 
 class DemoError(RuntimeError):
@@ -202,6 +203,7 @@ def compare(wave: dict[str, dict[str, Any]], deleted: dict[str, int], rows: list
             users: list[dict[str, Any]]) -> Comparison:
     """Every mapped column of every live contact, its owner, and the absence of every deleted one."""
     result = Comparison(wave_contacts=len(wave), wave_deleted=len(deleted))
+    disabled = {u["systemuserid"].lower() for u in users if u.get("isdisabled")}
     by_external: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         ext = row.get(EXTERNAL_ID_COLUMN) or ""
@@ -221,11 +223,14 @@ def compare(wave: dict[str, dict[str, Any]], deleted: dict[str, int], rows: list
             if (row.get(col.column) or None) != payload[col.column]:
                 result.mismatched.append(
                     f"{wave_id}: {col.column} wave={payload[col.column]!r} dynamics={row.get(col.column)!r}")
+        current = (row.get("_ownerid_value") or "").lower()
         if owner is not None:
-            if (row.get("_ownerid_value") or "").lower() == owner.lower():
+            if current == owner.lower():
                 result.owners_assigned += 1
             else:
-                result.owner_errors.append(f"{wave_id}: owner {row.get('_ownerid_value')} expected {owner}")
+                result.owner_errors.append(f"{wave_id}: owner {current} expected {owner}")
+        elif current in disabled:
+            result.owner_errors.append(f"{wave_id}: owned by disabled user {current}")
     for wave_id in deleted:
         if EXTERNAL_ID_PREFIX + wave_id in by_external:
             result.resurrected.append(wave_id)
@@ -443,7 +448,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print_summary(summary)
         if args.keep_running:
-            print(f"\nthe stack keeps running; open {stack.admin_page_url(ACCOUNT)}  (Ctrl-C stops it)")
+            wave_populate(stack, TRY_ACCOUNT, 250, seed=2)
+            print(f"\nthe stack keeps running (Ctrl-C stops it):\n"
+                  f"  {stack.admin_page_url(ACCOUNT)}   the account the demo connected\n"
+                  f"  {stack.admin_page_url(TRY_ACCOUNT)}   250 contacts, not connected: connect it yourself\n"
+                  f"    (instance URL {stack.dataverse_url}; the browser will warn about the local test CA)\n"
+                  f"  {stack.devhost_url}/api/connections/{ACCOUNT}   with header x-functions-key: "
+                  f"{stack.function_key}")
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()
         return 0 if summary.ok else 1
