@@ -143,7 +143,8 @@ def odata_string(value: str) -> str:
 
 def _in_filter(prop: str, values: Sequence[str]) -> str:
     # Array parameters take JSON (double-quoted) strings, not OData literals.
-    return f"Microsoft.Dynamics.CRM.In(PropertyName='{prop}',PropertyValues={json.dumps(list(values))})"
+    values_json = json.dumps(list(values), separators=(",", ":"))
+    return f"Microsoft.Dynamics.CRM.In(PropertyName='{prop}',PropertyValues={values_json})"
 
 
 def _encode_query(params: dict[str, str]) -> str:
@@ -166,7 +167,7 @@ class DataverseClient:
         max_inline_wait: float = 2.0,
         max_throttle_retries: int = 3,
         transient_retries: int = 1,
-        url_budget: int = 16_000,
+        url_budget: int = 16_000,  # encoded $filter length per lookup request (Dataverse takes URLs to 32 KB)
         upsert_multiple_size: int = 500,
         batch_size: int = 100,
         pool_size: int = 16,
@@ -285,13 +286,17 @@ class DataverseClient:
         return rows
 
     def _chunks(self, values: list[str], make_filter: Callable[[list[str]], str]) -> Iterable[list[str]]:
-        """Greedy chunks whose encoded $filter stays within the URL budget."""
+        """Chunks whose encoded $filter stays within the URL budget (lengths add up: values are JSON items)."""
+        fixed = len(_encode_query({"$filter": make_filter([])}))
         chunk: list[str] = []
+        size = fixed
         for value in values:
-            if chunk and len(_encode_query({"$filter": make_filter([*chunk, value])})) > self.url_budget:
+            item = len(_encode_query({"": json.dumps(value)})) + 1 - len("=")  # the item and its comma
+            if chunk and size + item > self.url_budget:
                 yield chunk
-                chunk = []
+                chunk, size = [], fixed
             chunk.append(value)
+            size += item
         if chunk:
             yield chunk
 

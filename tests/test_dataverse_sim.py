@@ -846,3 +846,53 @@ def test_sim_config_defaults_match_the_documented_limits() -> None:
     assert (limits.requests, limits.execution_ms, limits.concurrency, limits.window_seconds) == (6000, 1_200_000, 52,
                                                                                                   300)
     assert config.max_batch_requests == 1000 and config.max_page_size == 5000
+
+
+def test_checklist_12_external_id_filters_use_the_index_correctly(api: Api) -> None:
+    """checklist 12: eq/In/or on externaluseridentifier (index-assisted) agree with a full scan, case-insensitively."""
+    for name in ("wavecnct_A", "wavecnct_b", "wavecnct_c"):
+        contact(api, externaluseridentifier=name, lastname=name[-1])
+
+    def ids(flt: str) -> list[str]:
+        resp = api("GET", "contacts", params={"$select": "externaluseridentifier", "$filter": flt})
+        assert resp.status_code == 200, resp.text
+        return sorted(r["externaluseridentifier"] for r in resp.json()["value"])
+
+    assert ids("externaluseridentifier eq 'WAVECNCT_a'") == ["wavecnct_A"]
+    assert ids("externaluseridentifier eq 'wavecnct_a' or externaluseridentifier eq 'wavecnct_B'") == [
+        "wavecnct_A", "wavecnct_b"]
+    assert ids("externaluseridentifier eq 'wavecnct_a' or lastname eq 'c'") == ["wavecnct_A", "wavecnct_c"]
+    assert ids("externaluseridentifier eq 'wavecnct_a' and lastname eq 'b'") == []
+    assert ids("not (externaluseridentifier eq 'wavecnct_a')") == ["wavecnct_b", "wavecnct_c"]
+    assert ids('Microsoft.Dynamics.CRM.In(PropertyName=\'externaluseridentifier\',PropertyValues=["WAVECNCT_C"])') == [
+        "wavecnct_c"]
+    rows = api.sim.rows()
+    changed = next(r for r in rows if r["externaluseridentifier"] == "wavecnct_c")["contactid"]
+    api("PATCH", f"contacts({changed})", json={"externaluseridentifier": "wavecnct_z"})
+    assert ids("externaluseridentifier eq 'wavecnct_c'") == []
+    assert ids("externaluseridentifier eq 'wavecnct_z'") == ["wavecnct_z"]
+
+
+def test_checklist_18_limits_are_per_user_and_per_server() -> None:
+    """checklist 18: each user has its own window, and requests spread over N servers get N windows."""
+    sim = DataverseSimulator(manual_clock=True, limits=Limits(requests=2, window_seconds=10)).start()
+    try:
+        alice = Api(sim, make_token(oid="a11ce000-0000-4000-8000-000000000001"))
+        bob = Api(sim, make_token(oid="b0b00000-0000-4000-8000-000000000002"))
+        assert [alice("GET", "WhoAmI").status_code for _ in range(3)] == [200, 200, 429]
+        assert [bob("GET", "WhoAmI").status_code for _ in range(2)] == [200, 200]
+        sim.configure(servers=2)
+        sim.protection.reset()
+        assert [alice("GET", "WhoAmI").status_code for _ in range(5)] == [200, 200, 200, 200, 429]
+    finally:
+        sim.stop()
+
+
+def test_checklist_23_execution_cost_per_record(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """checklist 23: simulated execution time = base per request (and per inner request) + cost per record."""
+    dataverse_sim.configure(base_ms=2, per_record_ms=3)
+    api("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", json={"Targets": [
+        {"@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": new_id()} for _ in range(4)]})
+    body = batch_body("b", [http_part("PATCH", f"contacts({new_id()})", {"lastname": str(i)}) for i in range(3)])
+    api("POST", "$batch", data=body, headers={"Content-Type": "multipart/mixed; boundary=b"})
+    assert [e["exec_ms"] for e in dataverse_sim.request_log()] == [2 + 3 * 4, 2 * (1 + 3) + 3 * 3]

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from devstack.dataverse import multipart
 from devstack.dataverse.errors import SimError, not_found, privilege_id
-from devstack.dataverse.odata import GUID_RE, format_key, parse_filter, parse_key, query_error
+from devstack.dataverse.odata import GUID_RE, format_key, index_hint, parse_filter, parse_key, query_error
 from devstack.dataverse.store import (
     CONTACT_COLUMNS,
     TEAM_COLUMNS,
@@ -326,8 +326,13 @@ class WebApi:
         def sort_key(row: dict[str, Any]) -> list:
             return [[row.get(n) is None, str(row.get(n) or "").casefold()] for n, _ in order] + [row[primary]]
 
+        hint = index_hint(predicate)
         with self.store.lock:
-            rows = [r for r in self._rows(entity_set) if predicate(r)]
+            if entity_set == "contacts" and hint is not None and hint[0] == "externaluseridentifier":
+                candidates = self.store.with_external_ids(hint[1])
+            else:
+                candidates = self._rows(entity_set)
+            rows = [r for r in candidates if predicate(r)]
         total = len(rows)
         for name, desc in reversed(order):
             rows.sort(key=lambda r, n=name: (r.get(n) is None, str(r.get(n) or "").casefold()), reverse=desc)

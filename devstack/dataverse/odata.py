@@ -83,6 +83,17 @@ def tokenize(text: str) -> list[Token]:
 Predicate = Callable[[dict[str, Any]], bool]
 
 
+def _with_index(predicate: Predicate, index: tuple[str, frozenset] | None) -> Predicate:
+    """Attach an index hint: (column, folded values) such that every matching row has one of the values."""
+    predicate.index = index  # type: ignore[attr-defined]
+    return predicate
+
+
+def index_hint(predicate: Predicate) -> tuple[str, frozenset] | None:
+    """For a filter like `col eq 'x'`, `In(col, [...])`, or an `and`/`or` of them: (col, folded values)."""
+    return getattr(predicate, "index", None)
+
+
 def _fold(value: Any) -> Any:
     return value.casefold() if isinstance(value, str) else value
 
@@ -139,14 +150,22 @@ class FilterParser:
         while self._is_word("or"):
             self.i += 1
             parts.append(self._and())
-        return parts[0] if len(parts) == 1 else (lambda row: any(p(row) for p in parts))
+        if len(parts) == 1:
+            return parts[0]
+        hints = [index_hint(p) for p in parts]
+        same_column = all(h is not None and h[0] == hints[0][0] for h in hints)  # type: ignore[index]
+        union = (hints[0][0], frozenset().union(*(h[1] for h in hints))) if same_column else None  # type: ignore
+        return _with_index(lambda row: any(p(row) for p in parts), union)
 
     def _and(self) -> Predicate:
         parts = [self._unary()]
         while self._is_word("and"):
             self.i += 1
             parts.append(self._unary())
-        return parts[0] if len(parts) == 1 else (lambda row: all(p(row) for p in parts))
+        if len(parts) == 1:
+            return parts[0]
+        hint = next((index_hint(p) for p in parts if index_hint(p) is not None), None)
+        return _with_index(lambda row: all(p(row) for p in parts), hint)
 
     def _unary(self) -> Predicate:
         if self._is_word("not"):
@@ -184,7 +203,8 @@ class FilterParser:
         if op.value not in _COMPARE:
             raise query_error(f"Syntax error at position {op.pos} in '{self.text}'.")
         value = self._literal()
-        return lambda row: _compare(op.value, resolve(row, path), value)
+        hint = (path, frozenset({_fold(value)})) if op.value == "eq" and isinstance(value, str) else None
+        return _with_index(lambda row: _compare(op.value, resolve(row, path), value), hint)
 
     def _string_function(self) -> Predicate:
         name = self._take("word").value
@@ -224,7 +244,8 @@ class FilterParser:
             raise query_error("Microsoft.Dynamics.CRM.In requires PropertyName and PropertyValues.")
         self.check_property(prop)
         wanted = {_fold(v) for v in values}
-        return lambda row: _fold(resolve(row, prop)) in wanted
+        hint = (prop, frozenset(wanted)) if all(isinstance(v, str) for v in wanted) else None
+        return _with_index(lambda row: _fold(resolve(row, prop)) in wanted, hint)
 
     def _is_sym(self, value: str) -> bool:
         tok = self._peek()

@@ -240,7 +240,7 @@ class DataverseSimulator:
     def reset(self) -> None:
         """Forget contacts, keys, the log, counters, limit windows and faults; users stay."""
         with self.store.lock:
-            self.store.contacts.clear()
+            self.store.clear_contacts()
             self.store.keys = []
         with self._counter_lock:
             self._log.clear()

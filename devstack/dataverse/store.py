@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,7 @@ CONTACT_READONLY = (
     "_ownerid_value", "_owninguser_value", "_owningteam_value", "_createdby_value", "_modifiedby_value",
     "_createdonbehalfby_value", "_modifiedonbehalfby_value",
 )
+EXTERNAL_ID = "externaluseridentifier"
 CONTACT_COLUMNS = frozenset(CONTACT_STRINGS) | frozenset(CONTACT_READONLY)
 USER_COLUMNS = frozenset({
     "systemuserid", "fullname", "internalemailaddress", "isdisabled", "accessmode",
@@ -119,6 +120,8 @@ class Store:
         self._version = 1000
         self._journal: list[tuple[str, dict[str, Any] | None]] = []
         self._depth = 0
+        # externaluseridentifier (case-folded) -> contactids: lookups and key checks stay O(1) at 100k rows
+        self._by_external: dict[str, set[str]] = {}
         self.business_unit_id = self.business_unit_id or self.ids.new()
         self.organization_id = self.organization_id or self.ids.new()
 
@@ -135,10 +138,7 @@ class Store:
             except BaseException:
                 while len(self._journal) > mark:
                     contact_id, old = self._journal.pop()
-                    if old is None:
-                        self.contacts.pop(contact_id, None)
-                    else:
-                        self.contacts[contact_id] = old
+                    self._set(contact_id, old)
                 raise
             finally:
                 self._depth -= 1
@@ -146,12 +146,31 @@ class Store:
                     self._journal.clear()
 
     def _put(self, contact_id: str, row: dict[str, Any] | None) -> None:
+        old = self.contacts.get(contact_id)
         if self._depth:
-            self._journal.append((contact_id, self.contacts.get(contact_id)))
+            self._journal.append((contact_id, old))
+        self._set(contact_id, row)
+
+    def _set(self, contact_id: str, row: dict[str, Any] | None) -> None:
+        old = self.contacts.get(contact_id)
+        if old is not None and old.get(EXTERNAL_ID):
+            self._by_external.get(old[EXTERNAL_ID].casefold(), set()).discard(contact_id)
         if row is None:
-            del self.contacts[contact_id]
-        else:
-            self.contacts[contact_id] = row
+            self.contacts.pop(contact_id, None)
+            return
+        self.contacts[contact_id] = row
+        if row.get(EXTERNAL_ID):
+            self._by_external.setdefault(row[EXTERNAL_ID].casefold(), set()).add(contact_id)
+
+    def with_external_ids(self, folded: Iterable[str]) -> list[dict[str, Any]]:
+        """Rows whose externaluseridentifier, case-folded, is one of `folded` (index lookup)."""
+        ids = set().union(*(self._by_external.get(v, set()) for v in folded))
+        return [self.contacts[i] for i in ids]
+
+    def clear_contacts(self) -> None:
+        with self.lock:
+            self.contacts.clear()
+            self._by_external.clear()
 
     # -- users and teams -------------------------------------------------------------------------
 
@@ -199,7 +218,8 @@ class Store:
 
     def find_by_key(self, key: dict[str, Any]) -> dict[str, Any] | None:
         wanted = {name: str(value).casefold() for name, value in key.items()}
-        for row in self.contacts.values():
+        rows = self.with_external_ids([wanted[EXTERNAL_ID]]) if EXTERNAL_ID in wanted else self.contacts.values()
+        for row in rows:
             if all(isinstance(row.get(n), str) and row[n].casefold() == v for n, v in wanted.items()):
                 return row
         return None
@@ -280,7 +300,9 @@ class Store:
             if any(v is None for v in values):
                 continue
             folded = [str(v).casefold() for v in values]
-            for other in self.contacts.values():
+            candidates = (self.with_external_ids([row[EXTERNAL_ID].casefold()]) if EXTERNAL_ID in key.columns
+                          else self.contacts.values())
+            for other in candidates:
                 if other["contactid"] != row["contactid"] and [
                     str(other.get(c) or "").casefold() for c in key.columns
                 ] == folded:
