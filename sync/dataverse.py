@@ -228,7 +228,13 @@ class DataverseClient:
         headers: dict[str, str] | None = None,
     ) -> requests.Response:
         """One Web API call with the retry rules of the module docstring; raises a DataverseError subclass."""
-        url = path if path.startswith("http") else self.api_url + path
+        if path.startswith(("http://", "https://")):
+            # An absolute URL comes from the service (@odata.nextLink): never send the token elsewhere.
+            if not path.startswith(self.api_url):
+                raise DataverseError(f"refusing to follow a link outside the instance: {urlsplit(path).netloc}")
+            url = path
+        else:
+            url = self.api_url + path
         if params:
             url += "?" + _encode_query(params)
         send_headers = dict(headers or {})
@@ -237,14 +243,18 @@ class DataverseClient:
         if body is not None:
             data = json.dumps(body, ensure_ascii=False).encode("utf-8")
             send_headers.setdefault("Content-Type", "application/json")
-        refreshed = False
+        refreshed = force_refresh = False
         throttled = transient = 0
         while True:
-            send_headers["Authorization"] = "Bearer " + self._token(refreshed)
+            send_headers["Authorization"] = "Bearer " + self._token(force_refresh)
+            force_refresh = False
             self._local.count = self._requests_made + 1
             try:
                 resp = self._session.request(method, url, data=data, headers=send_headers, timeout=self.timeout,
-                                             verify=self.verify)
+                                             verify=self.verify, allow_redirects=False)
+            except requests.exceptions.SSLError:
+                # Not transient: the instance's certificate is not trusted (wrong CA bundle or interception).
+                raise DataverseError(f"{method} {urlsplit(url).path}: TLS certificate verification failed") from None
             except (requests.ConnectionError, requests.Timeout) as exc:
                 if transient < self.transient_retries:
                     transient += 1
@@ -258,7 +268,7 @@ class DataverseClient:
             if status < 400 or status == 304:
                 return resp
             if status == 401 and not refreshed:
-                refreshed = True
+                refreshed = force_refresh = True
                 continue
             if status == 429:
                 wait = retry_after_seconds(resp.headers.get("Retry-After"))

@@ -11,6 +11,7 @@ from sync.dataverse import (
     AuthExpired,
     Conflict,
     DataverseClient,
+    DataverseError,
     NotFound,
     PermissionDenied,
     Throttled,
@@ -56,8 +57,14 @@ def test_retrieve_user_privileges(dataverse_sim: DataverseSimulator, dataverse_c
 def test_https_with_ca_bundle(dataverse_https_sim: DataverseSimulator, test_certs) -> None:
     client = DataverseClient(dataverse_https_sim.url, SimTokens(), verify=str(test_certs.bundle))
     assert client.whoami().user_id
-    with pytest.raises(Transient):  # the system roots alone do not trust the test CA
-        DataverseClient(dataverse_https_sim.url, SimTokens(), transient_retries=0).whoami()
+    with pytest.raises(DataverseError) as err:  # the system roots alone do not trust the test CA
+        DataverseClient(dataverse_https_sim.url, SimTokens()).whoami()
+    assert "certificate" in str(err.value) and not isinstance(err.value, Transient)
+
+
+def test_next_links_outside_the_instance_are_refused(dataverse_client: DataverseClient) -> None:
+    with pytest.raises(DataverseError):
+        dataverse_client.request("GET", "https://evil.example/api/data/v9.2/contacts")
 
 
 # -- lookups ---------------------------------------------------------------------------------------------
@@ -426,7 +433,22 @@ def test_read_timeout_is_transient(dataverse_sim: DataverseSimulator, sim_tokens
 
 
 def test_error_classes_share_a_base() -> None:
-    from sync.dataverse import DataverseError
-
     for cls in (Throttled, AuthExpired, PermissionDenied, ValidationFailed, NotFound, Conflict, Transient):
         assert issubclass(cls, DataverseError)
+
+
+def test_bulk_raises_throttled_and_keeps_what_landed(sim_tokens: SimTokens) -> None:
+    """A long Retry-After mid-backfill surfaces as Throttled (reschedule the page); landed chunks stay."""
+    sim = DataverseSimulator(manual_clock=True, limits=Limits(requests=4, window_seconds=300)).start()
+    try:
+        client = DataverseClient(sim.url, SimTokens(), upsert_multiple_size=10, sleep=lambda s: None)
+        items = [item(f"t_{i}") for i in range(40)]  # 2 capability checks + 4 chunks > 4 requests
+        with pytest.raises(Throttled) as err:
+            client.bulk_upsert(items)
+        assert err.value.retry_after > client.max_inline_wait
+        assert len(sim.rows()) == 20
+        sim.clock.advance(err.value.retry_after + 1)
+        assert len(client.bulk_upsert(items).succeeded) == 40  # the retried page converges
+        assert len(sim.rows()) == 40
+    finally:
+        sim.stop()
