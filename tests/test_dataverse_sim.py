@@ -896,3 +896,10 @@ def test_checklist_23_execution_cost_per_record(dataverse_sim: DataverseSimulato
     body = batch_body("b", [http_part("PATCH", f"contacts({new_id()})", {"lastname": str(i)}) for i in range(3)])
     api("POST", "$batch", data=body, headers={"Content-Type": "multipart/mixed; boundary=b"})
     assert [e["exec_ms"] for e in dataverse_sim.request_log()] == [2 + 3 * 4, 2 * (1 + 3) + 3 * 3]
+
+
+def test_checklist_15_batches_cannot_be_nested(api: Api) -> None:
+    """checklist 15: a $batch inside a $batch is refused."""
+    body = batch_body("b", [http_part("POST", "/api/data/v9.2/$batch", {})])
+    resp = api("POST", "$batch", data=body, headers={"Content-Type": "multipart/mixed; boundary=b"})
+    assert resp.status_code == 400 and "cannot be nested" in resp.text

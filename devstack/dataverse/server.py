@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from devstack.dataverse.api import API_PREFIX, JSON, Request, Response, SimConfig, WebApi
+from devstack.dataverse.api import WebApi
 from devstack.dataverse.clock import Clock, Ids
 from devstack.dataverse.errors import SimError, not_found
 from devstack.dataverse.faults import Fault, Faults
 from devstack.dataverse.limits import Limits, ServiceProtection
+from devstack.dataverse.protocol import API_PREFIX, JSON, Request, Response, SimConfig
 from devstack.dataverse.store import AltKey, Caller, Store, StoreConfig
 
 CONTROL_PREFIX = "/_sim/"
