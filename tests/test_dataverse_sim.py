@@ -695,6 +695,14 @@ def test_checklist_23_scripted_faults(dataverse_sim: DataverseSimulator, api: Ap
     assert api("GET", "WhoAmI").status_code == 200
     assert dataverse_sim.counters()["faults_injected"] == 6
 
+    dataverse_sim.script_faults(Fault("status", status=429, retry_after=7), Fault("status", status=403),
+                                Fault("status", status=400, code="0x80044331", message="custom"))
+    throttled = api("GET", "WhoAmI")
+    assert throttled.status_code == 429 and throttled.headers["Retry-After"] == "7"
+    assert error_of(throttled)[0] == "0x80072322"
+    assert error_of(api("GET", "WhoAmI")) == ("0x80040220", "The user does not hold the necessary privileges.")
+    assert error_of(api("GET", "WhoAmI")) == ("0x80044331", "custom")
+
 
 def test_checklist_23_fault_rates_are_seeded(dataverse_sim: DataverseSimulator) -> None:
     """checklist 23: random faults at a configured rate, reproducible with a seed, matched by path."""

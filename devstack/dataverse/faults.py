@@ -1,7 +1,8 @@
 """Fault injection (checklist 23): scripted next-N faults and random rates, for the Web API paths only.
 
 Kinds:
-  status         answer `status` (502/503/504/500) with a Dataverse error body
+  status         answer `status` (5xx, or 400/403/404/412/429) with the documented Dataverse error body
+                 for that status (override with code/message; 429 carries Retry-After: retry_after)
   token_expired  answer 401 as for an expired access token
   drop           close the connection without answering
   timeout        hold the request for `delay` seconds, then drop it (the client's read timeout fires)
@@ -27,6 +28,9 @@ class Fault:
     delay: float = 30.0
     match: str | None = None  # substring the request path must contain
     method: str | None = None
+    code: str | None = None  # status faults: the error body (default: the documented one for the status)
+    message: str | None = None
+    retry_after: int = 1  # status 429: the Retry-After header
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -31,7 +31,12 @@ from devstack.dataverse.store import AltKey, Caller, Store, StoreConfig
 
 CONTROL_PREFIX = "/_sim/"
 DEFAULT_ADMIN_EMAIL = "admin@sim.local"
-_STATUS_MESSAGES = {
+_STATUS_MESSAGES = {  # injected status faults: research/dataverse.md §7
+    400: ("0x80040203", "Invalid argument."),
+    403: ("0x80040220", "The user does not hold the necessary privileges."),
+    404: ("0x80040217", "The requested record was not found or you do not have sufficient permissions to view it."),
+    412: ("0x80060882", "The version of the existing record doesn't match the RowVersion property provided."),
+    429: ("0x80072322", "Number of requests exceeded the limit of 6000 over time window of 300 seconds."),
     500: ("0x80040216", "An unexpected error occurred."),
     502: ("", "Bad Gateway"),
     503: ("", "The service is temporarily unavailable. Please retry later."),
@@ -493,7 +498,9 @@ class _Handler(BaseHTTPRequestHandler):
                 resp = Response.of_error(sim._challenge("The access token expired.", "invalid_token"))
             elif fault is not None:
                 code, message = _STATUS_MESSAGES.get(fault.status, ("", "Injected fault"))
-                resp = Response.of_error(SimError(fault.status, code, message))
+                extra = {"Retry-After": str(fault.retry_after)} if fault.status == 429 else {}
+                resp = Response.of_error(SimError(fault.status, fault.code if fault.code is not None else code,
+                                                  fault.message or message, extra))
             else:
                 resp = sim.serve_api(method, path, headers, body)
         resp.headers.setdefault("OData-Version", "4.0")
