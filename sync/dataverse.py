@@ -17,7 +17,8 @@
     find_users_by_email(emails) -> dict[lower-case email, UserRef]
     external_id_key_status() -> str | None                     EntityKeyIndexStatus of a key on externaluseridentifier
     bulk_upsert_supported() -> bool                            UpsertMultiple available for contact
-    bulk_upsert(items, *, use_key=None, method=None) -> BulkResult
+    bulk_upsert(items, *, use_key=False, method=None) -> BulkResult
+    requests_made                                              requests sent by the calling thread (for reports)
     dop_hint                                                   the last x-ms-dop-hint seen (int or None)
 
 Behaviour shared by every call: one pooled `requests.Session`, (connect, read) timeouts on every request;
@@ -211,8 +212,11 @@ class DataverseClient:
     # -- transport -------------------------------------------------------------------------------
 
     @property
-    def _requests_made(self) -> int:
+    def requests_made(self) -> int:
+        """HTTP requests this thread has sent through this client (retries included)."""
         return getattr(self._local, "count", 0)
+
+    _requests_made = requests_made  # the name sync/backfill.py reads
 
     def _token(self, force: bool) -> str:
         return self._token_provider(force_refresh=True) if force else self._token_provider()
@@ -248,7 +252,7 @@ class DataverseClient:
         while True:
             send_headers["Authorization"] = "Bearer " + self._token(force_refresh)
             force_refresh = False
-            self._local.count = self._requests_made + 1
+            self._local.count = self.requests_made + 1
             try:
                 resp = self._session.request(method, url, data=data, headers=send_headers, timeout=self.timeout,
                                              verify=self.verify, allow_redirects=False)
@@ -462,18 +466,20 @@ class DataverseClient:
             return f"contacts({EXTERNAL_ID}={odata_string(external)})", body
         return f"contacts({item.contact_id})", body
 
-    def bulk_upsert(self, items: Sequence[UpsertItem], *, use_key: bool | None = None,
+    def bulk_upsert(self, items: Sequence[UpsertItem], *, use_key: bool = False,
                     method: str | None = None) -> BulkResult:
         """Upsert many contacts: UpsertMultiple when the table offers it (else a continue-on-error $batch).
 
         A rejected request is split in halves until the bad records are isolated, so every good record
         lands and each bad one is reported with its field and reason. Throttled, Transient, AuthExpired
         and PermissionDenied are raised (the records that already landed stay: every write is an upsert).
-        `use_key` None: address rows by the alternate key when it is Active, else by contactid.
+        Rows are addressed by `item.contact_id` (the existing row's id, or the deterministic id for a new
+        one), so the caller knows every row's id afterwards. `use_key=True` addresses them by the alternate
+        key on externaluseridentifier instead (check external_id_key_status() == "Active" first): no lookup
+        is needed, but new rows get server-generated ids that only a later lookup reveals.
+        `method` forces "UpsertMultiple" or "$batch" (default: UpsertMultiple when the table offers it).
         """
-        start = self._requests_made
-        if use_key is None:
-            use_key = self.external_id_key_status() == "Active"
+        start = self.requests_made
         if method is None:
             method = "UpsertMultiple" if self.bulk_upsert_supported() else "$batch"
         unique = list({(i.payload.get(EXTERNAL_ID) if use_key else i.contact_id): i for i in items}.values())
@@ -484,7 +490,7 @@ class DataverseClient:
             self._bisect(unique[i : i + size], use_key, send, result)
         superseded = {i.key for i in items} - {i.key for i in unique}  # duplicates of a later snapshot
         result.succeeded += sorted(superseded)
-        result.requests_made = self._requests_made - start
+        result.requests_made = self.requests_made - start
         return result
 
     def _bisect(self, items: list[UpsertItem], use_key: bool,

@@ -305,7 +305,8 @@ def test_bulk_upsert_by_alternate_key(dataverse_sim: DataverseSimulator, dataver
     dataverse_sim.define_key()
     dataverse_client.upsert_contact(contact_id(ACCOUNT, "k_0"), map_contact(wave("k_0"), None).payload)
     items = [item(f"k_{i}") for i in range(10)]
-    result = dataverse_client.bulk_upsert(items)
+    assert dataverse_client.external_id_key_status() == "Active"
+    result = dataverse_client.bulk_upsert(items, use_key=True)
     assert len(result.succeeded) == 10 and not result.failed
     assert sorted(r["externaluseridentifier"] for r in dataverse_sim.rows()) == sorted(
         external_id(f"k_{i}") for i in range(10))
@@ -442,11 +443,11 @@ def test_bulk_raises_throttled_and_keeps_what_landed(sim_tokens: SimTokens) -> N
     sim = DataverseSimulator(manual_clock=True, limits=Limits(requests=4, window_seconds=300)).start()
     try:
         client = DataverseClient(sim.url, SimTokens(), upsert_multiple_size=10, sleep=lambda s: None)
-        items = [item(f"t_{i}") for i in range(40)]  # 2 capability checks + 4 chunks > 4 requests
+        items = [item(f"t_{i}") for i in range(40)]  # 1 capability check + 4 chunks > 4 requests
         with pytest.raises(Throttled) as err:
             client.bulk_upsert(items)
         assert err.value.retry_after > client.max_inline_wait
-        assert len(sim.rows()) == 20
+        assert len(sim.rows()) == 30  # the chunks admitted before the limit landed
         sim.clock.advance(err.value.retry_after + 1)
         assert len(client.bulk_upsert(items).succeeded) == 40  # the retried page converges
         assert len(sim.rows()) == 40
