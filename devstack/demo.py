@@ -108,24 +108,44 @@ def wait_for_backfill(stack: Stack, account: str, total: int, timeout: float, sh
                       ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     last: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        stack.check_alive()
-        last = status(stack, account)
-        backfill = last.get("backfill") or {}
-        if show:
-            progress_bar(int(backfill.get("contacts") or 0), total, backfill.get("state", "?"))
-        if backfill.get("state") in ("done", "failed"):
-            if show:
-                print()
-            return last
-        time.sleep(0.25)
+    bar = ProgressBar(total) if show else None
+    try:
+        while time.monotonic() < deadline:
+            stack.check_alive()
+            last = status(stack, account)
+            backfill = last.get("backfill") or {}
+            if bar:
+                bar.update(int(backfill.get("contacts") or 0), backfill.get("state", "?"))
+            if backfill.get("state") in ("done", "failed"):
+                return last
+            time.sleep(0.25)
+    finally:
+        if bar:
+            bar.close()
     raise DemoError(f"backfill did not finish within {timeout:.0f} s (last status: {last})")
 
 
-def progress_bar(done: int, total: int, state: str, width: int = 40) -> None:
-    share = min(1.0, done / total) if total else 1.0
-    filled = int(share * width)
-    print(f"\r  backfill [{'#' * filled}{'.' * (width - filled)}] {done:>6}/{total} {state:<8}", end="", flush=True)
+class ProgressBar:
+    """Redrawn in place on a terminal; one line per tenth (and per state change) otherwise."""
+
+    def __init__(self, total: int, width: int = 40) -> None:
+        self.total, self.width = total, width
+        self.tty = sys.stdout.isatty()
+        self.shown: tuple[int, str] | None = None
+
+    def update(self, done: int, state: str) -> None:
+        share = min(1.0, done / self.total) if self.total else 1.0
+        key = (int(share * (100 if self.tty else 10)), state)
+        if key == self.shown:
+            return
+        self.shown = key
+        filled = int(share * self.width)
+        line = f"  backfill [{'#' * filled}{'.' * (self.width - filled)}] {done:>6}/{self.total} {state:<8}"
+        print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print()
 
 
 def wave_state(stack: Stack, account: str) -> tuple[dict[str, dict[str, Any]], dict[str, int]]:
