@@ -911,3 +911,16 @@ def test_checklist_15_batches_cannot_be_nested(api: Api) -> None:
     body = batch_body("b", [http_part("POST", "/api/data/v9.2/$batch", {})])
     resp = api("POST", "$batch", data=body, headers={"Content-Type": "multipart/mixed; boundary=b"})
     assert resp.status_code == 400 and "cannot be nested" in resp.text
+
+
+def test_simulator_bugs_answer_500_and_are_recorded(dataverse_sim: DataverseSimulator, api: Api,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception inside the simulator answers 500 0x80040216 and is kept for the test to see."""
+    def boom(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(dataverse_sim.api, "handle", boom)
+    resp = api("GET", "WhoAmI")
+    assert resp.status_code == 500 and error_of(resp)[0] == "0x80040216"
+    assert dataverse_sim.internal_errors == ["GET /api/data/v9.2/WhoAmI: RuntimeError: bug"]
+    dataverse_sim.internal_errors.clear()

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -29,6 +30,7 @@ from devstack.dataverse.limits import Limits, ServiceProtection
 from devstack.dataverse.protocol import API_PREFIX, JSON, Request, Response, SimConfig
 from devstack.dataverse.store import AltKey, Caller, Store, StoreConfig
 
+log = logging.getLogger("dataverse_sim")
 CONTROL_PREFIX = "/_sim/"
 DEFAULT_ADMIN_EMAIL = "admin@sim.local"
 _STATUS_MESSAGES = {  # injected status faults: research/dataverse.md §7
@@ -98,6 +100,7 @@ class DataverseSimulator:
         self._log: deque[dict[str, Any]] = deque(maxlen=log_size)
         self._counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
+        self.internal_errors: list[str] = []  # unexpected exceptions (simulator bugs); tests may assert none
         self._seen_tokens: set[str] = set()
         self._revoked: set[str] = set()
         self._stopping = threading.Event()
@@ -348,7 +351,12 @@ class DataverseSimulator:
                     self._stopping.wait(hold.delay)
                 exec_ms += (time.monotonic() - held) * 1000
             request = Request(method, target.split(API_PREFIX, 1)[1], headers, body)
-            resp = self.api.handle(caller, request)
+            try:
+                resp = self.api.handle(caller, request)
+            except Exception as exc:  # a simulator bug: answer like the service does, keep it for tests
+                log.exception("dataverse simulator failed on %s %s", method, target)
+                self.internal_errors.append(f"{method} {target}: {type(exc).__name__}: {exc}")
+                resp = Response.of_error(SimError(500, "0x80040216", "An unexpected error occurred."))
             cfg = self.config
             exec_ms += (cfg.base_ms * (1 + resp.inner_requests) + cfg.per_record_ms * resp.writes
                        + cfg.per_read_row_ms * resp.reads)
