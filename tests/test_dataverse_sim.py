@@ -15,7 +15,7 @@ import requests
 
 from devstack.dataverse_sim import DataverseSimulator, Fault, Limits, SimConfig
 from devstack.processes import free_port, stop_process, wait_for_port
-from tests.fixtures.dataverse import ADMIN_OID, make_token
+from tests.fixtures.dataverse import make_token
 
 JSON_TYPE = "application/json; odata.metadata=minimal"
 MAXLEN_MESSAGE = ("A validation error occurred.  The length of the '{a}' attribute of the 'contact' entity exceeded "
@@ -808,18 +808,21 @@ def test_control_api_over_http(dataverse_sim: DataverseSimulator, api: Api) -> N
     assert requests.get(control + "rows/contacts", timeout=5).json() == []
 
 
-def test_runs_as_a_process(tmp_path) -> None:
-    """python -m devstack.dataverse_sim serves the Web API and the control API."""
+@pytest.mark.parametrize("https", [False, True], ids=["http", "https"])
+def test_runs_as_a_process(test_certs, https: bool) -> None:
+    """python -m devstack.dataverse_sim serves the Web API and the control API, over HTTP or HTTPS."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "devstack.dataverse_sim", "--port", str(port), "--requests", "50"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tls = ["--https", "--cert", str(test_certs.server_cert), "--key", str(test_certs.server_key)] if https else []
+    proc = subprocess.Popen([sys.executable, "-m", "devstack.dataverse_sim", "--port", str(port), "--requests", "50",
+                             *tls], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, proc, timeout=20, name="dataverse_sim")
-        base = f"http://127.0.0.1:{port}"
+        base = f"{'https' if https else 'http'}://127.0.0.1:{port}"
+        verify = str(test_certs.bundle)
         resp = requests.get(base + "/api/data/v9.2/WhoAmI", headers={"Authorization": f"Bearer {make_token()}"},
-                            timeout=5)
+                            timeout=5, verify=verify)
         assert resp.status_code == 200
-        assert requests.get(base + "/_sim/config", timeout=5).json()["limits"]["requests"] == 50
+        assert requests.get(base + "/_sim/config", timeout=5, verify=verify).json()["limits"]["requests"] == 50
     finally:
         stop_process(proc)
 
@@ -842,10 +845,6 @@ def test_many_concurrent_requests(dataverse_sim: DataverseSimulator) -> None:
         t.join(30)
     assert errors == []
     assert len(dataverse_sim.rows()) == 240
-
-
-def test_admin_oid_constant_is_a_guid() -> None:
-    assert uuid.UUID(ADMIN_OID)
 
 
 def test_sim_config_defaults_match_the_documented_limits() -> None:
