@@ -6,8 +6,9 @@ and runnable as a process:
         [--base-ms 5 --per-record-ms 10 --sleep-fraction 0] [--dop-hint 8] [--no-bulk] [--id-seed S]
 
 The implementation is the devstack/dataverse/ package; drive a running process through `/_sim/...`
-(GET rows/<set>, log, counters, config; POST users, keys, config, faults, faults/clear, faults/release,
-revoke-tokens, reset, clock/advance).
+(GET rows/<set>, log?limit=N, counters, config; POST users, users/<id> {enabled, accessmode},
+users/<id>/privileges, keys, config, faults, faults/clear, faults/release, revoke-tokens, reset,
+clock/advance; DELETE keys).
 """
 
 from __future__ import annotations

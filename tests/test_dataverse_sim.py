@@ -792,6 +792,11 @@ def test_control_api_over_http(dataverse_sim: DataverseSimulator, api: Api) -> N
     user = requests.post(control + "users", json={"email": "x@contoso.test", "privileges": ["prvReadUser"]},
                          timeout=5).json()
     assert user["internalemailaddress"] == "x@contoso.test"
+    requests.post(control + f"users/{user['systemuserid']}", json={"enabled": False, "accessmode": 4}, timeout=5)
+    requests.post(control + f"users/{user['systemuserid']}/privileges", json={"privileges": ["prvReadContact"]},
+                  timeout=5)
+    stored = next(u for u in dataverse_sim.rows("systemusers") if u["systemuserid"] == user["systemuserid"])
+    assert (stored["isdisabled"], stored["accessmode"], stored["privileges"]) == (True, 4, ["prvReadContact"])
     assert requests.post(control + "keys", json={}, timeout=5).status_code == 200
     assert requests.post(control + "config", json={"dop_hint": 3, "requests": 100}, timeout=5).status_code == 200
     assert requests.post(control + "config", json={"no_such_setting": 1}, timeout=5).status_code == 400

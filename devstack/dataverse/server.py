@@ -404,6 +404,9 @@ class DataverseSimulator:
         if method == "POST" and command.startswith("users/") and command.endswith("/privileges"):
             self.set_privileges(command.split("/")[1], body["privileges"], body.get("depth", "Global"))
             return 200, {}
+        if method == "POST" and command.startswith("users/") and command.count("/") == 1:
+            self.set_user(command.split("/")[1], enabled=body.get("enabled"), accessmode=body.get("accessmode"))
+            return 200, {}
         if method == "POST" and command == "keys":
             self.define_key(body.get("columns", ["externaluseridentifier"]), body.get("name", "wave_externalid"),
                             body.get("status", "Active"))
