@@ -20,7 +20,7 @@ from sync.dataverse import (
     ValidationFailed,
 )
 from sync.mapping import contact_id, external_id, map_contact
-from tests.fixtures.dataverse import SimTokens, make_token
+from tests.fixtures.dataverse import ADMIN_OID, SimTokens, make_token
 
 ACCOUNT = "acct_test"
 
@@ -245,6 +245,8 @@ def test_eight_racing_writers_create_one_row(dataverse_sim: DataverseSimulator, 
     assert len(dataverse_sim.contacts_by_external_id("wavecnct_race")) == 1
     assert [r.created for r in results].count(True) == 1
     assert {r.contactid for r in results} == {contact_id(ACCOUNT, "race")}
+    # The caller's first requests arrived together too: still one systemuser for the token's oid.
+    assert [u["azureactivedirectoryobjectid"] for u in dataverse_sim.rows("systemusers")] == [ADMIN_OID]
 
 
 # -- bulk ------------------------------------------------------------------------------------------------

@@ -298,13 +298,14 @@ class DataverseSimulator:
             raise self._challenge(f"The access token audience is not {self.url}.", "invalid_token")
         oid = claims.get("oid")
         if oid:
-            user = self.store.user_by_oid(str(oid))
-            if user is None:
-                if not self.config.auto_create_users:
-                    raise SimError(403, "0x80072560", "The user is not a member of the organization.")
-                email = next((claims[c] for c in ("preferred_username", "upn", "email", "unique_name")
-                              if isinstance(claims.get(c), str)), f"{oid}@sim.local")
-                user = self.store.add_user(email, oid=str(oid), fullname=claims.get("name"))
+            with self.store.lock:  # concurrent first requests of one user must not create it twice
+                user = self.store.user_by_oid(str(oid))
+                if user is None:
+                    if not self.config.auto_create_users:
+                        raise SimError(403, "0x80072560", "The user is not a member of the organization.")
+                    email = next((claims[c] for c in ("preferred_username", "upn", "email", "unique_name")
+                                  if isinstance(claims.get(c), str)), f"{oid}@sim.local")
+                    user = self.store.add_user(email, oid=str(oid), fullname=claims.get("name"))
         else:
             user = self._default_user()
         if user["isdisabled"]:
