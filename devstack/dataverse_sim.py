@@ -1,14 +1,26 @@
 """Dataverse simulator entry point: importable (`from devstack.dataverse_sim import DataverseSimulator`)
 and runnable as a process:
 
-    python -m devstack.dataverse_sim --port 7380 [--https --cert server.pem --key server.key]
+    python -m devstack.dataverse_sim --port 7380 [--https --cert server.pem --key server.key | --certs-dir D]
         [--requests 6000 --execution-ms 1200000 --concurrency 52 --window-seconds 300]
         [--base-ms 5 --per-record-ms 10 --sleep-fraction 0] [--dop-hint 8] [--no-bulk] [--id-seed S]
+        [--check-audience]
 
-The implementation is the devstack/dataverse/ package; drive a running process through `/_sim/...`
-(GET rows/<set>, log?limit=N, counters, config; POST users, users/<id> {enabled, accessmode},
+In-process (tests): `sim = DataverseSimulator(certfile=..., keyfile=..., config=SimConfig(...),
+limits=Limits(...), manual_clock=True, id_seed="x").start()`; `sim.url` is the instance URL and
+`sim.api_url` the Web API root; then add_user(email, enabled=, accessmode=, privileges=, oid=),
+set_privileges, set_user, add_team, define_key(status=), remove_keys, set_bulk_messages, configure(**any
+SimConfig/Limits/StoreConfig field), script_faults(Fault(...)), set_fault_rates, release_held, clear_faults,
+revoke_tokens, clock.advance(s), rows(entity_set), contacts_by_external_id, request_log(), counters(),
+in_flight(), internal_errors, reset(), stop(). tests/fixtures/dataverse.py has fixtures and unsigned tokens.
+
+A separate process is driven through `/_sim/...` (no auth; local only):
+GET rows/<set>, log?limit=N, counters, config; POST users, users/<id> {enabled, accessmode},
 users/<id>/privileges, keys, config, faults, faults/clear, faults/release, revoke-tokens, reset,
-clock/advance; DELETE keys).
+clock/advance; DELETE keys.
+
+The implementation is the devstack/dataverse/ package; its behaviour follows the fidelity checklist of
+research/dataverse.md (tests/test_dataverse_sim.py names the item each test covers).
 """
 
 from __future__ import annotations

@@ -336,9 +336,10 @@ class DataverseClient:
         found: dict[str, list[dict[str, Any]]] = {}
         for chunk in self._chunks(wanted, lambda c: _in_filter(EXTERNAL_ID, c)):
             rows = self._get_all("contacts", {"$select": CONTACT_SELECT, "$filter": _in_filter(EXTERNAL_ID, chunk)})
+            exact = set(chunk)
             for row in rows:
                 # Dataverse compares strings case-insensitively; Wave ids are case-sensitive.
-                if row.get(EXTERNAL_ID) in chunk:
+                if row.get(EXTERNAL_ID) in exact:
                     found.setdefault(row[EXTERNAL_ID], []).append(row)
         return {ext: _contact_ref(self._pick(rows)) for ext, rows in found.items()}
 
@@ -413,6 +414,7 @@ class DataverseClient:
     def find_users_by_email(self, emails: Iterable[str]) -> dict[str, UserRef]:
         """Enabled systemusers by internal email (case-insensitive), keyed by the lower-cased email."""
         wanted = list(dict.fromkeys(e.strip().lower() for e in emails if e and e.strip()))
+        wanted_set = set(wanted)
         by_email: dict[str, list[dict[str, Any]]] = {}
 
         def make_filter(chunk: list[str]) -> str:
@@ -424,7 +426,7 @@ class DataverseClient:
                 "$filter": make_filter(chunk)})
             for row in rows:
                 email = (row.get("internalemailaddress") or "").lower()
-                if email in chunk and not row.get("isdisabled"):
+                if email in wanted_set and not row.get("isdisabled"):
                     by_email.setdefault(email, []).append(row)
         return {email: self._best_user(rows) for email, rows in by_email.items()}
 
