@@ -2,14 +2,44 @@
 
 `start_backfill` opens a run and enqueues its first page; the page worker (the backfill-pages queue
 trigger) reads a page, writes it to Dataverse in bulk and enqueues the next cursor.
+
+Per page of up to 500 contacts, Dataverse sees: one lookup of the page's unknown contacts by external id,
+one lookup of the page's owners (skipped when all are cached), and the bulk upsert (one UpsertMultiple,
+or $batch requests of 100). Contact states are written in Table transactions of up to 100. Progress is
+saved on the connection (pages, contacts) before the next cursor is enqueued; a page that runs again
+(duplicate delivery, crash, Retry-After) writes only what is not yet applied, and never a backfill snapshot
+over a newer live one. A message of an older run or generation is a no-op.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import azure.functions as func
 
 from core.connections import Connection, ConnectionStore, utcnow
-from core.storage import BACKFILL_PAGES, QueueSender
+from core.failures import CATEGORIES
+from core.log import Timer, outcome
+from core.storage import BACKFILL_PAGES, CONTACT_EVENTS, QueueSender
+from oauth.errors import ReauthRequired, TokenUnavailable
+from sync.context import SyncContext, sync_context
+from sync.dataverse import UpsertItem
+from sync.dataverse_errors import AuthExpired, DataverseError, Throttled, Transient
+from sync.events import CONTACT_ID_RE, SchemaError, validate_contact
+from sync.mapping import MappingError, external_id, map_contact, owner_email
+from sync.mapping import contact_id as new_contact_id
+from sync.messages import ContactMessage, PageMessage
+from sync.rules import MAX_TRANSIENT_ATTEMPTS, backfill_writes, normalise_email, retry_delay, throttle_delay, unchanged
+from sync.state import ContactState
+from sync.throttle import penalties
+from sync.wave_api import WaveError, WaveThrottled, WaveUnavailable
+from sync.worker import failure_category, readable
+
+log = logging.getLogger(__name__)
+bp = func.Blueprint()
 
 
 def start_backfill(connections: ConnectionStore, queues: QueueSender, account_id: str) -> str | None:
@@ -38,3 +68,194 @@ def start_backfill(connections: ConnectionStore, queues: QueueSender, account_id
     queues.send(BACKFILL_PAGES, {"account_id": account_id, "generation": conn.generation, "run_id": run_id,
                                  "cursor": None, "page": 1})
     return run_id
+
+
+# -- the page worker ------------------------------------------------------------------------------
+
+PAGE_SIZE = 500
+
+
+@dataclass
+class PageReport:
+    contacts: int = 0  # on the Wave page
+    written: int = 0  # sent to Dataverse and landed
+    unchanged: int = 0  # newer-or-equal already applied, or content unchanged: no request
+    failed: int = 0
+    repairs: int = 0  # contacts a live worker changed meanwhile: re-applied through the live lane
+    dataverse_requests: int = 0
+
+
+def _live(conn: Connection | None, msg: PageMessage) -> bool:
+    return (conn is not None and conn.accepts(msg.generation) and conn.backfill.run_id == msg.run_id
+            and conn.backfill.state == "running")
+
+
+def _valid_contacts(ctx: SyncContext, conn: Connection, raw: list[Any], report: PageReport
+                    ) -> dict[str, dict[str, Any]]:
+    """The page's valid contacts by id; an invalid one is recorded as failed (if it has a usable id)."""
+    valid: dict[str, dict[str, Any]] = {}
+    for item in raw:
+        try:
+            contact = validate_contact(item)
+        except SchemaError as exc:
+            report.failed += 1
+            cid = item.get("id") if isinstance(item, dict) else None
+            if isinstance(cid, str) and CONTACT_ID_RE.fullmatch(cid):
+                ctx.failures.record(conn.account_id, cid, "validation",
+                                    f"Wave sent an invalid contact: {exc.field} {exc.message}",
+                                    generation=conn.generation)
+            else:
+                log.warning("backfill %s: a contact without a usable id was skipped (%s)", conn.account_id, exc)
+            continue
+        valid[contact["id"]] = contact  # a repeated id on one page: the later snapshot wins
+    return valid
+
+
+def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str, Any]], report: PageReport) -> None:
+    account, generation = conn.account_id, conn.generation
+    states = ctx.states.get_many(account, contacts)
+    pending = ctx.snapshots.versions(account, contacts)
+    todo = {cid: c for cid, c in contacts.items()
+            if backfill_writes(c["version"], states[cid].applied if cid in states else None, pending.get(cid))}
+    report.unchanged += len(contacts) - len(todo)
+    if not todo:
+        return
+    dv = ctx.dataverse(conn)
+    before = getattr(dv, "_requests_made", 0)
+    owners = ctx.owners.resolve(dv, account, generation, [owner_email(c) for c in todo.values()])
+    new_states: dict[str, ContactState] = {}
+    mapped = {}
+    for cid, contact in todo.items():
+        old = states.get(cid)
+        try:
+            m = map_contact(contact, owners.get(normalise_email(owner_email(contact)) or ""))
+        except MappingError as exc:
+            report.failed += 1
+            ctx.failures.record(account, cid, "validation", f"Wave sent an invalid value: {exc}",
+                                version=contact["version"], generation=generation)
+            continue
+        new_states[cid] = ContactState(account, cid, dynamics_id=old.dynamics_id if old else None,
+                                       version=contact["version"], content_hash=m.content_hash,
+                                       last_result="synced", etag=old.etag if old else None)
+        if unchanged(old.applied if old else None, m.content_hash):
+            new_states[cid].last_result = "unchanged"
+            report.unchanged += 1
+        else:
+            mapped[cid] = m
+    unknown = [cid for cid in mapped if new_states[cid].dynamics_id is None]
+    if unknown:  # one lookup for the page's contacts we have never written
+        found = dv.find_contacts([external_id(cid) for cid in unknown])
+        for cid in unknown:
+            ref = found.get(external_id(cid))
+            new_states[cid].dynamics_id = ref.contactid if ref else new_contact_id(account, cid)
+    items = [UpsertItem(key=cid, contact_id=new_states[cid].dynamics_id, payload=m.payload,
+                        reactivate=bool(states.get(cid) and states[cid].deleted and conn.delete_policy == "deactivate"))
+             for cid, m in mapped.items()]
+    failed: set[str] = set()
+    if items:
+        result = dv.bulk_upsert(items)
+        for f in result.failed:
+            failed.add(f.key)
+            category = f.category if f.category in CATEGORIES else "validation"
+            field = f" (column {f.field})" if f.field else ""
+            ctx.failures.record(account, f.key, category, f"Dynamics rejected the contact{field}: {f.message}",
+                                version=contacts[f.key]["version"], generation=generation)
+            # keep the snapshot, so `failures/retry` can re-apply it through the live lane
+            ctx.snapshots.put_if_newer(account, contacts[f.key], deleted=False, event_id="backfill")
+        report.failed += len(failed)
+        report.written += len(items) - len(failed)
+    report.dataverse_requests += getattr(dv, "_requests_made", 0) - before
+    to_save = []
+    for cid, state in new_states.items():
+        if cid in failed:
+            old = states.get(cid) or ContactState(account, cid)
+            old.last_result = "failed:validation"
+            to_save.append(old)
+        else:
+            to_save.append(state)
+    conflicts = ctx.states.save_many(to_save)
+    for state in conflicts:
+        # A live worker wrote this contact after we read its state: our (older) write may have landed
+        # after theirs, so have the live lane apply its newest snapshot again.
+        report.repairs += 1
+        ctx.queues.send(CONTACT_EVENTS, ContactMessage(account, state.contact_id, state.version or 0,
+                                                       generation, force=True).to_dict())
+    for cid in new_states:
+        old = states.get(cid)
+        if cid not in failed and old is not None and (old.last_result or "").startswith("failed"):
+            ctx.failures.clear(account, cid)
+
+
+def _fail_run(ctx: SyncContext, msg: PageMessage, category: str, reason: str) -> None:
+    ctx.failures.record(msg.account_id, f"backfill-page-{msg.page}", category, reason, generation=msg.generation)
+
+    def mark(conn: Connection) -> bool:
+        if conn.backfill.run_id != msg.run_id:
+            return False
+        conn.backfill.state, conn.backfill.finished_at = "failed", utcnow()
+        return True
+
+    ctx.connections.update(msg.account_id, mark)
+
+
+def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tuple[str, PageReport]:
+    """Process one backfill page. Idempotent: a page that runs twice writes nothing new."""
+    report = PageReport()
+    conn = ctx.connections.get(msg.account_id)
+    if not _live(conn, msg):
+        return "dropped:stale_run", report
+    if conn.backfill.pages > msg.page or (conn.backfill.pages == msg.page and dequeue_count <= 1):
+        return "dropped:page_done", report  # a duplicate of a page that completed (and queued its successor)
+    try:
+        page = ctx.wave.contacts_page(msg.account_id, msg.cursor, PAGE_SIZE)
+        report.contacts = len(page.contacts)
+        contacts = _valid_contacts(ctx, conn, page.contacts, report)
+        _write_page(ctx, conn, contacts, report)
+    except ReauthRequired:
+        _fail_run(ctx, msg, "auth", "Microsoft no longer accepts the connection's sign-in; reconnect to finish")
+        return "dropped:needs_reauth", report
+    except (WaveThrottled, Throttled) as exc:
+        if isinstance(exc, Throttled):
+            penalties.note(msg.account_id, exc.retry_after)
+        ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=throttle_delay(exc.retry_after))
+        return "rescheduled:throttled", report
+    except (WaveUnavailable, Transient, AuthExpired, TokenUnavailable) as exc:
+        if msg.attempt + 1 < MAX_TRANSIENT_ATTEMPTS:
+            ctx.queues.send(BACKFILL_PAGES, msg.retry().to_dict(), delay_seconds=retry_delay(msg.attempt))
+            return "rescheduled:transient", report
+        category = "source" if isinstance(exc, WaveUnavailable) else "transient"
+        _fail_run(ctx, msg, category, f"page {msg.page} failed {MAX_TRANSIENT_ATTEMPTS} times: {exc}")
+        return "failed", report
+    except (WaveError, DataverseError) as exc:
+        category = "source" if isinstance(exc, WaveError) else failure_category(exc)
+        _fail_run(ctx, msg, category, f"page {msg.page}: {readable(exc)}")
+        return "failed", report
+
+    ctx.connections.add_counts(msg.account_id, msg.generation, synced=report.written, failed=report.failed,
+                               skipped=report.unchanged)
+
+    def progress(c: Connection) -> bool:
+        if not _live(c, msg) or c.backfill.pages >= msg.page:
+            return False
+        c.backfill.pages, c.backfill.contacts = msg.page, c.backfill.contacts + report.contacts
+        if page.next_cursor is None:
+            c.backfill.state, c.backfill.finished_at = "done", utcnow()
+        return True
+
+    after = ctx.connections.update(msg.account_id, progress)
+    if page.next_cursor is not None and _live(after, msg):
+        ctx.queues.send(BACKFILL_PAGES, PageMessage(msg.account_id, msg.generation, msg.run_id, page.next_cursor,
+                                                    msg.page + 1).to_dict())
+    return ("done" if page.next_cursor is None else "page"), report
+
+
+@bp.function_name("backfill_worker")
+@bp.queue_trigger(arg_name="msg", queue_name=BACKFILL_PAGES, connection="AzureWebJobsStorage")
+def backfill_worker(msg: func.QueueMessage) -> None:
+    timer = Timer()
+    message = PageMessage.parse(msg.get_body())
+    result, report = run_page(sync_context(), message, msg.dequeue_count or 1)
+    outcome(log, "backfill_page", result, account_id=message.account_id, run_id=message.run_id, page=message.page,
+            attempt=message.attempt or None, contacts=report.contacts, written=report.written,
+            unchanged=report.unchanged, failed=report.failed, repairs=report.repairs or None,
+            dataverse_requests=report.dataverse_requests, ms=timer.ms)

@@ -7,6 +7,7 @@ on its own (tests/test_rules.py).
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -96,8 +97,8 @@ def retry_delay(attempt: int) -> int:
     return min(MAX_DELAY_SECONDS, BASE_DELAY_SECONDS * 2 ** max(0, attempt))
 
 
-def throttle_delay(retry_after: float | None) -> int:
-    """Honour Retry-After exactly (rounded up); with none given, wait a little."""
-    if retry_after is None or retry_after <= 0:
-        return BASE_DELAY_SECONDS
-    return min(MAX_DELAY_SECONDS * 4, int(-(-retry_after // 1)))
+def throttle_delay(retry_after: float | None, jitter: float = 0.0) -> int:
+    """Never earlier than Retry-After (rounded up); `jitter` in [0, 1) spreads waiting messages over up
+    to twice that, so they do not all return at the same moment and extend the penalty again."""
+    wait = BASE_DELAY_SECONDS if retry_after is None or retry_after <= 0 else retry_after
+    return min(MAX_DELAY_SECONDS * 4, math.ceil(wait * (1 + max(0.0, min(jitter, 1.0)))))

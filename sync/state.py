@@ -48,10 +48,11 @@ def _etag(entity: Any) -> str | None:
 def _rowkey_filter(keys: list[str]) -> tuple[str, dict[str, str]]:
     params = {f"k{i}": k for i, k in enumerate(keys)}
     clause = " or ".join(f"RowKey eq @k{i}" for i in range(len(keys)))
-    return f"PartitionKey eq @pk and ({clause})", params
+    # (the SDK reads a parameter name up to the next space, so none may touch the parenthesis)
+    return f"PartitionKey eq @pk and ( {clause} )", params
 
 
-def _query_rows(table: TableClient, account_id: str, keys: Iterable[str]) -> dict[str, Any]:
+def query_rows(table: TableClient, account_id: str, keys: Iterable[str]) -> dict[str, Any]:
     """Entities of one partition by RowKey, a few keys per request."""
     keys = sorted(set(keys))
     found: dict[str, Any] = {}
@@ -112,7 +113,7 @@ class SnapshotStore:
             return None
 
     def versions(self, account_id: str, contact_ids: Iterable[str]) -> dict[str, int]:
-        rows = _query_rows(self.table, account_id, contact_ids)
+        rows = query_rows(self.table, account_id, contact_ids)
         return {key: int(row["version"]) for key, row in rows.items()}
 
     @staticmethod
@@ -167,7 +168,7 @@ class ContactStateStore:
             return None
 
     def get_many(self, account_id: str, contact_ids: Iterable[str]) -> dict[str, ContactState]:
-        return {k: _state_from(e) for k, e in _query_rows(self.table, account_id, contact_ids).items()}
+        return {k: _state_from(e) for k, e in query_rows(self.table, account_id, contact_ids).items()}
 
     def all(self, account_id: str) -> list[ContactState]:
         return [_state_from(e) for e in self.table.query_entities("PartitionKey eq @pk",

@@ -188,6 +188,7 @@ def test_retry_timing():
     assert [retry_delay(a) for a in range(4)] == [2, 4, 8, 16]
     assert retry_delay(30) == 300
     assert throttle_delay(2.1) == 3 and throttle_delay(None) == 2
+    assert throttle_delay(4, jitter=0.5) == 6 and throttle_delay(4, jitter=0.99) == 8  # never before Retry-After
 
 
 def test_messages_round_trip_and_reject_foreign_bodies():

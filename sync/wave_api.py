@@ -1,0 +1,80 @@
+"""Client for Wave's contacts API (DESIGN §2.2), read by the backfill one page at a time.
+
+    GET {base}/v1/accounts/{account_id}/contacts?limit=1..500&cursor=<opaque>   Bearer token
+    -> 200 {"data": [Contact...], "next_cursor": "..." | null}; 429 with Retry-After; 5xx
+
+Raises WaveThrottled(retry_after) or WaveUnavailable (5xx, network) for the caller to reschedule, and
+WaveError for answers that retrying will not fix. The token never appears in an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import requests
+
+from core.errors import AppError
+
+MAX_PAGE = 500
+
+
+class WaveError(AppError):
+    """Wave's API answered in a way that retrying will not fix (4xx, unreadable body)."""
+
+
+class WaveUnavailable(WaveError):
+    """5xx, timeout or a dropped connection: retry later."""
+
+
+class WaveThrottled(WaveUnavailable):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"Wave's contacts API asked to retry after {retry_after:g} s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Page:
+    contacts: list[Any]  # raw items, validated by the caller one by one (a bad one must not sink the page)
+    next_cursor: str | None
+
+
+class WaveClient:
+    def __init__(self, base_url: str, token: str, *, timeout: tuple[float, float] = (5.0, 60.0)) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self.timeout = timeout
+        self._session = requests.Session()
+
+    def contacts_page(self, account_id: str, cursor: str | None, limit: int = MAX_PAGE) -> Page:
+        params: dict[str, Any] = {"limit": max(1, min(MAX_PAGE, limit))}
+        if cursor:
+            params["cursor"] = cursor
+        url = f"{self.base_url}/v1/accounts/{quote(account_id, safe='')}/contacts"
+        try:
+            res = self._session.get(url, params=params, headers={"Authorization": f"Bearer {self._token}"},
+                                    timeout=self.timeout)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise WaveUnavailable(f"Wave's contacts API did not answer ({type(exc).__name__})") from None
+        if res.status_code == 429:
+            raise WaveThrottled(_retry_after(res.headers.get("Retry-After")))
+        if res.status_code >= 500:
+            raise WaveUnavailable(f"Wave's contacts API answered {res.status_code}")
+        if res.status_code != 200:
+            raise WaveError(f"Wave's contacts API answered {res.status_code}: {res.text[:200]}")
+        try:
+            body = res.json()
+            data, next_cursor = body["data"], body.get("next_cursor")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise WaveError("Wave's contacts API sent an unreadable page") from exc
+        if not isinstance(data, list) or (next_cursor is not None and not isinstance(next_cursor, str)):
+            raise WaveError("Wave's contacts API sent an unreadable page")
+        return Page(data, next_cursor or None)
+
+
+def _retry_after(value: str | None) -> float:
+    try:
+        return max(0.0, float(value)) if value else 5.0
+    except ValueError:
+        return 5.0
