@@ -296,6 +296,9 @@ def test_checklist_11_owner_binding(dataverse_sim: DataverseSimulator, api: Api)
         "systemuserid"]
     api("PATCH", f"contacts({contact_id})", json={"ownerid@odata.bind": f"/teams({team['teamid']})"})
     assert dataverse_sim.rows()[0]["_ownerid_value"] == team["teamid"]
+    absolute = f"{dataverse_sim.api_url}systemusers({seller['systemuserid']})"
+    assert api("PATCH", f"contacts({contact_id})", json={"ownerid@odata.bind": absolute}).status_code == 204
+    assert dataverse_sim.rows()[0]["_ownerid_value"] == seller["systemuserid"]
 
     ghost = new_id()
     resp = api("PATCH", f"contacts({contact_id})", json={"ownerid@odata.bind": f"/systemusers({ghost})"})

@@ -53,7 +53,8 @@ ADMIN_PRIVILEGES = frozenset({
     "prvActOnBehalfOfAnotherUser",
 })
 
-_BIND_RE = re.compile(r"^/?(systemusers|teams)\(([^)]*)\)$")
+# "/systemusers(<id>)", "systemusers(<id>)" or the absolute "https://org/api/data/v9.2/systemusers(<id>)"
+_BIND_RE = re.compile(r"^(?:https?://[^/]+/api/data/v9\.\d/|/)?(systemusers|teams)\(([^)]*)\)$")
 _UNKNOWN_PROPERTY = (
     "The property '{name}' does not exist on type 'Microsoft.Dynamics.CRM.contact'. Make sure to only use "
     "property names that are defined by the type or mark the type as open type."
