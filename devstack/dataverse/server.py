@@ -27,7 +27,7 @@ from devstack.dataverse.clock import Clock, Ids
 from devstack.dataverse.errors import SimError, not_found
 from devstack.dataverse.faults import Fault, Faults
 from devstack.dataverse.limits import Limits, ServiceProtection
-from devstack.dataverse.protocol import API_PREFIX, JSON, Request, Response, SimConfig
+from devstack.dataverse.protocol import API_PREFIX, Request, Response, SimConfig
 from devstack.dataverse.store import AltKey, Caller, Store, StoreConfig
 
 log = logging.getLogger("dataverse_sim")
@@ -530,4 +530,4 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(resp.status, resp.headers, resp.body)
 
 
-__all__ = ["JSON", "DataverseSimulator", "Fault", "Limits", "SimConfig", "StoreConfig"]
+__all__ = ["DataverseSimulator"]
