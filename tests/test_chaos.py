@@ -2,8 +2,8 @@
 
 The whole stack runs as separate processes (devstack/stack.py). While the backfill runs and live
 create/update/delete webhooks flow:
-- the Dataverse simulator drops 20% of Web API requests into faults (5xx, timeouts, dropped connections)
-  and enforces service-protection limits tight enough that it answers 429 with Retry-After;
+- the Dataverse simulator turns 20% of Web API requests into faults (429 with Retry-After, 5xx, timeouts,
+  dropped connections), on top of service-protection limits scaled down to a 5 s window;
 - 30% of the webhooks are delivered twice, and every batch is shuffled (older versions arrive late);
 - the dev host (the Functions host: HTTP and queue workers) is killed with SIGKILL mid-run and restarted.
 At the end every live Wave contact is in Dynamics exactly once with every mapped field of its newest
@@ -35,11 +35,12 @@ ACCOUNT = "acct_chaos"
 CONTACTS = 200 * SCALE
 LIVE_EVENTS = 120 * SCALE
 FAULT_RATES = [  # 20% of Web API requests in all
-    ({"kind": "status", "status": 503}, 0.05),
-    ({"kind": "status", "status": 502}, 0.03),
+    ({"kind": "status", "status": 429, "retry_after": 1}, 0.05),
+    ({"kind": "status", "status": 503}, 0.04),
+    ({"kind": "status", "status": 502}, 0.02),
     ({"kind": "status", "status": 500}, 0.02),
-    ({"kind": "timeout", "delay": 2.0}, 0.05),
-    ({"kind": "drop"}, 0.05),
+    ({"kind": "timeout", "delay": 2.0}, 0.04),
+    ({"kind": "drop"}, 0.03),
 ]
 # Service protection scaled down (6000 requests / 1,200 s of execution per 300 s, per user) so that the
 # run meets real 429s with Retry-After.
@@ -151,9 +152,14 @@ def test_dynamics_equals_wave_after_faults_duplicates_shuffles_and_a_killed_host
         "count": CONTACTS, "team_members": [{"id": m.id, "email": m.email} for m in TEAM] + [None], "seed": 3})
     res.raise_for_status()
 
-    connect(stack, ACCOUNT)  # auto-sync on: the backfill starts now
     dataverse_control(stack, "POST", "config", LIMITS)
+    connect(stack, ACCOUNT)  # auto-sync on: the backfill starts now
     dataverse_control(stack, "POST", "faults", {"rates": [{"fault": f, "rate": r} for f, r in FAULT_RATES]})
+    # First kill: as soon as the backfill's first contacts land, before its page is recorded as done.
+    wait_for(lambda: dataverse_control(stack, "GET", "counters").get("writes", 0) > 0, timeout=60,
+             what="the backfill's first write", interval=0.02)
+    stack.kill_devhost()
+    stack.restart_devhost()
 
     wave = ChaoticWave(stack, rng)
     errors: list[BaseException] = []
@@ -172,7 +178,7 @@ def test_dynamics_equals_wave_after_faults_duplicates_shuffles_and_a_killed_host
 
     traffic = threading.Thread(target=live_traffic, daemon=True)
     traffic.start()
-    # Kill the host mid-run: backfill pages and live events are queued or in flight.
+    # Second kill: mid-traffic, with live events (and maybe backfill pages) queued or in flight.
     assert first_round_done.wait(120), "the first round of live events was never accepted"
     stack.kill_devhost()
     time.sleep(0.5)  # webhooks meanwhile fail and are retried by the sender, as Wave would

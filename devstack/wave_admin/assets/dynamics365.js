@@ -35,7 +35,6 @@ async function call(method, path, body) {
 function text(id, value) { $(id).textContent = value === null || value === undefined || value === "" ? "–" : value; }
 
 function render(s) {
-  lastStatus = s;
   const state = s.state || "not_connected";
   $("state").textContent = state.replace("_", " ");
   $("state").dataset.state = state;
@@ -44,7 +43,10 @@ function render(s) {
   text("status-connected-at", s.connected_at);
   text("status-last-sync", s.last_sync_at);
   text("status-reason", s.reason ? `${s.reason.category}: ${s.reason.message}` : "");
-  if (s.instance_url && !$("instance-url").value) $("instance-url").value = s.instance_url;
+  if (!lastStatus && s.state && s.state !== "not_connected") {  // the first answer fills the form once
+    if (s.instance_url) $("instance-url").value = s.instance_url;
+    $("auto-sync").checked = Boolean(s.auto_sync);
+  }
   $("disconnect").hidden = !(state === "connected" || state === "needs_reauth");
   $("connect").textContent = state === "needs_reauth" || state === "disconnected" ? "Reconnect" : "Connect";
   $("connect").disabled = state === "connected";
@@ -62,7 +64,7 @@ function render(s) {
   else { bar.max = 100; bar.value = 0; }
   const of = total ? ` of ${total}` : "";
   $("backfill-text").textContent = bstate === "idle" ? "Not started"
-    : `${done}${of} contacts in ${b.pages || 0} pages` + (b.finished_at ? `, finished ${b.finished_at}` : "");
+    : `${done}${of} contacts in ${b.pages || 0} page${b.pages === 1 ? "" : "s"}` + (b.finished_at ? `, finished ${b.finished_at}` : "");
 
   const c = s.counters || {};
   for (const k of ["synced", "deleted", "failed", "skipped"]) $(`count-${k}`).textContent = c[k] || 0;
@@ -80,6 +82,7 @@ function render(s) {
       tr.insertCell().textContent = v === undefined || v === null ? "" : v;
     }
   }
+  lastStatus = s;
 }
 
 async function refresh() {
