@@ -242,12 +242,14 @@ class WaveSimulator:
 
     def seed(self, account_id: str, count: int, *, team_member: dict | None = None,
              make: Callable[[int], dict[str, Any]] | None = None) -> list[str]:
-        """`count` contacts at once (no webhooks): `make(i)` gives each one's fields."""
+        """`count` contacts at once (no webhooks): `make(i)` gives each one's fields (and may give its
+        own `team_member`)."""
         ids = []
         for i in range(count):
             fields = make(i) if make else {"first_name": f"First{i}", "last_name": f"Last{i}",
                                            "email": f"contact{i}@example.com", "company": f"Company {i}"}
-            event = self.create_contact(account_id, team_member=team_member, **fields)
+            member = fields.pop("team_member", team_member)
+            event = self.create_contact(account_id, team_member=member, **fields)
             ids.append(event["data"]["contact"]["id"])
         return ids
 

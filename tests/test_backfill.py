@@ -1,0 +1,101 @@
+"""Backfill end to end: POST /api/connections/{id}/sync -> backfill-pages -> the page worker reads the
+Wave simulator's contacts API and bulk-writes the Dataverse simulator; status shows the progress."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+
+from tests.fixtures.sync import SyncAccount, connect_sync_account, wait_for
+
+INVALID = [  # what Wave's API could send that no Dynamics row can be made from
+    {"version": 1, "first_name": "Num", "email": 12345},
+    {"version": "three", "first_name": "Ver"},
+    {"version": 1, "first_name": {"nested": True}},
+    {"version": -4, "first_name": "Neg"},
+    {"version": 1, "first_name": "Tm", "assigned_team_member": "carol"},
+]
+
+
+def _done(acct: SyncAccount, run_id: str, timeout: float = 300) -> dict:
+    def finished():
+        st = acct.status()
+        return st if st["backfill"]["state"] in ("done", "failed") else None
+
+    st = wait_for(finished, timeout, interval=0.5, what=f"backfill {run_id} to finish")
+    assert st["backfill"]["state"] == "done", st
+    return st
+
+
+def _rows_by_wave_id(acct: SyncAccount, ids: set[str]) -> Counter:
+    return Counter(r["externaluseridentifier"][len("wavecnct_"):] for r in acct.identity.dataverse.rows()
+                   if (r.get("externaluseridentifier") or "")[len("wavecnct_"):] in ids)
+
+
+def test_backfill_2000_contacts_with_5_invalid(devhost, identity, wave, sync_queues, fresh_entra):
+    acct = connect_sync_account(devhost, identity, wave, sync_queues)
+    dv = identity.dataverse
+    owner_email = f"owner.{uuid.uuid4().hex[:8]}@contoso.test"
+    owner = dv.add_user(owner_email)
+    members = [{"id": "tm_1", "email": owner_email}, {"id": "tm_2", "email": "nobody@contoso.test"}, None]
+    ids = wave.seed(acct.account_id, 1995, make=lambda i: {"first_name": f"F{i}", "last_name": f"L{i}",
+                                                          "email": f"c{i}@example.com", "company": "C" * 60,
+                                                          "team_member": members[i % 3]})
+    bad_ids = [f"{ids[i]}_bad" for i in (10, 600, 1200, 1700, 1994)]  # spread over the pages
+    for bad_id, raw in zip(bad_ids, INVALID, strict=True):
+        wave.put_raw(acct.account_id, {"id": bad_id, **raw})
+
+    log_before = len(dv.request_log())
+    started = acct.api("POST", "/sync")
+    assert started.status_code == 202, started.text
+    st = _done(acct, started.json()["run_id"])
+    requests_made = len(dv.request_log()) - log_before
+    per_contact = requests_made / 2000
+    print(f"\nbackfill of 2000 contacts: {requests_made} Dataverse requests, {per_contact:.4f} per contact")
+    assert per_contact <= 0.05
+
+    rows = _rows_by_wave_id(acct, set(ids) | set(bad_ids))
+    assert len(rows) == 1995 and set(rows.values()) == {1}  # every valid contact once, no invalid one
+    assert st["backfill"]["pages"] == 4 and st["backfill"]["contacts"] == 2000
+    counters = st["counters"]
+    assert (counters["synced"], counters["failed"]) == (1995, 5)
+    failures = {f["contact_id"]: f for f in st["failures"]}
+    assert set(failures) == set(bad_ids)
+    assert all(f["category"] == "validation" and "Wave sent an invalid contact" in f["reason"]
+               for f in failures.values())
+    assert "data" not in failures[bad_ids[0]]["reason"] and "email" in failures[bad_ids[0]]["reason"]
+    sample = {r["externaluseridentifier"]: r for r in dv.rows()}
+    assert sample[f"wavecnct_{ids[0]}"]["_ownerid_value"] == owner["systemuserid"]
+    assert sample[f"wavecnct_{ids[1]}"]["_ownerid_value"] != owner["systemuserid"]
+    assert len(sample[f"wavecnct_{ids[0]}"]["company"]) == 49
+
+    # A second run finds everything applied: it reads Wave again but writes nothing to Dynamics.
+    writes_before = [r for r in dv.request_log() if r["method"] in ("POST", "PATCH", "DELETE")]
+    again = acct.api("POST", "/sync")
+    assert again.status_code == 202
+    st2 = _done(acct, again.json()["run_id"])
+    writes_after = [r for r in dv.request_log() if r["method"] in ("POST", "PATCH", "DELETE")]
+    assert len(writes_after) == len(writes_before)
+    assert _rows_by_wave_id(acct, set(ids)) == rows
+    assert st2["counters"]["synced"] == 1995 and st2["counters"]["skipped"] == 1995
+
+
+def test_backfill_waits_out_wave_429_while_live_events_keep_flowing(sync_account: SyncAccount):
+    acct, wave = sync_account, sync_account.wave
+    ids = wave.seed(acct.account_id, 40)
+    wave.faults.throttle, wave.faults.retry_after = 1, 6  # the first page read: 429, Retry-After 6 s
+    wave.faults.errors, wave.faults.status = 0, 503
+    started = acct.api("POST", "/sync")
+    assert started.status_code == 202
+    wait_for(lambda: any(r["status"] == 429 for r in wave.api_requests(acct.account_id)), 30,
+             what="the backfill to meet a 429")
+    # While the backfill waits, a live change goes through its own lane.
+    live = wave.create_contact(acct.account_id, first_name="Live")
+    wave.send([live])
+    wait_for(lambda: acct.row(live["data"]["contact"]["id"]), 30, what="the live contact")
+    assert acct.status()["backfill"]["state"] == "running"
+    _done(acct, started.json()["run_id"], 60)
+    statuses = [r["status"] for r in wave.api_requests(acct.account_id)]
+    assert statuses[0] == 429 and statuses[-1] == 200
+    assert set(_rows_by_wave_id(acct, set(ids)).values()) == {1} and len(_rows_by_wave_id(acct, set(ids))) == 40
+    assert acct.poison() == {"contact-events-poison": 0, "backfill-pages-poison": 0}
