@@ -25,6 +25,10 @@ _MISSING_TYPE = (
 )
 
 
+class _Rollback(Exception):
+    """Unwinds a change set's transaction after a failed operation."""
+
+
 def bulk_action(api: WebApi, caller: Caller, req: Request, action: str) -> Response:
     message = action.removeprefix("Microsoft.Dynamics.CRM.")
     if not action.startswith("Microsoft.Dynamics.CRM.") or message not in BULK_MESSAGES \
@@ -55,6 +59,7 @@ def bulk_action(api: WebApi, caller: Caller, req: Request, action: str) -> Respo
                 api.store.update(caller, contact_id, target)
             return Response(204, {"OData-Version": "4.0"}, writes=len(seen))
         return _upsert_multiple(api, caller, targets)
+
 
 def _upsert_multiple(api: WebApi, caller: Caller, targets: list[dict[str, Any]]) -> Response:
     identities: set[str] = set()
@@ -88,6 +93,7 @@ def _upsert_multiple(api: WebApi, caller: Caller, targets: list[dict[str, Any]])
             api.store.create(caller, fields, contact_id=contact_id or None, key=alt)
     return Response(204, {"OData-Version": "4.0"}, writes=len(targets))
 
+
 def batch(api: WebApi, caller: Caller, req: Request) -> Response:
     items = multipart.parse_batch(req.body, req.headers.get("content-type", ""))
     count = sum(len(i.requests) if isinstance(i, multipart.ChangeSet) else 1 for i in items)
@@ -119,16 +125,13 @@ def batch(api: WebApi, caller: Caller, req: Request) -> Response:
     return Response(200, {"Content-Type": content_type, "OData-Version": "4.0"}, body,
                     writes=writes, reads=reads, inner_requests=count)
 
+
 def _changeset(api: WebApi, caller: Caller, changeset: multipart.ChangeSet
                ) -> tuple[list[multipart.InnerResponse], multipart.InnerResponse | None, int]:
     """Runs atomically: any failure rolls back the whole change set and is its only response."""
     results: list[multipart.InnerResponse] = []
     writes = 0
     references: dict[str, str] = {}
-
-    class _Rollback(Exception):
-        pass
-
     failure: multipart.InnerResponse | None = None
     try:
         with api.store.transaction():
@@ -149,6 +152,7 @@ def _changeset(api: WebApi, caller: Caller, changeset: multipart.ChangeSet
     except _Rollback:
         return [], failure, 0
     return results, None, writes
+
 
 def _inner(api: WebApi, caller: Caller, inner: multipart.InnerRequest, references: dict[str, str]) -> Response:
     url = inner.url
