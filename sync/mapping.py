@@ -16,7 +16,8 @@ Rules:
   uses) does. For text without astral characters this equals the number of characters; for emoji and
   other astral characters it is stricter, so a value that fits here fits in Dataverse under either count.
   A cut never splits a surrogate pair and never leaves a base character without its combining marks,
-  variation selectors, emoji modifiers or zero-width-joiner sequence: the whole cluster is dropped.
+  variation selectors, emoji modifiers, zero-width-joiner sequence or flag partner: the whole cluster is
+  dropped.
 - The owner is resolved by the caller (systemuser lookup by email); `owner_id` None means "set no owner",
   and the payload then has no `ownerid@odata.bind` at all (Dataverse keeps the current owner).
 """
@@ -121,7 +122,17 @@ def cut(text: str, max_units: int) -> str:
     # or the last kept char is a joiner waiting for its partner.
     while end > 0 and (_extends_cluster(text[end]) or text[end - 1] == "\u200d"):
         end -= 1
+    # Flags are pairs of regional indicators: never keep an odd one at the end.
+    run = 0
+    while run < end and _is_regional_indicator(text[end - 1 - run]):
+        run += 1
+    if run % 2 == 1 and end < len(text) and _is_regional_indicator(text[end]):
+        end -= 1
     return text[:end]
+
+
+def _is_regional_indicator(ch: str) -> bool:
+    return 0x1F1E6 <= ord(ch) <= 0x1F1FF
 
 
 def _text(contact: dict[str, Any], field: str) -> str | None:

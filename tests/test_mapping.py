@@ -121,6 +121,9 @@ def test_numbers_are_stringified_and_other_types_rejected() -> None:
         ("a\U0001f468\u200d\U0001f469\u200d\U0001f467", 6, "a"),
         # Heart + variation selector 16.
         ("ab\u2764\ufe0f", 3, "ab"),
+        # Flags are two regional indicators: keep both or neither.
+        ("a\U0001f1ec\U0001f1e7\U0001f1eb\U0001f1f7", 7, "a\U0001f1ec\U0001f1e7"),
+        ("a\U0001f1ec\U0001f1e7", 4, "a"),
         # Hangul and CJK count one unit each.
         ("한국어텍스트", 3, "한국어"),
     ],
