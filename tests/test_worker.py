@@ -1,0 +1,223 @@
+"""The contact and page workers at unit level: real Azurite tables and a real DataverseClient against the
+Dataverse simulator, with the queue replaced by a recorder so re-enqueued messages can be inspected.
+(The end-to-end paths through the dev host are in test_sync_e2e.py and test_backfill*.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from core.connections import CONNECTED, Connection, ConnectionStore
+from core.failures import FailureStore
+from core.settings import StorageSettings
+from core.storage import BACKFILL_PAGES, CONTACT_EVENTS, Tables
+from devstack.dataverse_sim import Fault
+from sync import backfill, worker
+from sync.context import SyncContext
+from sync.messages import ContactMessage, PageMessage
+from sync.owners import TABLE as OWNERS
+from sync.owners import OwnerCache
+from sync.rules import MAX_TRANSIENT_ATTEMPTS
+from sync.state import SNAPSHOTS, STATE, ContactStateStore, SnapshotStore
+from sync.throttle import penalties
+from sync.wave_api import Page
+
+
+@dataclass
+class RecordingQueues:
+    sent: list[tuple[str, dict[str, Any], int]] = field(default_factory=list)
+
+    def send(self, queue_name: str, message: dict[str, Any], *, delay_seconds: int = 0) -> None:
+        self.sent.append((queue_name, message, delay_seconds))
+
+
+@dataclass
+class StubWave:
+    pages: dict[str | None, Page]
+    calls: int = 0
+
+    def contacts_page(self, account_id: str, cursor: str | None, limit: int = 500) -> Page:
+        self.calls += 1
+        return self.pages[cursor]
+
+
+@pytest.fixture(scope="module")
+def tables(azurite) -> Tables:
+    return Tables(StorageSettings(connection_string=azurite.connection_string))
+
+
+@pytest.fixture
+def ctx(tables, dataverse_client) -> SyncContext:
+    account = f"acct_w_{uuid.uuid4().hex[:10]}"
+    connections = ConnectionStore(tables("connections"))
+    connections.save(Connection(account_id=account, state=CONNECTED, generation="gen1",
+                                instance_url="https://org.crm.dynamics.com"))
+    c = SyncContext(connections=connections, failures=FailureStore(tables("failures")),
+                    snapshots=SnapshotStore(tables(SNAPSHOTS)), states=ContactStateStore(tables(STATE)),
+                    owners=OwnerCache(tables(OWNERS)), queues=RecordingQueues(),  # type: ignore[arg-type]
+                    dataverse=lambda conn: dataverse_client)
+    c.account = account  # type: ignore[attr-defined]
+    return c
+
+
+def _put(ctx, cid: str, version: int, deleted: bool = False, **fields) -> ContactMessage:
+    contact = {"id": cid, "version": version, "first_name": None, "last_name": None, "email": None, "phone": None,
+               "company": None, "job_title": None, "website": None, "note": None, "updated_at": None,
+               "assigned_team_member": None, **fields}
+    ctx.snapshots.put_if_newer(ctx.account, contact, deleted=deleted, event_id=f"evt_{uuid.uuid4().hex}")
+    return ContactMessage(ctx.account, cid, version, "gen1")
+
+
+def _rows(sim, cid: str) -> list[dict]:
+    return sim.contacts_by_external_id(f"wavecnct_{cid}")
+
+
+def test_old_generation_and_disconnected_accounts_are_dropped_without_calls(ctx, dataverse_sim):
+    msg = _put(ctx, "c_gen", 1, first_name="A")
+    stale = ContactMessage(ctx.account, "c_gen", 1, "gen0")
+    assert worker.process(ctx, stale) == "dropped:not_connected"
+    ctx.connections.update(ctx.account, lambda c: setattr(c, "state", "disconnected"))
+    assert worker.process(ctx, msg) == "dropped:not_connected"
+    assert dataverse_sim.request_log() == []
+
+
+def test_unchanged_content_skips_the_request_and_stale_versions_do_nothing(ctx, dataverse_sim):
+    assert worker.process(ctx, _put(ctx, "c_same", 1, first_name="A")) == "synced"
+    writes = len(dataverse_sim.request_log())
+    assert worker.process(ctx, _put(ctx, "c_same", 2, first_name="A", updated_at="later")) == "unchanged"
+    assert len(dataverse_sim.request_log()) == writes  # only updated_at changed: not a mapped field
+    assert worker.process(ctx, ContactMessage(ctx.account, "c_same", 1, "gen1")) == "stale"
+    assert ctx.states.get(ctx.account, "c_same").version == 2
+
+
+def test_throttling_reschedules_after_retry_after_and_holds_back_the_connection(ctx, dataverse_sim):
+    dataverse_sim.configure(requests=1, window_seconds=30.0)
+    try:
+        msg = _put(ctx, "c_t1", 1, first_name="B")
+        assert worker.process(ctx, msg) == "rescheduled:throttled"  # the lookup passes, the write gets 429
+        assert any(r["status"] == 429 for r in dataverse_sim.request_log())
+        queue, body, delay = ctx.queues.sent[-1]
+        assert queue == CONTACT_EVENTS and body == msg.to_dict() and delay >= 25  # same message, attempt kept
+        seen = len(dataverse_sim.request_log())
+        other = _put(ctx, "c_t2", 1, first_name="C")
+        assert worker.process(ctx, other) == "rescheduled:throttled"
+        assert len(dataverse_sim.request_log()) == seen  # held back without calling Dataverse
+    finally:
+        dataverse_sim.protection.reset()
+        penalties.note(ctx.account, 0)
+
+
+def test_transient_errors_back_off_then_are_recorded(ctx, dataverse_sim):
+    msg = _put(ctx, "c_tr", 1, first_name="A")
+    dataverse_sim.set_fault_rates([(Fault("status", status=503), 1.0)])
+    try:
+        assert worker.process(ctx, msg) == "rescheduled:transient"
+        _, body, delay = ctx.queues.sent[-1]
+        assert body["attempt"] == 1 and delay == 2
+        late = ContactMessage(ctx.account, "c_tr", 1, "gen1", attempt=MAX_TRANSIENT_ATTEMPTS - 1)
+        assert worker.process(ctx, late) == "failed:transient"
+    finally:
+        dataverse_sim.clear_faults()
+    [failure] = list(ctx.failures.all(ctx.account))
+    assert failure.category == "transient" and "503" in failure.reason
+    assert worker.process(ctx, msg) == "synced"  # a later success clears the record
+    assert list(ctx.failures.all(ctx.account)) == []
+
+
+def test_a_concurrent_newer_write_is_reapplied_after_a_state_conflict(ctx, dataverse_sim, dataverse_client):
+    """Worker A holds v1 and is about to write when worker B applies v2 in full; A's older write lands
+    last in Dataverse, its state write conflicts, and A re-applies the newest snapshot."""
+    first = _put(ctx, "c_race", 1, first_name="v1")
+
+    class Interleaving:
+        def __init__(self):
+            self.fired = False
+
+        def __getattr__(self, name):
+            return getattr(dataverse_client, name)
+
+        def upsert_contact(self, *args, **kwargs):
+            if not self.fired:
+                self.fired = True
+                _put(ctx, "c_race", 2, first_name="v2")
+                assert worker.process(b_ctx, ContactMessage(ctx.account, "c_race", 2, "gen1")) == "synced"
+            return dataverse_client.upsert_contact(*args, **kwargs)
+
+    b_ctx = dataclasses.replace(ctx, dataverse=lambda conn: dataverse_client)
+    interleaving = Interleaving()
+    ctx.dataverse = lambda conn: interleaving
+    assert worker.process(ctx, first) == "synced"
+    [row] = _rows(dataverse_sim, "c_race")
+    assert row["firstname"] == "v2"
+    assert ctx.states.get(ctx.account, "c_race").version == 2
+
+
+def test_delete_policies(ctx, dataverse_sim):
+    for policy, cid in (("deactivate", "c_deact"), ("ignore", "c_ign"), ("delete", "c_del")):
+        ctx.connections.update(ctx.account, lambda c, p=policy: setattr(c, "delete_policy", p))
+        assert worker.process(ctx, _put(ctx, cid, 1, first_name="A")) == "synced"
+        assert worker.process(ctx, _put(ctx, cid, 2, deleted=True)) == "deleted"
+    assert _rows(dataverse_sim, "c_deact")[0]["statecode"] == 1
+    assert _rows(dataverse_sim, "c_ign")[0]["statecode"] == 0
+    assert _rows(dataverse_sim, "c_del") == []
+    # deactivated, then re-created in Wave with a newer version: the row comes back active
+    ctx.connections.update(ctx.account, lambda c: setattr(c, "delete_policy", "deactivate"))
+    assert worker.process(ctx, _put(ctx, "c_deact", 3, first_name="Back")) == "synced"
+    row = _rows(dataverse_sim, "c_deact")[0]
+    assert (row["statecode"], row["firstname"]) == (0, "Back")
+
+
+def test_owner_cache_negative_entries_save_lookups(ctx, dataverse_sim, dataverse_client):
+    user = dataverse_sim.add_user("known@contoso.test")
+    got = ctx.owners.resolve(dataverse_client, ctx.account, "gen1", ["Known@Contoso.test", "missing@contoso.test"])
+    assert got == {"known@contoso.test": user["systemuserid"], "missing@contoso.test": None}
+    seen = len(dataverse_sim.request_log())
+    again = ctx.owners.resolve(dataverse_client, ctx.account, "gen1", ["known@contoso.test", "missing@contoso.test"])
+    assert again == got and len(dataverse_sim.request_log()) == seen  # both answers cached
+    ctx.owners.resolve(dataverse_client, ctx.account, "gen2", ["known@contoso.test"])
+    assert len(dataverse_sim.request_log()) == seen + 1  # a new generation does not reuse the old answers
+
+
+def test_backfill_never_overwrites_a_newer_live_version(ctx, dataverse_sim):
+    assert worker.process(ctx, _put(ctx, "c_bf", 2, first_name="live v2")) == "synced"
+    run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+    old = {"id": "c_bf", "version": 1, "first_name": "backfill v1"}
+    new = {"id": "c_new", "version": 1, "first_name": "fresh"}
+    ctx.wave = StubWave({None: Page([old, new], None)})
+    result, report = backfill.run_page(ctx, PageMessage(ctx.account, "gen1", run_id, None, 1))
+    assert result == "done" and (report.written, report.unchanged) == (1, 1)
+    assert _rows(dataverse_sim, "c_bf")[0]["firstname"] == "live v2"
+    assert _rows(dataverse_sim, "c_new")[0]["firstname"] == "fresh"
+    conn = ctx.connections.get(ctx.account)
+    assert (conn.backfill.state, conn.backfill.pages, conn.backfill.contacts) == ("done", 1, 2)
+    # a superseded run or generation (or a finished one): nothing happens, not even a Wave read
+    calls = ctx.wave.calls
+    assert backfill.run_page(ctx, PageMessage(ctx.account, "gen1", run_id, None, 1))[0] == "dropped:stale_run"
+    assert backfill.run_page(ctx, PageMessage(ctx.account, "gen1", "old-run", None, 2))[0] == "dropped:stale_run"
+    assert backfill.run_page(ctx, PageMessage(ctx.account, "gen0", run_id, None, 2))[0] == "dropped:stale_run"
+    assert ctx.wave.calls == calls
+
+
+def test_backfill_page_enqueues_the_next_cursor_and_a_rerun_writes_nothing(ctx, dataverse_sim):
+    run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+    ctx.wave = StubWave({None: Page([{"id": "c_p1", "version": 1, "first_name": "P"}], "cur2")})
+    first = PageMessage(ctx.account, "gen1", run_id, None, 1)
+    assert backfill.run_page(ctx, first)[0] == "page"
+    queue, body, _ = ctx.queues.sent[-1]
+    assert queue == BACKFILL_PAGES
+    assert body == {"account_id": ctx.account, "generation": "gen1", "run_id": run_id, "cursor": "cur2",
+                    "page": 2, "attempt": 0}
+    sent, writes = len(ctx.queues.sent), len(dataverse_sim.request_log())
+    # A second delivery of the completed page: dropped (its successor is already queued) ...
+    assert backfill.run_page(ctx, first, dequeue_count=1)[0] == "dropped:page_done"
+    assert len(ctx.queues.sent) == sent
+    # ... unless it is a redelivery after a crash (dequeue count 2): then it runs again, writes nothing
+    # to Dataverse (every contact is applied) and queues the next page once more, so the run goes on.
+    result, report = backfill.run_page(ctx, first, dequeue_count=2)
+    assert result == "page" and report.written == 0 and report.unchanged == 1
+    assert len(dataverse_sim.request_log()) == writes and ctx.queues.sent[-1][1]["page"] == 2
+    assert ctx.connections.get(ctx.account).backfill.pages == 1
