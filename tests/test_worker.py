@@ -108,7 +108,6 @@ def test_throttling_reschedules_after_retry_after_and_holds_back_the_connection(
         assert len(dataverse_sim.request_log()) == seen  # held back without calling Dataverse
     finally:
         dataverse_sim.protection.reset()
-        penalties.note(ctx.account, 0)
 
 
 def test_transient_errors_back_off_then_are_recorded(ctx, dataverse_sim):
