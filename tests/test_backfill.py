@@ -32,7 +32,7 @@ def _rows_by_wave_id(acct: SyncAccount, ids: set[str]) -> Counter:
                    if (r.get("externaluseridentifier") or "")[len("wavecnct_"):] in ids)
 
 
-def test_backfill_2000_contacts_with_5_invalid(devhost, identity, wave, sync_queues, fresh_entra):
+def test_backfill_2000_contacts_with_5_invalid(devhost, identity, wave, sync_queues, fresh_entra, capsys):
     acct = connect_sync_account(devhost, identity, wave, sync_queues)
     dv = identity.dataverse
     owner_email = f"owner.{uuid.uuid4().hex[:8]}@contoso.test"
@@ -51,7 +51,8 @@ def test_backfill_2000_contacts_with_5_invalid(devhost, identity, wave, sync_que
     st = _done(acct, started.json()["run_id"])
     requests_made = len(dv.request_log()) - log_before
     per_contact = requests_made / 2000
-    print(f"\nbackfill of 2000 contacts: {requests_made} Dataverse requests, {per_contact:.4f} per contact")
+    with capsys.disabled():  # the figure the issue asks for, visible in `make test` output
+        print(f"\nbackfill of 2000 contacts: {requests_made} Dataverse requests, {per_contact:.4f} per contact")
     assert per_contact <= 0.05
 
     rows = _rows_by_wave_id(acct, set(ids) | set(bad_ids))

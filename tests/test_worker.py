@@ -23,7 +23,6 @@ from sync.owners import TABLE as OWNERS
 from sync.owners import OwnerCache
 from sync.rules import MAX_TRANSIENT_ATTEMPTS
 from sync.state import SNAPSHOTS, STATE, ContactStateStore, SnapshotStore
-from sync.throttle import penalties
 from sync.wave_api import Page
 
 
