@@ -7,12 +7,17 @@ stand-in, an OIDC issuer) replaces it, and DEV_CA_BUNDLE is trusted for its HTTP
 
 from __future__ import annotations
 
+import warnings
+
 import msal
 import requests
 
 from core.settings import Settings
 
 TIMEOUT_SECONDS = 30
+# The callback contract is GET with the code in the query (DESIGN §2.3); PKCE, a single-use state and a
+# no-referrer result page cover what form_post would add, so MSAL's per-call advice is only noise.
+warnings.filterwarnings("ignore", message="response_mode='form_post' is recommended", category=UserWarning)
 
 
 def http_session(settings: Settings) -> requests.Session:

@@ -222,9 +222,12 @@ def _check_access(client: DataverseAccess, username: str) -> str:
         held = client.retrieve_user_privileges(user_id)
     except DataverseError as exc:
         status = getattr(exc, "status", None)
-        if status in (401, 403):
+        if status == 403:
             raise ConnectFailed("permission", f"{who}cannot use this Dynamics 365 environment (not a user there, "
                                               f"disabled, or without a security role): {exc}") from exc
+        if status == 401:
+            raise ConnectFailed("auth", f"Dynamics 365 did not accept the sign-in ({exc}). Check that the "
+                                        "environment belongs to the directory signed in to.") from exc
         raise ConnectFailed("transient", f"Dynamics 365 did not answer the access check ({exc}). "
                                          "Try connecting again.") from exc
     except OSError as exc:

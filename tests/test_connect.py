@@ -311,3 +311,49 @@ def test_a_vault_that_refuses_the_write_fails_the_connect_cleanly(devhost, ident
     st = status(devhost, acct)
     assert st["state"] == "pending" and "Key Vault" in st["reason"]["message"]
     assert _secrets_of(identity, acct) == set()
+
+
+def test_a_disabled_dynamics_user_cannot_connect(devhost, identity, fresh_entra):
+    acct = _account()
+    oid = str(uuid.uuid4())
+    identity.dataverse.add_user("gone@contoso.test", oid=oid, enabled=False)
+    fresh_entra.sign_in_as("gone@contoso.test", oid)
+    assert connect_account(devhost, identity, acct).headers["Location"].endswith("reason=permission")
+    reason = status(devhost, acct)["reason"]
+    assert reason["category"] == "permission" and "cannot use this Dynamics 365 environment" in reason["message"]
+    assert _secrets_of(identity, acct) == set()
+
+
+def test_queued_work_of_a_disconnected_generation_is_a_no_op(devhost, identity, fresh_entra, store, wave, azurite):
+    from core.storage import BACKFILL_PAGES, CONTACT_EVENTS, QueueSender
+    from sync.messages import ContactMessage, PageMessage
+    from tests.fixtures.sync import wait_for
+
+    acct = _account()
+    connect_account(devhost, identity, acct)
+    created = wave.create_contact(acct, first_name="Live", last_name="One")
+    cid = created["data"]["contact"]["id"]
+    assert wave.send([created]) == [202]
+    wait_for(lambda: identity.dataverse.contacts_by_external_id(f"wavecnct_{cid}"), 60, what="the live sync")
+    live = store.get(acct)
+    queues = QueueSender(StorageSettings(connection_string=azurite.connection_string))
+
+    def drained() -> bool:
+        return all(queues.client(q).get_queue_properties().approximate_message_count == 0
+                   for q in (CONTACT_EVENTS, BACKFILL_PAGES))
+
+    # control: a forced re-apply for the live generation does reach Dataverse
+    wait_for(drained, 60, what="the queues to drain")
+    before = len(identity.dataverse.request_log())
+    forced = ContactMessage(acct, cid, version=1, generation=live.generation, force=True)
+    queues.send(CONTACT_EVENTS, forced.to_dict())
+    wait_for(lambda: len(identity.dataverse.request_log()) > before, 60, what="the forced re-apply")
+
+    assert api(devhost, "POST", f"/api/connections/{acct}/disconnect").status_code == 200
+    wait_for(drained, 60, what="the queues to drain")
+    before, wave_reads = len(identity.dataverse.request_log()), len(wave.api_requests(acct))
+    queues.send(CONTACT_EVENTS, forced.to_dict())  # the same work, queued for the old generation
+    queues.send(BACKFILL_PAGES, PageMessage(acct, live.generation, run_id="r-old", cursor=None, page=1).to_dict())
+    wait_for(drained, 60, what="the old generation's messages to be consumed")
+    assert len(identity.dataverse.request_log()) == before and len(wave.api_requests(acct)) == wave_reads
+    assert status(devhost, acct)["state"] == "disconnected"

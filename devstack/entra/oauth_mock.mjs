@@ -17,6 +17,7 @@ import { OAuth2Issuer, OAuth2Service } from 'oauth2-mock-server';
 import https from 'node:https';
 import fs from 'node:fs';
 import { parseArgs } from 'node:util';
+import { randomUUID } from 'node:crypto';
 
 const { values: args } = parseArgs({
   options: {
@@ -78,6 +79,7 @@ function userFor(req) {
 
 service.on('beforeTokenSigning', (token, req) => {
   const p = token.payload;
+  p.uti = randomUUID(); // Entra's unique token id: no two tokens are byte-identical, even within a second
   if (req.body?.grant_type === 'client_credentials') {
     Object.assign(p, { tid: TENANT, oid: '77777777-0000-0000-0000-0000000000c1', sub: '77777777-0000-0000-0000-0000000000c1',
       appid: req.body.client_id, azp: req.body.client_id, idtyp: 'app' });
