@@ -22,6 +22,7 @@ from oauth.return_url import with_result
 from oauth.sessions import TABLE as SESSIONS_TABLE
 from oauth.sessions import SessionStore
 from oauth.status import connection_status
+from sync.backfill import start_backfill
 
 log = logging.getLogger(__name__)
 bp = func.Blueprint()
@@ -76,8 +77,6 @@ def connect(req: func.HttpRequest) -> func.HttpResponse:
 @bp.function_name("oauth_callback")
 @bp.route(route="oauth/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def oauth_callback(req: func.HttpRequest) -> func.HttpResponse:
-    from sync.backfill import start_backfill
-
     s = services()
     try:
         result = flow.finish_connect(

@@ -259,6 +259,8 @@ def test_disconnect_deletes_the_secret_and_reconnect_uses_a_new_one(devhost, ide
     assert gone.generation is None and not gone.accepts(live.generation)
     with pytest.raises(ReauthRequired):  # a worker still holding the old connection gets no token
         services().tokens.provider(live)(False)
+    with pytest.raises(ReauthRequired):  # nor a client for the disconnected row
+        services().dataverse(gone)
     assert store.get(acct).state == "disconnected"  # ...and does not disturb the row
 
     assert connect_account(devhost, identity, acct).headers["Location"].endswith("dynamics=connected")
