@@ -18,6 +18,7 @@ upsert request per contact; and $batch of 10 upserts per request. Each runs for 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class Run:
     seconds: float
     requests: int  # Web API requests (429s included)
     throttled: int  # 429 answers
-    other_errors: int = 0
+    breakdown: PageBreakdown | None = None
 
     @property
     def per_second(self) -> float:
@@ -85,6 +86,35 @@ def _counters(stack: Stack) -> dict[str, Any]:
     return dataverse_control(stack, "GET", "counters")  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class PageBreakdown:
+    """Where a pipeline backfill's wall time went, from the dev host's page log lines and the simulator's log."""
+
+    pages: int
+    first_pages_ms: float  # mean page time, first five pages
+    last_pages_ms: float  # mean page time, last five pages
+    pages_ms: float  # all page handlers together
+    dataverse_ms: float  # the simulator's own time for every Web API request of the run
+    elapsed_ms: float
+
+    @property
+    def between_pages_ms(self) -> float:
+        """Queue hand-over between pages (enqueue, polling, dequeue) plus sign-in and the status poll."""
+        return self.elapsed_ms - self.pages_ms
+
+
+def page_breakdown(stack: Stack, seconds: float) -> PageBreakdown:
+    times = []
+    for line in stack.procs["devhost"].log.read_text(errors="replace").splitlines():
+        if '"backfill_page"' in line:
+            times.append(float(json.loads(line[line.index("{"):])["ms"]))
+    log = dataverse_control(stack, "GET", "log")
+    dataverse = sum(float(e.get("seconds") or 0) for e in log) * 1000  # type: ignore[union-attr]
+    head, tail = times[:5] or [0.0], times[-5:] or [0.0]
+    return PageBreakdown(len(times), sum(head) / len(head), sum(tail) / len(tail), sum(times), dataverse,
+                         seconds * 1000)
+
+
 def run_pipeline(stack: Stack, account: str, contacts: int, show: bool = True) -> Run:
     seed_dynamics_users(stack)
     members = [{"id": m.id, "email": m.email} for m in TEAM] + [None]
@@ -101,7 +131,7 @@ def run_pipeline(stack: Stack, account: str, contacts: int, show: bool = True) -
         raise RuntimeError(f"backfill ended {final['backfill']['state']}")
     return Run("pipeline (connect, auto-sync backfill through the queues)", final["backfill"]["contacts"],
                seconds, after.get("requests", 0) - before.get("requests", 0),
-               after.get("status_429", 0) - before.get("status_429", 0))
+               after.get("status_429", 0) - before.get("status_429", 0), page_breakdown(stack, seconds))
 
 
 def run_for(name: str, stack: Stack, seconds: float, step: Callable[[int], int]) -> Run:
