@@ -359,3 +359,20 @@ def test_queued_work_of_a_disconnected_generation_is_a_no_op(devhost, identity, 
     wait_for(drained, 60, what="the old generation's messages to be consumed")
     assert len(identity.dataverse.request_log()) == before and len(wave.api_requests(acct)) == wave_reads
     assert status(devhost, acct)["state"] == "disconnected"
+
+
+def test_status_reports_counters_of_the_live_generation_and_recent_failures(devhost, identity, fresh_entra, store,
+                                                                            tables):
+    from core.failures import FailureStore
+
+    acct = _account()
+    connect_account(devhost, identity, acct)
+    generation = store.get(acct).generation
+    store.add_counts(acct, generation, synced=3, deleted=1)
+    store.add_counts(acct, "an-older-generation", synced=100)  # not this connection's
+    FailureStore(tables("failures")).record(acct, "c_bad", "validation", "lastname is required", version=2)
+    st = status(devhost, acct)
+    assert st["counters"] == {"synced": 3, "deleted": 1, "failed": 0, "skipped": 0} and st["last_sync_at"]
+    (failure,) = st["failures"]
+    assert failure["contact_id"] == "c_bad" and failure["category"] == "validation"
+    assert failure["reason"] == "lastname is required" and failure["attempts"] == 1 and failure["last_attempt_at"]
