@@ -44,7 +44,7 @@ MAX_ROUNDS = 5  # re-applications after a state conflict before giving up to the
 
 
 @dataclass
-class Applied:
+class Written:
     state: ContactState
     counter: str  # synced | deleted | skipped
     warnings: list[str]
@@ -76,7 +76,7 @@ def _resolve_owner(ctx: SyncContext, dv, conn: Connection, contact: dict) -> str
 
 
 def _upsert(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactState | None, force: bool
-            ) -> Applied:
+            ) -> Written:
     dv = ctx.dataverse(conn)
     owner = _resolve_owner(ctx, dv, conn, snap.contact)
     mapped = map_contact(snap.contact, owner)
@@ -85,7 +85,7 @@ def _upsert(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactSt
                        dynamics_id=state.dynamics_id if state else None, version=snap.version,
                        content_hash=mapped.content_hash, last_result="unchanged")
     if not force and unchanged(applied, mapped.content_hash):
-        return Applied(new, "skipped", mapped.warnings)
+        return Written(new, "skipped", mapped.warnings)
     reactivate = bool(state and state.deleted and conn.delete_policy == "deactivate")
     if new.dynamics_id is None:
         found = dv.find_contact(external_id(snap.contact_id))
@@ -102,10 +102,10 @@ def _upsert(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactSt
         new.content_hash = mapped.content_hash
         dv.upsert_contact(new.dynamics_id, mapped.payload, reactivate=reactivate)
     new.last_result = "synced"
-    return Applied(new, "synced", mapped.warnings)
+    return Written(new, "synced", mapped.warnings)
 
 
-def _delete(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactState | None) -> Applied:
+def _delete(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactState | None) -> Written:
     new = ContactState(conn.account_id, snap.contact_id, etag=state.etag if state else None,
                        dynamics_id=state.dynamics_id if state else None, version=snap.version, deleted=True,
                        last_result="deleted")
@@ -119,7 +119,7 @@ def _delete(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactSt
                 dv.deactivate_contact(new.dynamics_id)
             else:
                 dv.delete_contact(new.dynamics_id)  # already gone counts as done
-    return Applied(new, "deleted", [])
+    return Written(new, "deleted", [])
 
 
 def _reschedule(ctx: SyncContext, message: ContactMessage, delay: int) -> None:
