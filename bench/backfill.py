@@ -28,6 +28,8 @@ import requests
 
 from devstack.demo import TEAM, connect, seed_dynamics_users, wait_for_backfill
 from devstack.stack import CLIENT_ID, Stack, dataverse_control
+from sync.dataverse import DataverseClient, Throttled, UpsertItem
+from sync.mapping import contact_id, map_contact
 
 REAL_WINDOW = 300.0
 REAL_REQUESTS = 6000
@@ -149,15 +151,11 @@ def run_for(name: str, stack: Stack, seconds: float, step: Callable[[int], int])
                after.get("status_429", 0) - before.get("status_429", 0))
 
 
-def baseline_payloads(count: int) -> list[tuple[str, dict[str, Any]]]:
-    from sync.mapping import contact_id, map_contact
-
-    out = []
-    for i in range(count):
-        contact = {"id": f"c_bench_base_{i:07d}", "first_name": "Base", "last_name": f"Line {i}",
-                   "email": f"baseline.{i}@example.com", "company": "Baseline Ltd"}
-        out.append((contact_id("acct_bench_baseline", contact["id"]), map_contact(contact, None).payload))
-    return out
+def baseline_payload(i: int) -> tuple[str, dict[str, Any]]:
+    """(contactid, mapped payload) of the i-th contact the baselines write."""
+    contact = {"id": f"c_bench_base_{i:07d}", "first_name": "Base", "last_name": f"Line {i}",
+               "email": f"baseline.{i}@example.com", "company": "Baseline Ltd"}
+    return contact_id("acct_bench_baseline", contact["id"]), map_contact(contact, None).payload
 
 
 class EntraAppToken:
@@ -183,17 +181,13 @@ class EntraAppToken:
         return self._token
 
 
-def baseline_client(stack: Stack, **kwargs: Any):
-    from sync.dataverse import DataverseClient
-
+def baseline_client(stack: Stack, **kwargs: Any) -> DataverseClient:
     return DataverseClient(stack.dataverse_url, EntraAppToken(stack),
                            verify=str(stack.certs.bundle) if stack.certs else True, **kwargs)
 
 
 def _waiting_out_throttles(call: Callable[[], Any]) -> Any:
     """What a simple sync does with a 429 whose Retry-After is too long for the client to wait inline."""
-    from sync.dataverse import Throttled
-
     while True:
         try:
             return call()
@@ -204,11 +198,10 @@ def _waiting_out_throttles(call: Callable[[], Any]) -> Any:
 def run_naive(stack: Stack, seconds: float) -> Run:
     """One upsert request per contact, one after the other."""
     client = baseline_client(stack)
-    payloads = baseline_payloads(200_000)
 
     def step(i: int) -> int:
-        contact_id, payload = payloads[i]
-        _waiting_out_throttles(lambda: client.upsert_contact(contact_id, payload))
+        row_id, payload = baseline_payload(i)
+        _waiting_out_throttles(lambda: client.upsert_contact(row_id, payload))
         return 1
 
     try:
@@ -219,13 +212,10 @@ def run_naive(stack: Stack, seconds: float) -> Run:
 
 def run_batch10(stack: Stack, seconds: float) -> Run:
     """$batch requests of 10 upserts each, one after the other."""
-    from sync.dataverse import UpsertItem
-
     client = baseline_client(stack, batch_size=10)
-    payloads = baseline_payloads(200_000)
 
     def step(i: int) -> int:
-        items = [UpsertItem(str(j), *payloads[j]) for j in range(i * 10, i * 10 + 10)]
+        items = [UpsertItem(str(j), *baseline_payload(j)) for j in range(i * 10, i * 10 + 10)]
         result = _waiting_out_throttles(lambda: client.bulk_upsert(items, use_key=False, method="$batch"))
         return len(result.succeeded)
 

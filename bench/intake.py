@@ -16,8 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import azure.functions as func
+
+from core.services import reset_services, services
+from core.settings import get_settings
+from core.storage import CONTACT_EVENTS
 from devstack.stack import Stack
 from sync.signature import HEADER, signature_header
+from sync.webhook import wave_webhook
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -60,20 +66,12 @@ def signed_events(account_id: str, count: int, secret: str) -> list[tuple[bytes,
 
 
 def run_intake(stack: Stack, account_id: str, *, requests: int = 2000, threads: int = 8) -> IntakeResult:
-    import azure.functions as func
-
-    from core.services import reset_services
-    from core.settings import get_settings
-    from core.storage import CONTACT_EVENTS
-
     stack.kill_devhost()  # nothing may drain the queue (or compete for CPU) while intake is measured
     saved = dict(os.environ)
     os.environ.update(stack.devhost_env)
     get_settings.cache_clear()
     reset_services()
     try:
-        from sync.webhook import wave_webhook
-
         bodies = signed_events(account_id, requests + 50, stack.options.webhook_secret)
 
         def call(item: tuple[bytes, str]) -> int:
@@ -95,8 +93,6 @@ def run_intake(stack: Stack, account_id: str, *, requests: int = 2000, threads: 
         seconds = time.perf_counter() - t0
         app_cpu = time.process_time() - cpu0
         storage_cpu = (process_cpu_seconds(azurite_pid) - az0) if azurite_pid else 0.0
-
-        from core.services import services
 
         services().queues.client(CONTACT_EVENTS).clear_messages()  # the bench's messages are not real work
     finally:
