@@ -13,6 +13,7 @@ over a newer live one. A message of an older run or generation is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from sync.mapping import MappingError, external_id, map_contact, owner_email
 from sync.mapping import contact_id as new_contact_id
 from sync.messages import ContactMessage, PageMessage
 from sync.rules import MAX_TRANSIENT_ATTEMPTS, backfill_writes, normalise_email, retry_delay, throttle_delay, unchanged
-from sync.state import ContactState
+from sync.state import ContactState, StateConflict
 from sync.throttle import penalties
 from sync.wave_api import WaveError, WaveThrottled, WaveUnavailable
 from sync.worker import failure_category, readable
@@ -104,6 +105,11 @@ def _valid_contacts(ctx: SyncContext, conn: Connection, raw: list[Any], report: 
                 ctx.failures.record(conn.account_id, cid, "validation",
                                     f"Wave sent an invalid contact: {exc.field} {exc.message}",
                                     generation=conn.generation)
+                # marked in its state, so that the contact's first success clears the record
+                state = ctx.states.get(conn.account_id, cid) or ContactState(conn.account_id, cid)
+                state.last_result = "failed:validation"
+                with contextlib.suppress(StateConflict):
+                    ctx.states.save(state)
             else:
                 log.warning("backfill %s: a contact without a usable id was skipped (%s)", conn.account_id, exc)
             continue
@@ -125,12 +131,14 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
     owners = ctx.owners.resolve(dv, account, generation, [owner_email(c) for c in todo.values()])
     new_states: dict[str, ContactState] = {}
     mapped = {}
+    failed: dict[str, str] = {}  # contact id -> failure category
     for cid, contact in todo.items():
         old = states.get(cid)
         try:
             m = map_contact(contact, owners.get(normalise_email(owner_email(contact)) or ""))
         except MappingError as exc:
             report.failed += 1
+            failed[cid] = "validation"
             ctx.failures.record(account, cid, "validation", f"Wave sent an invalid value: {exc}",
                                 version=contact["version"], generation=generation)
             continue
@@ -151,28 +159,23 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
     items = [UpsertItem(key=cid, contact_id=new_states[cid].dynamics_id, payload=m.payload,
                         reactivate=bool(states.get(cid) and states[cid].deleted and conn.delete_policy == "deactivate"))
              for cid, m in mapped.items()]
-    failed: set[str] = set()
     if items:
         result = dv.bulk_upsert(items)
         for f in result.failed:
-            failed.add(f.key)
-            category = f.category if f.category in CATEGORIES else "validation"
+            category = failed[f.key] = f.category if f.category in CATEGORIES else "validation"
             field = f" (column {f.field})" if f.field else ""
             ctx.failures.record(account, f.key, category, f"Dynamics rejected the contact{field}: {f.message}",
                                 version=contacts[f.key]["version"], generation=generation)
             # keep the snapshot, so `failures/retry` can re-apply it through the live lane
             ctx.snapshots.put_if_newer(account, contacts[f.key], deleted=False, event_id="backfill")
-        report.failed += len(failed)
-        report.written += len(items) - len(failed)
+        report.failed += len(result.failed)
+        report.written += len(items) - len(result.failed)
     report.dataverse_requests += getattr(dv, "_requests_made", 0) - before
-    to_save = []
-    for cid, state in new_states.items():
-        if cid in failed:
-            old = states.get(cid) or ContactState(account, cid)
-            old.last_result = "failed:validation"
-            to_save.append(old)
-        else:
-            to_save.append(state)
+    to_save = [state for cid, state in new_states.items() if cid not in failed]
+    for cid, category in failed.items():  # marked in their state, so that a later success clears the record
+        old = states.get(cid) or ContactState(account, cid)
+        old.last_result = f"failed:{category}"
+        to_save.append(old)
     conflicts = ctx.states.save_many(to_save)
     for state in conflicts:
         # A live worker wrote this contact after we read its state: our (older) write may have landed

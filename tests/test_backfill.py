@@ -100,3 +100,23 @@ def test_backfill_waits_out_wave_429_while_live_events_keep_flowing(sync_account
     assert statuses[0] == 429 and statuses[-1] == 200
     assert set(_rows_by_wave_id(acct, set(ids)).values()) == {1} and len(_rows_by_wave_id(acct, set(ids))) == 40
     assert acct.poison() == {"contact-events-poison": 0, "backfill-pages-poison": 0}
+
+
+def test_retry_of_an_invalid_wave_contact_rereads_it_after_it_was_fixed(sync_account: SyncAccount):
+    acct, wave = sync_account, sync_account.wave
+    ids = wave.seed(acct.account_id, 5)
+    bad_id = f"{ids[2]}_bad"
+    wave.put_raw(acct.account_id, {"id": bad_id, "version": 1, "first_name": ["not", "a", "string"]})
+    run = acct.api("POST", "/sync").json()["run_id"]
+    st = _done(acct, run, 60)
+    assert [f["contact_id"] for f in st["failures"]] == [bad_id] and st["counters"]["synced"] == 5
+    assert "first_name" in st["failures"][0]["reason"]
+    wave.put_raw(acct.account_id, {"id": bad_id, "version": 2, "first_name": "Fixed"})  # corrected in Wave
+    res = acct.api("POST", "/failures/retry")
+    assert res.status_code == 202
+    body = res.json()
+    assert body["requeued"] == 0 and body["backfill_run_id"]  # no snapshot to re-apply: Wave is read again
+    _done(acct, body["backfill_run_id"], 60)
+    wait_for(lambda: acct.row(bad_id), 30, what="the fixed contact in Dynamics")
+    assert acct.row(bad_id)["firstname"] == "Fixed"
+    assert wait_for(lambda: acct.status()["failures"] == [], 30, what="the failure to clear")

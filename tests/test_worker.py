@@ -219,3 +219,33 @@ def test_backfill_page_enqueues_the_next_cursor_and_a_rerun_writes_nothing(ctx, 
     assert result == "page" and report.written == 0 and report.unchanged == 1
     assert len(dataverse_sim.request_log()) == writes and ctx.queues.sent[-1][1]["page"] == 2
     assert ctx.connections.get(ctx.account).backfill.pages == 1
+
+
+def test_a_row_dynamics_refuses_is_recorded_as_validation_with_its_reason(ctx, dataverse_sim, dataverse_client):
+    """A row someone deactivated in Dynamics is read-only there: the update is refused (400), recorded
+    with Dynamics' reason, and not retried by itself."""
+    made = dataverse_client.upsert_contact("7d1c2a9e-0000-4000-8000-000000000001",
+                                           {"externaluseridentifier": "wavecnct_c_inactive", "firstname": "Old"})
+    dataverse_client.deactivate_contact(made.contactid)
+    assert worker.process(ctx, _put(ctx, "c_inactive", 1, first_name="New")) == "failed:validation"
+    [failure] = list(ctx.failures.all(ctx.account))
+    assert failure.category == "validation" and "inactive" in failure.reason.lower()
+    assert ctx.queues.sent == []  # not re-queued
+    assert _rows(dataverse_sim, "c_inactive")[0]["firstname"] == "Old"
+
+
+def test_backfill_records_the_records_dynamics_rejects_and_writes_the_rest(ctx, dataverse_sim, dataverse_client):
+    made = dataverse_client.upsert_contact("7d1c2a9e-0000-4000-8000-000000000002",
+                                           {"externaluseridentifier": "wavecnct_c_ro", "firstname": "Old"})
+    dataverse_client.deactivate_contact(made.contactid)  # read-only in Dynamics: its update is refused
+    run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+    page = [{"id": f"c_ok{i}", "version": 1, "first_name": f"ok{i}"} for i in range(6)]
+    page.insert(3, {"id": "c_ro", "version": 1, "first_name": "New"})
+    ctx.wave = StubWave({None: Page(page, None)})
+    result, report = backfill.run_page(ctx, PageMessage(ctx.account, "gen1", run_id, None, 1))
+    assert result == "done" and (report.written, report.failed) == (6, 1)
+    assert all(_rows(dataverse_sim, f"c_ok{i}") for i in range(6))
+    [failure] = list(ctx.failures.all(ctx.account))
+    assert failure.contact_id == "c_ro" and failure.category == "validation" and "inactive" in failure.reason
+    assert ctx.snapshots.get(ctx.account, "c_ro").version == 1  # kept for failures/retry
+    assert ctx.states.get(ctx.account, "c_ro").last_result == "failed:validation"
