@@ -37,7 +37,6 @@ class WebhookEvent:
     contact_id: str
     version: int
     contact: dict[str, Any]  # the validated snapshot (only known fields; absent = null)
-    created: int | None = None
 
     @property
     def deleted(self) -> bool:
@@ -117,13 +116,12 @@ def validate_event(doc: Any) -> WebhookEvent:
     event_type = body.get("type")
     if event_type not in EVENT_TYPES:
         raise SchemaError("type", f"must be one of {', '.join(EVENT_TYPES)}")
-    created = body.get("created")
-    if created is not None:
-        created = _int(created, "created")
+    if body.get("created") is not None:
+        _int(body["created"], "created")
     account_id = body.get("account_id")
     if not isinstance(account_id, str) or not valid_account_id(account_id):
         raise SchemaError("account_id", "must be a string of 1-64 characters A-Z a-z 0-9 _ -")
     data = _object(body.get("data"), "data")
     contact = validate_contact(data.get("contact"), "data.contact")
     return WebhookEvent(event_id=event_id, type=event_type, account_id=account_id, contact_id=contact["id"],
-                        version=contact["version"], contact=contact, created=created)
+                        version=contact["version"], contact=contact)

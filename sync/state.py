@@ -170,10 +170,6 @@ class ContactStateStore:
     def get_many(self, account_id: str, contact_ids: Iterable[str]) -> dict[str, ContactState]:
         return {k: _state_from(e) for k, e in query_rows(self.table, account_id, contact_ids).items()}
 
-    def all(self, account_id: str) -> list[ContactState]:
-        return [_state_from(e) for e in self.table.query_entities("PartitionKey eq @pk",
-                                                                   parameters={"pk": account_id})]
-
     def save(self, state: ContactState) -> ContactState:
         """Create (etag None) or replace only if unchanged since read; StateConflict otherwise."""
         state.updated_at = utcnow()
