@@ -25,9 +25,10 @@ from sync.rules import Applied, is_duplicate
 
 SNAPSHOTS, STATE, EVENTS = "contactsnapshots", "contactstate", "webhookevents"
 DEDUPE_DAYS = 7
-# A table string property holds 64 KiB (32K UTF-16 units); a snapshot is split over several.
-_CHUNK = 30_000
-_MAX_CHUNKS = 30
+# A table property holds 64 KiB and an entity 1 MiB: the snapshot's UTF-8 JSON (at most the 256 KiB
+# webhook body) is stored as binary chunks, whose size does not depend on which characters it holds.
+_CHUNK = 60_000
+_MAX_CHUNKS = 15
 # Table Storage allows at most 15 comparisons in one filter.
 _FILTER_KEYS = 14
 TRANSACTION_SIZE = 100
@@ -80,8 +81,8 @@ class SnapshotStore:
 
     def put_if_newer(self, account_id: str, contact: dict[str, Any], *, deleted: bool, event_id: str) -> bool:
         """Store the snapshot unless one with an equal or newer version is stored. True if stored."""
-        text = json.dumps(contact, separators=(",", ":"), ensure_ascii=False)
-        chunks = [text[i:i + _CHUNK] for i in range(0, len(text), _CHUNK)] or [""]
+        data = json.dumps(contact, separators=(",", ":"), ensure_ascii=False).encode()
+        chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
         if len(chunks) > _MAX_CHUNKS:
             raise ValueError("snapshot too large for a table row")
         entity = {"PartitionKey": account_id, "RowKey": contact["id"], "version": int(contact["version"]),
@@ -118,8 +119,8 @@ class SnapshotStore:
 
     @staticmethod
     def _from_entity(e: Any) -> Snapshot:
-        text = "".join(e[f"data{i}"] for i in range(int(e["chunks"])))
-        return Snapshot(e["PartitionKey"], e["RowKey"], int(e["version"]), bool(e["deleted"]), json.loads(text))
+        data = b"".join(bytes(e[f"data{i}"]) for i in range(int(e["chunks"])))
+        return Snapshot(e["PartitionKey"], e["RowKey"], int(e["version"]), bool(e["deleted"]), json.loads(data))
 
 
 # -- contact sync state ---------------------------------------------------------------------------

@@ -78,6 +78,13 @@ def test_older_snapshot_never_replaces_a_newer_one(url, account, tables):
     assert SnapshotStore(tables(SNAPSHOTS)).get(account, "c_b").deleted
 
 
+def test_a_body_near_the_size_limit_in_any_characters_is_stored(url, account, tables):
+    note = "\U0001F600" * 60_000  # 240,000 bytes of UTF-8, 120,000 UTF-16 units
+    res = post(url, json.dumps(event(account, "c_big", 1, note=note), ensure_ascii=False).encode())
+    assert res.status_code == 202, res.text
+    assert SnapshotStore(tables(SNAPSHOTS)).get(account, "c_big").contact["note"] == note
+
+
 def test_account_without_active_connection_is_dropped(url, tables):
     acct = f"acct_none_{uuid.uuid4().hex[:8]}"
     res = post(url, event(acct))
