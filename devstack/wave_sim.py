@@ -397,6 +397,8 @@ class WaveSimulator:
 
         class _Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # headers and body go out in separate writes: without this, Nagle + delayed ACK add ~40 ms
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:
                 pass
