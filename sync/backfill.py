@@ -74,6 +74,7 @@ def start_backfill(connections: ConnectionStore, queues: QueueSender, account_id
 # -- the page worker ------------------------------------------------------------------------------
 
 PAGE_SIZE = 500
+PAGE_FAILURE_PREFIX = "~backfill-page-"  # failure rows of a whole page; '~' is never in a Wave contact id
 
 
 @dataclass
@@ -190,7 +191,8 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
 
 
 def _fail_run(ctx: SyncContext, msg: PageMessage, category: str, reason: str) -> None:
-    ctx.failures.record(msg.account_id, f"backfill-page-{msg.page}", category, reason, generation=msg.generation)
+    ctx.failures.record(msg.account_id, f"{PAGE_FAILURE_PREFIX}{msg.page}", category, reason,
+                        generation=msg.generation)
 
     def mark(conn: Connection) -> bool:
         if conn.backfill.run_id != msg.run_id:
@@ -246,6 +248,10 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
         return True
 
     after = ctx.connections.update(msg.account_id, progress)
+    if page.next_cursor is None:  # a run that completes settles what earlier runs recorded as failed
+        for failure in ctx.failures.all(msg.account_id):
+            if failure.contact_id.startswith(PAGE_FAILURE_PREFIX):
+                ctx.failures.clear(msg.account_id, failure.contact_id)
     if page.next_cursor is not None and _live(after, msg):
         ctx.queues.send(BACKFILL_PAGES, PageMessage(msg.account_id, msg.generation, msg.run_id, page.next_cursor,
                                                     msg.page + 1).to_dict())

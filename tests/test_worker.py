@@ -249,3 +249,26 @@ def test_backfill_records_the_records_dynamics_rejects_and_writes_the_rest(ctx, 
     assert failure.contact_id == "c_ro" and failure.category == "validation" and "inactive" in failure.reason
     assert ctx.snapshots.get(ctx.account, "c_ro").version == 1  # kept for failures/retry
     assert ctx.states.get(ctx.account, "c_ro").last_result == "failed:validation"
+
+
+def test_wave_failing_fails_the_run_visibly_and_a_later_run_settles_it(ctx):
+    from sync.wave_api import WaveUnavailable
+
+    class DownWave:
+        def contacts_page(self, *args, **kwargs):
+            raise WaveUnavailable("Wave's contacts API answered 503")
+
+    run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+    ctx.wave = DownWave()
+    msg = PageMessage(ctx.account, "gen1", run_id, None, 1)
+    assert backfill.run_page(ctx, msg)[0] == "rescheduled:transient"
+    assert ctx.queues.sent[-1][1]["attempt"] == 1
+    last = dataclasses.replace(msg, attempt=MAX_TRANSIENT_ATTEMPTS - 1)
+    assert backfill.run_page(ctx, last)[0] == "failed"
+    assert ctx.connections.get(ctx.account).backfill.state == "failed"
+    [failure] = list(ctx.failures.all(ctx.account))
+    assert failure.category == "source" and "503" in failure.reason
+    run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+    ctx.wave = StubWave({None: Page([{"id": "c_after", "version": 1}], None)})
+    assert backfill.run_page(ctx, PageMessage(ctx.account, "gen1", run_id, None, 1))[0] == "done"
+    assert list(ctx.failures.all(ctx.account)) == []
