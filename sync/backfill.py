@@ -66,8 +66,7 @@ def start_backfill(connections: ConnectionStore, queues: QueueSender, account_id
     conn = started.get("conn")
     if conn is None:
         return None
-    queues.send(BACKFILL_PAGES, {"account_id": account_id, "generation": conn.generation, "run_id": run_id,
-                                 "cursor": None, "page": 1})
+    queues.send(BACKFILL_PAGES, PageMessage(account_id, conn.generation, run_id, None, 1).to_dict())
     return run_id
 
 
@@ -114,7 +113,9 @@ def _valid_contacts(ctx: SyncContext, conn: Connection, raw: list[Any], report: 
             else:
                 log.warning("backfill %s: a contact without a usable id was skipped (%s)", conn.account_id, exc)
             continue
-        valid[contact["id"]] = contact  # a repeated id on one page: the later snapshot wins
+        seen = valid.get(contact["id"])
+        if seen is None or contact["version"] > seen["version"]:  # a repeated id: the newest snapshot wins
+            valid[contact["id"]] = contact
     return valid
 
 
