@@ -65,6 +65,18 @@ def test_ten_duplicate_deliveries_make_one_row(sync_account: SyncAccount):
     assert acct.status()["counters"]["synced"] == 1
 
 
+def test_racing_workers_on_one_new_contact_make_one_row(sync_account: SyncAccount):
+    """Ten deliveries of one change with different event ids (not deduplicated at intake) put ten
+    messages in the queue at once; the workers that race to create the row converge on one."""
+    acct, wave = sync_account, sync_account.wave
+    event = wave.create_contact(acct.account_id, first_name="Race")
+    copies = [{**event, "id": f"evt_{uuid.uuid4().hex}"} for _ in range(10)]
+    assert wave.send(copies) == [202] * 10
+    _synced(acct, event["data"]["contact"]["id"], firstname="Race")
+    acct.drained()
+    assert len(acct.rows(event["data"]["contact"]["id"])) == 1
+
+
 def test_out_of_order_updates_newest_wins(sync_account: SyncAccount):
     acct, wave = sync_account, sync_account.wave
     events = [wave.create_contact(acct.account_id, first_name="v1")]
