@@ -272,3 +272,17 @@ def test_wave_failing_fails_the_run_visibly_and_a_later_run_settles_it(ctx):
     ctx.wave = StubWave({None: Page([{"id": "c_after", "version": 1}], None)})
     assert backfill.run_page(ctx, PageMessage(ctx.account, "gen1", run_id, None, 1))[0] == "done"
     assert list(ctx.failures.all(ctx.account)) == []
+
+
+def test_a_cached_owner_that_no_longer_exists_is_forgotten_and_the_contact_saved_without_it(
+        ctx, dataverse_sim, dataverse_client):
+    user = dataverse_sim.add_user("leaver@contoso.test")
+    member = {"id": "tm_l", "email": "leaver@contoso.test"}
+    assert worker.process(ctx, _put(ctx, "c_own1", 1, first_name="A", assigned_team_member=member)) == "synced"
+    assert _rows(dataverse_sim, "c_own1")[0]["_ownerid_value"] == user["systemuserid"]
+    with dataverse_sim.store.lock:  # the user is removed from Dynamics while the cache still names them
+        del dataverse_sim.store.users[user["systemuserid"]]
+    assert worker.process(ctx, _put(ctx, "c_own2", 1, first_name="B", assigned_team_member=member)) == "synced"
+    assert _rows(dataverse_sim, "c_own2")[0]["_ownerid_value"] != user["systemuserid"]
+    assert ctx.owners.resolve(dataverse_client, ctx.account, "gen1", ["leaver@contoso.test"]) == {
+        "leaver@contoso.test": None}
