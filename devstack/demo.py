@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -450,6 +451,14 @@ def print_summary(s: Summary) -> None:
         print(f"  PROBLEM {problem}")
 
 
+def key_file(stack: Stack) -> Path:
+    """The run's function key in a file only this user can read (never printed)."""
+    path = stack.dir / "function-key"
+    path.touch(mode=0o600)
+    path.write_text(stack.function_key + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the Wave -> Dynamics 365 sync on the local stack.")
     parser.add_argument("--contacts", type=int, default=5000, help="contacts seeded in Wave (default 5000)")
@@ -474,8 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"  {stack.admin_page_url(ACCOUNT)}   the account the demo connected\n"
                   f"  {stack.admin_page_url(TRY_ACCOUNT)}   250 contacts, not connected: connect it yourself\n"
                   f"    (instance URL {stack.dataverse_url}; the browser will warn about the local test CA)\n"
-                  f"  {stack.devhost_url}/api/connections/{ACCOUNT}   with header x-functions-key: "
-                  f"{stack.function_key}")
+                  f"  {stack.devhost_url}/api/connections/{ACCOUNT}   with header x-functions-key: the key in "
+                  f"{key_file(stack)}")
             with contextlib.suppress(KeyboardInterrupt):
                 threading.Event().wait()
         return 0 if summary.ok else 1
