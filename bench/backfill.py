@@ -99,11 +99,6 @@ class PageBreakdown:
     dataverse_ms: float  # the simulator's own time for every Web API request of the run
     elapsed_ms: float
 
-    @property
-    def between_pages_ms(self) -> float:
-        """Queue hand-over between pages (enqueue, polling, dequeue) plus sign-in and the status poll."""
-        return self.elapsed_ms - self.pages_ms
-
 
 def page_breakdown(stack: Stack, seconds: float) -> PageBreakdown:
     times = []
