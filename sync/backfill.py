@@ -1,19 +1,26 @@
 """Backfill: import every existing Wave contact of an account, one page per queue message.
 
 `start_backfill` opens a run and enqueues its first page; the page worker (the backfill-pages queue
-trigger) reads a page, writes it to Dataverse in bulk and enqueues the next cursor.
+trigger) reads a page, enqueues the next cursor at once, then writes its page to Dataverse in bulk, so
+several pages of a run are written side by side (up to the host's batchSize) while Dataverse's 429s
+pace them.
 
 Per page of up to 500 contacts, Dataverse sees: one lookup of the page's unknown contacts by external id,
 one lookup of the page's owners (skipped when all are cached), and the bulk upsert (one UpsertMultiple,
-or $batch requests of 100). Contact states are written in Table transactions of up to 100. Progress is
-saved on the connection (pages, contacts) before the next cursor is enqueued; a page that runs again
-(duplicate delivery, crash, Retry-After) writes only what is not yet applied, and never a backfill snapshot
-over a newer live one. A message of an older run or generation is a no-op.
+or $batch requests of 100). Contact states are written in Table transactions of up to 100.
+
+The run's progress lives on the connection's backfill record: the highest page whose successor is queued
+(so a page that runs again does not queue its successor twice), the pages done (out of order), and the
+last page once Wave has answered it without a next cursor; the run is done when every page up to the
+last is. A page that runs again (duplicate delivery, crash, Retry-After) writes only what is not yet
+applied, and never a backfill snapshot over a newer live one. A message of an older run or generation is
+a no-op.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import uuid
 from dataclasses import dataclass
@@ -21,7 +28,7 @@ from typing import Any
 
 import azure.functions as func
 
-from core.connections import Connection, ConnectionStore, utcnow
+from core.connections import Backfill, Connection, ConnectionStore, utcnow
 from core.failures import CATEGORIES
 from core.log import Timer, outcome
 from core.storage import BACKFILL_PAGES, CONTACT_EVENTS, QueueSender
@@ -56,9 +63,7 @@ def start_backfill(connections: ConnectionStore, queues: QueueSender, account_id
         started.clear()
         if not conn.active:
             return False
-        conn.backfill.state, conn.backfill.run_id = "running", run_id
-        conn.backfill.pages = conn.backfill.contacts = 0
-        conn.backfill.started_at, conn.backfill.finished_at = utcnow(), None
+        conn.backfill = Backfill(state="running", run_id=run_id, started_at=utcnow())
         started["conn"] = conn
         return True
 
@@ -91,6 +96,47 @@ def _live(conn: Connection | None, msg: PageMessage) -> bool:
             and conn.backfill.state == "running")
 
 
+def _done_after(b: Backfill) -> set[int]:
+    return {int(p) for p in b.done_after.split(",") if p}
+
+
+def _page_done(b: Backfill, page: int) -> bool:
+    return page <= b.done_upto or page in _done_after(b)
+
+
+def _mark_done(b: Backfill, page: int) -> bool:
+    """Record `page` as done; False if it already was."""
+    if _page_done(b, page):
+        return False
+    after = _done_after(b) | {page}
+    while b.done_upto + 1 in after:
+        b.done_upto += 1
+        after.discard(b.done_upto)
+    b.done_after = ",".join(str(p) for p in sorted(after))
+    return True
+
+
+def _adjacent(ids: list[str]) -> bool:
+    """Ids in ascending order: Wave lists contacts by id, so the page is a slice of the account's ids
+    and its states can be read with one range query."""
+    return all(a < b for a, b in itertools.pairwise(ids))
+
+
+def _queue_next(ctx: SyncContext, msg: PageMessage, cursor: str) -> None:
+    """Queue the next page, then note that it is queued. A crash in between queues it twice at worst,
+    which is harmless: a page that runs twice writes nothing new."""
+    ctx.queues.send(BACKFILL_PAGES, PageMessage(msg.account_id, msg.generation, msg.run_id, cursor,
+                                                msg.page + 1).to_dict())
+
+    def mark(c: Connection) -> bool:
+        if not _live(c, msg) or c.backfill.queued >= msg.page:
+            return False
+        c.backfill.queued = msg.page
+        return True
+
+    ctx.connections.update(msg.account_id, mark)
+
+
 def _valid_contacts(ctx: SyncContext, conn: Connection, raw: list[Any], report: PageReport
                     ) -> dict[str, dict[str, Any]]:
     """The page's valid contacts by id; an invalid one is recorded as failed (if it has a usable id)."""
@@ -121,13 +167,17 @@ def _valid_contacts(ctx: SyncContext, conn: Connection, raw: list[Any], report: 
 
 def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str, Any]], report: PageReport) -> None:
     account, generation = conn.account_id, conn.generation
-    states = ctx.states.get_many(account, contacts)
-    pending = ctx.snapshots.versions(account, contacts)
+    adjacent = _adjacent(list(contacts))
+    states = ctx.states.get_many(account, contacts, adjacent=adjacent)
+    pending = ctx.snapshots.versions(account, contacts, adjacent=adjacent)
     todo = {cid: c for cid, c in contacts.items()
             if backfill_writes(c["version"], states[cid].applied if cid in states else None, pending.get(cid))}
     report.unchanged += len(contacts) - len(todo)
     if not todo:
         return
+    wait = penalties.remaining(account)
+    if wait > 0:  # another page was throttled moments ago: calling now would extend the penalty
+        raise Throttled("held back while Dataverse throttles this connection", retry_after=wait)
     dv = ctx.dataverse(conn)
     before = getattr(dv, "_requests_made", 0)
     owners = ctx.owners.resolve(dv, account, generation, [owner_email(c) for c in todo.values()])
@@ -210,11 +260,17 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
     conn = ctx.connections.get(msg.account_id)
     if not _live(conn, msg):
         return "dropped:stale_run", report
-    if conn.backfill.pages > msg.page or (conn.backfill.pages == msg.page and dequeue_count <= 1):
-        return "dropped:page_done", report  # a duplicate of a page that completed (and queued its successor)
+    if _page_done(conn.backfill, msg.page) and dequeue_count <= 1:
+        return "dropped:page_done", report  # a duplicate of a page that completed (its successor is queued)
+    wait = penalties.remaining(msg.account_id)
+    if wait > 0:  # Dataverse throttles this connection: come back when the penalty is over
+        ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=throttle_delay(wait))
+        return "rescheduled:throttled", report
     try:
         page = ctx.wave.contacts_page(msg.account_id, msg.cursor, PAGE_SIZE)
         report.contacts = len(page.contacts)
+        if page.next_cursor is not None and conn.backfill.queued < msg.page:
+            _queue_next(ctx, msg, page.next_cursor)  # the next page runs while this one is written
         contacts = _valid_contacts(ctx, conn, page.contacts, report)
         _write_page(ctx, conn, contacts, report)
     except ReauthRequired:
@@ -239,24 +295,27 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
 
     ctx.connections.add_counts(msg.account_id, msg.generation, synced=report.written, failed=report.failed,
                                skipped=report.unchanged)
+    finished: list[bool] = []
 
     def progress(c: Connection) -> bool:
-        if not _live(c, msg) or c.backfill.pages >= msg.page:
+        finished.clear()
+        b = c.backfill
+        if not _live(c, msg) or not _mark_done(b, msg.page):
             return False
-        c.backfill.pages, c.backfill.contacts = msg.page, c.backfill.contacts + report.contacts
+        b.pages, b.contacts = b.pages + 1, b.contacts + report.contacts
         if page.next_cursor is None:
-            c.backfill.state, c.backfill.finished_at = "done", utcnow()
+            b.last_page = msg.page
+        if b.last_page and b.done_upto >= b.last_page:  # every page of the run is done
+            b.state, b.finished_at = "done", utcnow()
+            finished.append(True)
         return True
 
-    after = ctx.connections.update(msg.account_id, progress)
-    if page.next_cursor is None:  # a run that completes settles what earlier runs recorded as failed
+    ctx.connections.update(msg.account_id, progress)
+    if finished:  # a run that completes settles what earlier runs recorded as failed
         for failure in ctx.failures.all(msg.account_id):
             if failure.contact_id.startswith(PAGE_FAILURE_PREFIX):
                 ctx.failures.clear(msg.account_id, failure.contact_id)
-    if page.next_cursor is not None and _live(after, msg):
-        ctx.queues.send(BACKFILL_PAGES, PageMessage(msg.account_id, msg.generation, msg.run_id, page.next_cursor,
-                                                    msg.page + 1).to_dict())
-    return ("done" if page.next_cursor is None else "page"), report
+    return ("done" if finished else "page"), report
 
 
 @bp.function_name("backfill_worker")

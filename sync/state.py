@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -53,15 +54,44 @@ def _rowkey_filter(keys: list[str]) -> tuple[str, dict[str, str]]:
     return f"PartitionKey eq @pk and ( {clause} )", params
 
 
-def query_rows(table: TableClient, account_id: str, keys: Iterable[str]) -> dict[str, Any]:
-    """Entities of one partition by RowKey, a few keys per request."""
+# Table requests of one page run side by side: each is mostly waiting on the storage service (and, for
+# transactions, the SDK building and parsing multipart bodies), so a few threads overlap them.
+_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tables")
+
+
+def query_rows(table: TableClient, account_id: str, keys: Iterable[str],
+               select: list[str] | None = None) -> dict[str, Any]:
+    """Entities of one partition by RowKey, a few keys per request, the requests side by side.
+
+    Table Storage answers an OR of RowKeys by scanning the partition, so for many keys that sit next to
+    each other in RowKey order prefer `query_range`."""
     keys = sorted(set(keys))
-    found: dict[str, Any] = {}
-    for start in range(0, len(keys), _FILTER_KEYS):
-        flt, params = _rowkey_filter(keys[start:start + _FILTER_KEYS])
-        for entity in table.query_entities(flt, parameters={"pk": account_id, **params}):
-            found[entity["RowKey"]] = entity
-    return found
+
+    def one(chunk: list[str]) -> list[Any]:
+        flt, params = _rowkey_filter(chunk)
+        return list(table.query_entities(flt, parameters={"pk": account_id, **params}, select=select))
+
+    chunks = [keys[start:start + _FILTER_KEYS] for start in range(0, len(keys), _FILTER_KEYS)]
+    results = [one(chunks[0])] if len(chunks) == 1 else list(_POOL.map(one, chunks))
+    return {entity["RowKey"]: entity for rows in results for entity in rows}
+
+
+def query_range(table: TableClient, account_id: str, keys: Iterable[str],
+                select: list[str] | None = None) -> dict[str, Any]:
+    """Entities of one partition by RowKey with one range query from the smallest key to the largest.
+
+    Only for keys that are (nearly) adjacent in RowKey order, such as one page of a listing sorted by id:
+    everything between the two ends is read, so scattered keys would read the whole partition."""
+    wanted = set(keys)
+    if not wanted:
+        return {}
+    rows = table.query_entities("PartitionKey eq @pk and RowKey ge @lo and RowKey le @hi", select=select,
+                                parameters={"pk": account_id, "lo": min(wanted), "hi": max(wanted)})
+    return {entity["RowKey"]: entity for entity in rows if entity["RowKey"] in wanted}
+
+
+def _lookup(adjacent: bool) -> Any:
+    return query_range if adjacent else query_rows
 
 
 # -- snapshots ------------------------------------------------------------------------------------
@@ -113,8 +143,9 @@ class SnapshotStore:
         except ResourceNotFoundError:
             return None
 
-    def versions(self, account_id: str, contact_ids: Iterable[str]) -> dict[str, int]:
-        rows = query_rows(self.table, account_id, contact_ids)
+    def versions(self, account_id: str, contact_ids: Iterable[str], *, adjacent: bool = False) -> dict[str, int]:
+        """Stored snapshot versions by contact id (`adjacent`: the ids are neighbours in id order)."""
+        rows = _lookup(adjacent)(self.table, account_id, contact_ids, select=["RowKey", "version"])
         return {key: int(row["version"]) for key, row in rows.items()}
 
     @staticmethod
@@ -168,8 +199,10 @@ class ContactStateStore:
         except ResourceNotFoundError:
             return None
 
-    def get_many(self, account_id: str, contact_ids: Iterable[str]) -> dict[str, ContactState]:
-        return {k: _state_from(e) for k, e in query_rows(self.table, account_id, contact_ids).items()}
+    def get_many(self, account_id: str, contact_ids: Iterable[str], *, adjacent: bool = False
+                 ) -> dict[str, ContactState]:
+        """States by contact id (`adjacent`: the ids are neighbours in id order, one range query)."""
+        return {k: _state_from(e) for k, e in _lookup(adjacent)(self.table, account_id, contact_ids).items()}
 
     def save(self, state: ContactState) -> ContactState:
         """Create (etag None) or replace only if unchanged since read; StateConflict otherwise."""
@@ -186,14 +219,13 @@ class ContactStateStore:
         return state
 
     def save_many(self, states: list[ContactState]) -> list[ContactState]:
-        """Save one partition's states in transactions of up to 100; returns the ones that conflicted.
+        """Save one partition's states in transactions of up to 100, sent side by side; returns the ones
+        that conflicted.
 
         A transaction is all or nothing, so a chunk that hits a conflict is retried row by row to find
         which contacts another writer touched.
         """
-        conflicts: list[ContactState] = []
-        for start in range(0, len(states), TRANSACTION_SIZE):
-            chunk = states[start:start + TRANSACTION_SIZE]
+        def one(chunk: list[ContactState]) -> list[ContactState]:
             now = utcnow()
             ops: list[Any] = []
             for s in chunk:
@@ -205,13 +237,20 @@ class ContactStateStore:
                                                        "match_condition": MatchConditions.IfNotModified}))
             try:
                 self.table.submit_transaction(ops)
+                return []
             except TableTransactionError:
+                conflicts = []
                 for s in chunk:
                     try:
                         self.save(s)
                     except StateConflict:
                         conflicts.append(s)
-        return conflicts
+                return conflicts
+
+        chunks = [states[start:start + TRANSACTION_SIZE] for start in range(0, len(states), TRANSACTION_SIZE)]
+        if len(chunks) <= 1:
+            return one(chunks[0]) if chunks else []
+        return [s for conflicts in _POOL.map(one, chunks) for s in conflicts]
 
 
 # -- webhook event dedupe -------------------------------------------------------------------------
