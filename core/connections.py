@@ -55,6 +55,11 @@ class Backfill:
     contacts: int = 0
     started_at: str | None = None
     finished_at: str | None = None
+    # Pages run side by side (sync/backfill.py): which are done, and how far the chain of cursors got.
+    queued: int = 0  # the highest page whose successor is queued
+    done_upto: int = 0  # every page up to this one is done ...
+    done_after: str = ""  # ... and these later ones ("7,9")
+    last_page: int = 0  # the page Wave answered without a next cursor (0: not read yet)
 
 
 @dataclass
