@@ -221,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     args.load_before = os.getloadavg()[0]
 
     limits = LimitSettings(args.window)
-    print(f"starting the local stack (limits scaled to a {args.window:g} s window; logs in .devstack/bench/)")
+    print(f"starting the local stack (limits scaled to a {args.window:g} s window)")
     with Stack(StackOptions(name="bench", dataverse_args=limits.simulator_args())) as stack:
+        print(f"logs in {stack.dir.relative_to(ROOT)}/")
         best, cfg = ceiling(stack)
         print(f"ceiling the limits allow: {best:,.0f} contacts/s")
         print(f"(a) baselines, {args.baseline_seconds:g} s each")

@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import requests
 
 from devstack.stack import (
+    ROOT,
     Stack,
     StackOptions,
     dataverse_add_user,
@@ -466,8 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-running", action="store_true", help="leave the stack running until Ctrl-C")
     args = parser.parse_args(argv)
 
-    print("starting the local stack (logs in .devstack/demo/)")
+    print("starting the local stack")
     with Stack(StackOptions(name="demo")) as stack:
+        print(f"  logs       {stack.dir.relative_to(ROOT)}/")
         print(f"  dev host   {stack.devhost_url}/api/")
         print(f"  admin page {stack.admin_page_url(ACCOUNT)}")
         print(f"  Dataverse  {stack.dataverse_url}   Wave {stack.wave_url}   Entra {stack.entra_authority}")

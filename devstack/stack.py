@@ -2,7 +2,8 @@
 
 Azurite, the Entra stand-in (oauth2-mock-server), the Key Vault, Dataverse and Wave simulators, and the
 dev host serving function_app.py (`python -m devstack.devhost`) with the environment the app reads in
-Azure plus the development overrides. Each process logs to .devstack/<run>/<name>.log. The dev host
+Azure plus the development overrides. Each process logs to .devstack/<run>/<name>.log (or
+.devstack/<run>-<pid>/ while another live process uses that folder). The dev host
 can be killed (SIGKILL) and restarted on demand, which is what the chaos test does.
 
     with Stack(StackOptions(...)) as stack:
@@ -109,8 +110,11 @@ class Stack:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> Stack:
+        if _held_by_another_process(self.dir):  # a concurrent run (another terminal, another engineer)
+            self.dir = self.dir.with_name(f"{self.dir.name}-{os.getpid()}")
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
+        (self.dir / "owner.pid").write_text(str(os.getpid()))
         try:
             self.certs = make_certs(STATE_DIR / "certs")
             self.azurite = start_azurite(log_file=self.dir / "azurite.log")
@@ -253,6 +257,23 @@ class Stack:
         dead = [f"{p.name} (exit {p.proc.returncode}, log {p.log})" for p in self.procs.values() if not p.alive()]
         if dead:
             raise StackError("stack processes died: " + ", ".join(dead))
+
+
+def _held_by_another_process(directory: Path) -> bool:
+    """True while another live process runs a stack out of `directory` (its logs must not be wiped)."""
+    try:
+        pid = int((directory / "owner.pid").read_text())
+    except (OSError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def tail(path: Path, lines: int = 20) -> str:
