@@ -28,27 +28,28 @@ from devstack.stack import ROOT, Stack, StackOptions
 from devstack.wave_sim import WebhookSender
 
 ACCOUNT = "acct_bench"
-# From profiling the dev host during a backfill (py-spy record -p <dev host pid>, 50 Hz, 6,000 contacts) and
-# timing the same queries against Azurite alone; see the report for who acts on it.
+# Findings from profiling the dev host during backfills (py-spy record -p <dev host pid>) and from timing
+# Table queries against Azurite alone, for the reader of BENCHMARKS.md.
 ANALYSIS = [
-    "Profile of the page handler (py-spy on the dev host, 6,000-contact backfill): about 94% of a page's time "
-    "is in `_write_page`, and most of that is Table Storage, not Dataverse:",
+    "How the backfill got here, and what is left (profiles: `py-spy record -p <dev host pid>` during a backfill):",
     "",
-    "- ~42%: looking up the page's contact states and snapshots (`ContactStateStore.get_many`, "
-    "`SnapshotStore.versions`): 14 RowKeys per query (`RowKey eq @k0 or ...`), so 36 sequential queries per "
-    "lookup and page. Table Storage answers an OR of RowKeys with a scan of the partition (Azurite likewise), "
-    "so the cost grows with the account's size: against a 20,000-row partition in Azurite the 36 queries take "
-    "0.9 s, one `RowKey ge first and RowKey le last` range query over the same 500 sorted ids 0.05-0.08 s.",
-    "- ~41%: writing the page's states (`ContactStateStore.save_many`): 5 entity-group transactions of 100, "
-    "one after another, each mostly the SDK building and parsing multipart bodies.",
-    "- The Dataverse simulator spends ~30 ms per 500-row UpsertMultiple: the limits never bite (0 x 429), "
-    "the pipeline is not waiting on Dataverse.",
-    "",
-    "What would reach the targets (the page worker's owner decides): look states up with one RowKey range "
-    "query per page (or point reads in parallel); submit the page's transactions concurrently; and overlap "
-    "pages (enqueue the next cursor right after reading the Wave page, so pages run in parallel up to the "
-    "host's batchSize and Dataverse's 429s become the regulator). host.json `maxPollingInterval` 2 s -> 0.5 s "
-    "already removed most of the idle time between pages (147 -> 214 contacts/s on 5,000 contacts).",
+    "- First measurement: pages one after another, each enqueuing the next cursor when done, 147 contacts/s "
+    "on 5,000 (37% of the ceiling, 0 x 429: Dataverse was never the limit). host.json `maxPollingInterval` "
+    "2 s -> 0.5 s removed most of the idle time between pages (214/s). The profile then put ~94% of a page in "
+    "`_write_page` and most of that in Table Storage: ~42% looking up states and snapshots with 36 queries of "
+    "14 OR-ed RowKeys per page (Table Storage and Azurite scan the partition for those, so pages got slower "
+    "as the account grew: 1.7 s -> 4.2 s per page over 20,000 contacts; against a 20,000-row partition the "
+    "36 queries take 0.9 s, one RowKey range query 0.05-0.08 s), ~41% writing 5 state transactions one "
+    "after another, while Dataverse took ~30 ms per 500-row UpsertMultiple.",
+    "- The page worker's owner then changed it (commit 2c35308): the next cursor is queued right after the "
+    "Wave read so pages run side by side, states are read with one RowKey range query, transactions go out "
+    "concurrently. Dataverse's limits now regulate the run: it meets 429s (execution time), as the table shows.",
+    "- What is left between this and 100%: a page that meets a 429 is re-queued for Retry-After x (1 + a "
+    "random 0-1 jitter), on average 1.5 times what the limit asks, so part of each window's budget goes "
+    "unused; and Azurite is busy (about half a core during a 20,000-contact backfill on this 2-core machine, "
+    "shared with everything else). 20x the naive baseline needs ~93% of the ceiling: a smaller jitter, or "
+    "one shared retry time per connection instead of a random one per page, is where that would come from "
+    "(Microsoft says not to drive logic from the x-ms-ratelimit headers).",
 ]
 
 
