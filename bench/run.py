@@ -113,7 +113,7 @@ def fmt_run(run: Run, best: float) -> str:
             f"{run.requests_per_contact:.3f} | {run.throttled:,} | {run.per_second / best:.0%} |")
 
 
-def report(args: argparse.Namespace, limits: LimitSettings, best: float, cfg: dict, runs: list[Run],
+def report(args: argparse.Namespace, best: float, cfg: dict, runs: list[Run],
            intake: IntakeResult | None, cold: float | None, latencies: list[float], command: str) -> str:
     pipeline = runs[0]
     naive = next((r for r in runs if r.name.startswith("naive")), None)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         intake = run_intake(stack, ACCOUNT, requests=args.intake)
         print(f"  {intake.per_second:,.0f} requests/s, CPU {intake.app_cpu_ms:.2f} ms (app) + "
               f"{intake.storage_cpu_ms:.2f} ms (Azurite) per request")
-    text = report(args, limits, best, cfg, [pipeline, naive, batch10], intake, cold, latencies, command)
+    text = report(args, best, cfg, [pipeline, naive, batch10], intake, cold, latencies, command)
     print()
     print(text)
     if not args.no_write:
