@@ -25,7 +25,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -38,6 +37,7 @@ from azure.storage.queue import QueueClient
 
 from core.log import Timer, outcome
 from core.storage import ensure_queue
+from devstack.http_server import make_server
 
 log = logging.getLogger("devhost")
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,8 +310,7 @@ class DevHost:
             QueuePump(fn, connection_strings[fn.connection], self.options, lease_seconds)
             for fn in self.queue_functions
         ]
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
-        self.server.daemon_threads = True
+        self.server = make_server(self.dispatch, "127.0.0.1", port)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, name="devhost-http", daemon=True)
 
@@ -402,34 +401,6 @@ class DevHost:
             return 500, {}, b""
         outcome(log, "admin", "invoked", function=fn.name, ms=timer.ms)
         return 202, {}, b""
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        host = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # headers and body go out in separate writes: without this, Nagle + delayed ACK add ~40 ms
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                status, out_headers, payload = host.dispatch(self.command, self.path, headers, body)
-                self.send_response(status)
-                for key, value in out_headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _serve
-
-        return Handler
 
 
 def load_local_settings(path: Path) -> None:

@@ -21,17 +21,17 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import ssl
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
+
+from devstack.http_server import make_server
 
 RESOURCE = "https://vault.azure.net"
 NAME_RE = re.compile(r"^[0-9A-Za-z-]{1,127}$")
@@ -89,11 +89,7 @@ class KeyVaultSimulator:
         self.requests: list[RequestRecord] = []
         self.tokens_seen: set[str] = set()
         self.forbidden = False  # True: every call answers 403, as when the caller lacks its RBAC role
-        self.httpd = ThreadingHTTPServer((host, port), self._handler())
-        self.httpd.daemon_threads = True
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(certfile), str(keyfile))
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.httpd = make_server(self.dispatch, host, port, certfile=certfile, keyfile=keyfile)
         self.url = f"https://{host}:{self.httpd.server_address[1]}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="keyvault-sim", daemon=True)
 
@@ -338,40 +334,19 @@ class KeyVaultSimulator:
                       scheduledPurgeDate=gone.scheduled_purge_date)
         return bundle
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        sim = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                base = f"https://{self.headers.get('Host', '')}"
-                try:
-                    status, payload, extra = sim.handle(self.command, self.path, headers, body, base)
-                except Exception as exc:  # a simulator bug must show as a 500, as a service fault would
-                    status, payload, extra = 500, _error("InternalServerError", type(exc).__name__), {}
-                sim.requests.append(RequestRecord(self.command, urlsplit(self.path).path,
-                                                  "authorization" in headers, status))
-                raw = b"" if payload is None else json.dumps(payload).encode()
-                self.send_response(status)
-                for key, value in extra.items():
-                    self.send_header(key, value)
-                if payload is not None:
-                    self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("x-ms-keyvault-service-version", "1.9.0.0")
-                self.send_header("Content-Length", str(len(raw)))
-                self.end_headers()
-                self.wfile.write(raw)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
-
-        return Handler
+    def dispatch(self, method: str, path: str, headers: dict[str, str], body: bytes
+                 ) -> tuple[int, dict[str, str], bytes]:
+        base = f"https://{headers.get('host', '')}"
+        try:
+            status, payload, extra = self.handle(method, path, headers, body, base)
+        except Exception as exc:  # a simulator bug must show as a 500, as a service fault would
+            status, payload, extra = 500, _error("InternalServerError", type(exc).__name__), {}
+        self.requests.append(RequestRecord(method, urlsplit(path).path, "authorization" in headers, status))
+        out = dict(extra)
+        if payload is not None:
+            out["Content-Type"] = "application/json; charset=utf-8"
+        out["x-ms-keyvault-service-version"] = "1.9.0.0"
+        return status, out, b"" if payload is None else json.dumps(payload).encode()
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

@@ -40,12 +40,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import requests
 
+from devstack.http_server import make_server
 from sync.signature import HEADER, signature_header
 
 Response = tuple[int, dict[str, str], bytes]
@@ -162,8 +162,7 @@ class WaveSimulator:
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self.mounts: list[Callable[[str, str, bytes], Response | None]] = []
         self._add_routes()
-        self.server = ThreadingHTTPServer((host, port), self._handler_class())
-        self.server.daemon_threads = True
+        self.server = make_server(self.dispatch, host, port)
         self.url = f"http://{host}:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, name="wave-sim", daemon=True)
 
@@ -391,33 +390,6 @@ class WaveSimulator:
             if answer is not None:
                 return answer
         return _error(404, "not_found", f"no route for {method} {parts.path}")
-
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        sim = self
-
-        class _Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            # headers and body go out in separate writes: without this, Nagle + delayed ACK add ~40 ms
-            disable_nagle_algorithm = True
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                status, out, payload = sim.dispatch(self.command, self.path, headers, body)
-                self.send_response(status)
-                for key, value in out.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
-
-        return _Handler
 
 
 def main(argv: list[str] | None = None) -> int:
