@@ -22,8 +22,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import math
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -183,10 +181,8 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
     if not todo:
         return
     wait = penalties.remaining(account)
-    if wait > EARLY_SECONDS:  # another page was throttled moments ago: calling now would extend the penalty
+    if wait > 0:  # another page was throttled moments ago: calling now would extend the penalty
         raise Throttled("held back while Dataverse throttles this connection", retry_after=wait)
-    if wait > 0:  # a page that came back early (see _reschedule_throttled) writes the moment the penalty ends
-        time.sleep(wait)
     dv = ctx.dataverse(conn)
     before = getattr(dv, "_requests_made", 0)
     owners = ctx.owners.resolve(dv, account, generation, [owner_email(c) for c in todo.values()])
@@ -250,18 +246,6 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
             ctx.failures.clear(account, cid)
 
 
-# A throttled page comes back this long before Dataverse's penalty ends, reads its Wave page and states
-# meanwhile, and sends its first Dataverse request only once the penalty is over (waiting out the rest
-# inline, as the Dataverse client itself does for a Retry-After this short). Coming back exactly at the
-# end instead left the limits unused for as long as a page takes to prepare, every time.
-EARLY_SECONDS = 2.0
-
-
-def _reschedule_throttled(ctx: SyncContext, msg: PageMessage, retry_after: float | None) -> None:
-    wait = throttle_delay(retry_after)
-    ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=max(1, math.ceil(wait - EARLY_SECONDS)))
-
-
 def _fail_run(ctx: SyncContext, msg: PageMessage, category: str, reason: str) -> None:
     ctx.failures.record(msg.account_id, f"{PAGE_FAILURE_PREFIX}{msg.page}", category, reason,
                         generation=msg.generation)
@@ -287,8 +271,8 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
         ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=1)
         return "rescheduled:ahead", report
     wait = penalties.remaining(msg.account_id)
-    if wait > EARLY_SECONDS:  # Dataverse throttles this connection: come back when the penalty is over
-        _reschedule_throttled(ctx, msg, wait)
+    if wait > 0:  # Dataverse throttles this connection: come back when the penalty is over
+        ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=throttle_delay(wait))
         return "rescheduled:throttled", report
     try:
         page = ctx.wave.contacts_page(msg.account_id, msg.cursor, PAGE_SIZE)
@@ -300,12 +284,10 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
     except ReauthRequired:
         _fail_run(ctx, msg, "auth", "Microsoft no longer accepts the connection's sign-in; reconnect to finish")
         return "dropped:needs_reauth", report
-    except WaveThrottled as exc:
+    except (WaveThrottled, Throttled) as exc:
+        if isinstance(exc, Throttled):
+            penalties.note(msg.account_id, exc.retry_after)
         ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=throttle_delay(exc.retry_after))
-        return "rescheduled:throttled", report
-    except Throttled as exc:
-        penalties.note(msg.account_id, exc.retry_after)
-        _reschedule_throttled(ctx, msg, exc.retry_after)
         return "rescheduled:throttled", report
     except (WaveUnavailable, Transient, AuthExpired, TokenUnavailable) as exc:
         if msg.attempt + 1 < MAX_TRANSIENT_ATTEMPTS:

@@ -58,8 +58,8 @@ def _rowkey_filter(keys: list[str]) -> tuple[str, dict[str, str]]:
     return f"PartitionKey eq @pk and ( {clause} )", params
 
 
-# Table requests of one page run side by side: each is mostly waiting on the storage service (and, for
-# transactions, the SDK building and parsing multipart bodies), so a few threads overlap them.
+# A page's Table requests run side by side: each mostly waits on the storage service, so a few threads
+# overlap them.
 _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="tables")
 
 
