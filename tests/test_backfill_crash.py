@@ -5,7 +5,6 @@ The whole stack runs as separate processes (devstack/stack.py) so the host can r
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -15,6 +14,7 @@ from azure.storage.queue import QueueClient
 
 from devstack.demo import connect, status
 from devstack.stack import Stack, StackOptions, dataverse_control, dataverse_rows
+from tests.fixtures.sync import wait_for
 
 ACCOUNT = "acct_backfill_crash"
 CONTACTS = 1200  # three pages of 500
@@ -27,15 +27,6 @@ def stack() -> Iterator[Stack]:
         yield s
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def test_backfill_killed_mid_page_resumes_without_duplicates_or_gaps(stack: Stack) -> None:

@@ -29,6 +29,7 @@ from azure.storage.queue import QueueClient
 from devstack.demo import TEAM, compare, connect, seed_dynamics_users, wave_change, wave_delete, wave_state
 from devstack.stack import Stack, StackOptions, dataverse_control, dataverse_rows, dataverse_users
 from devstack.wave_sim import WebhookSender
+from tests.fixtures.sync import wait_for
 
 SCALE = max(1, int(os.environ.get("CHAOS_SCALE", "1")))
 ACCOUNT = "acct_chaos"
@@ -135,14 +136,6 @@ def backfill_state(stack: Stack) -> dict[str, Any]:
     return res.json()["backfill"]
 
 
-def wait_for(condition, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f} s waiting for {what}"
-        time.sleep(interval)
 
 
 def test_dynamics_equals_wave_after_faults_duplicates_shuffles_and_a_killed_host(stack: Stack) -> None:
