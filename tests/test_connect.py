@@ -10,22 +10,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from core.connections import ConnectionStore
 from core.settings import StorageSettings
-from core.storage import Tables
 from devstack.dataverse_sim import ADMIN_PRIVILEGES
 from tests.fixtures.identity import RETURN_URL, api, callback, connect_account, connect_body, sign_in, status
 from tests.test_instance_url import HOSTILE_INSTANCE_URLS
-
-
-@pytest.fixture(scope="module")
-def tables(azurite) -> Tables:
-    return Tables(StorageSettings(connection_string=azurite.connection_string))
-
-
-@pytest.fixture(scope="module")
-def store(tables) -> ConnectionStore:
-    return ConnectionStore(tables("connections"))
 
 
 def _account() -> str:

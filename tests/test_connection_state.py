@@ -9,13 +9,6 @@ import pytest
 
 from core.connections import CONNECTED, ConcurrencyError, Connection, ConnectionStore
 from core.failures import FailureStore
-from core.settings import StorageSettings
-from core.storage import Tables
-
-
-@pytest.fixture(scope="module")
-def tables(azurite):
-    return Tables(StorageSettings(connection_string=azurite.connection_string))
 
 
 def _account() -> str:

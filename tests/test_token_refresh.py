@@ -10,22 +10,10 @@ import pytest
 import requests
 
 from core.connections import ConnectionStore
-from core.settings import StorageSettings
-from core.storage import Tables
 from oauth.errors import ReauthRequired
 from oauth.token_store import TokenStore
 from tests.fixtures.identity import api, connect_account, connect_body, status
 from tests.fixtures.stack import MASTER_KEY
-
-
-@pytest.fixture(scope="module")
-def tables(azurite) -> Tables:
-    return Tables(StorageSettings(connection_string=azurite.connection_string))
-
-
-@pytest.fixture(scope="module")
-def store(tables) -> ConnectionStore:
-    return ConnectionStore(tables("connections"))
 
 
 def _account() -> str:

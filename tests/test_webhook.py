@@ -13,18 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.connections import CONNECTED, Connection, ConnectionStore
-from core.settings import StorageSettings
-from core.storage import Tables
 from sync.events import MAX_BODY_BYTES
 from sync.signature import HEADER, sign, signature_header
 from sync.state import EVENTS, SNAPSHOTS, SnapshotStore
 
 SECRETS = ["whsec_test_current_0123456789", "whsec_test_previous_0123456789"]
-
-
-@pytest.fixture(scope="module")
-def tables(azurite):
-    return Tables(StorageSettings(connection_string=azurite.connection_string))
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import pytest
 
 from core.connections import CONNECTED, Connection, ConnectionStore
 from core.failures import FailureStore
-from core.settings import StorageSettings
-from core.storage import BACKFILL_PAGES, CONTACT_EVENTS, Tables
+from core.storage import BACKFILL_PAGES, CONTACT_EVENTS
 from devstack.dataverse_sim import Fault
 from sync import backfill, worker
 from sync.context import SyncContext
@@ -42,11 +41,6 @@ class StubWave:
     def contacts_page(self, account_id: str, cursor: str | None, limit: int = 500) -> Page:
         self.calls += 1
         return self.pages[cursor]
-
-
-@pytest.fixture(scope="module")
-def tables(azurite) -> Tables:
-    return Tables(StorageSettings(connection_string=azurite.connection_string))
 
 
 @pytest.fixture
