@@ -392,22 +392,33 @@ class WaveSimulator:
         return _error(404, "not_found", f"no route for {method} {parts.path}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Wave simulator: contacts API, webhook sender, control API")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The simulator's command-line options (shared with `python -m devstack.wave_admin`)."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7081)
     parser.add_argument("--token", default="wave-api-token")
     parser.add_argument("--secrets", default="whsec_dev", help="comma-separated webhook signing secrets")
     parser.add_argument("--webhook-url", default=None)
-    args = parser.parse_args(argv)
-    sim = WaveSimulator(token=args.token, secrets=args.secrets.split(","), webhook_url=args.webhook_url,
-                        host=args.host, port=args.port).start()
-    print(f"wave simulator on {sim.url}", flush=True)
+
+
+def from_arguments(args: argparse.Namespace) -> WaveSimulator:
+    return WaveSimulator(token=args.token, secrets=args.secrets.split(","), webhook_url=args.webhook_url,
+                         host=args.host, port=args.port)
+
+
+def serve_until_interrupted(sim: WaveSimulator, banner: str) -> int:
+    sim.start()
+    print(f"{banner} on {sim.url}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         threading.Event().wait()
     sim.stop()
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Wave simulator: contacts API, webhook sender, control API")
+    add_arguments(parser)
+    return serve_until_interrupted(from_arguments(parser.parse_args(argv)), "wave simulator")
 
 if __name__ == "__main__":
     sys.exit(main())

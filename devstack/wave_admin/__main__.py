@@ -14,17 +14,15 @@ to none, for the demo and the benchmarks.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
 import sys
-import threading
 import unicodedata
 from typing import Any
 
 from devstack.wave_admin import AdminPage
-from devstack.wave_sim import WaveSimulator
+from devstack.wave_sim import WaveSimulator, add_arguments, from_arguments, serve_until_interrupted
 
 FIRST = ["Ada", "Grace", "Alan", "Katherine", "Linus", "Margaret", "Tim", "Barbara", "Dennis", "Frances",
          "José", "Zoë", "Søren", "Ngozi", "Mei", "Hiroshi", "Anaïs", "Olúwaseun"]
@@ -64,18 +62,13 @@ def populate(sim: WaveSimulator, account_id: str, count: int, team_members: list
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Wave simulator with the Dynamics 365 admin page")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7081)
-    parser.add_argument("--token", default="wave-api-token")
-    parser.add_argument("--secrets", default="whsec_dev", help="comma-separated webhook signing secrets")
-    parser.add_argument("--webhook-url", default=None)
+    add_arguments(parser)
     parser.add_argument("--connections-api", required=True, help="the integration's base URL (the dev host)")
     parser.add_argument("--plan", default="teams", help="the plan Wave reports for every account")
     parser.add_argument("--admin-email", default="admin@wave.test")
     args = parser.parse_args(argv)
 
-    sim = WaveSimulator(token=args.token, secrets=args.secrets.split(","), webhook_url=args.webhook_url,
-                        host=args.host, port=args.port)
+    sim = from_arguments(args)
     page = AdminPage(
         connections_api=args.connections_api,
         function_key=os.environ.get("WAVE_ADMIN_FUNCTION_KEY", ""),
@@ -93,12 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 200, {"Content-Type": "application/json"}, json.dumps({"count": len(ids)}).encode()
 
     sim.add_route("POST", r"/_control/accounts/(?P<account>[^/]+)/populate", _populate)
-    sim.start()
-    print(f"wave simulator with the admin page on {sim.url}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
-    sim.stop()
-    return 0
+    return serve_until_interrupted(sim, "wave simulator with the admin page")
 
 
 if __name__ == "__main__":
