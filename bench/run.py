@@ -21,7 +21,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.backfill import LimitSettings, Run, ceiling, run_batch10, run_naive, run_pipeline
+from bench.backfill import Ceiling, LimitSettings, Run, ceiling, run_batch10, run_naive, run_pipeline
 from bench.intake import IntakeResult, run_intake
 from devstack.demo import Burst, percentile, watch_latencies, wave_change
 from devstack.stack import ROOT, Stack, StackOptions
@@ -111,15 +111,16 @@ def longest_log_silence(log: Path, since: datetime) -> tuple[float, str]:
     return max(gaps, default=(0.0, "-"))
 
 
-def fmt_run(run: Run, best: float) -> str:
+def fmt_run(run: Run, ceil: Ceiling) -> str:
     return (f"| {run.name} | {run.contacts:,} | {run.seconds:.1f} | **{run.per_second:,.0f}** | "
-            f"{run.requests_per_contact:.3f} | {run.throttled:,} | {run.per_second / best:.0%} |")
+            f"{run.requests_per_contact:.3f} | {run.throttled:,} | {run.per_second / ceil.for_run(run):.0%} |")
 
 
-def report(args: argparse.Namespace, best: float, cfg: dict, runs: list[Run],
+def report(args: argparse.Namespace, ceil: Ceiling, runs: list[Run],
            intake: IntakeResult | None, cold: float | None, latencies: list[float], command: str) -> str:
-    pipeline = runs[0]
+    cfg, pipeline = ceil.cfg, runs[0]
     naive = next((r for r in runs if r.name.startswith("naive")), None)
+    bound = ceil.for_run(pipeline)
     lines = [
         "# Benchmarks",
         "",
@@ -134,28 +135,33 @@ def report(args: argparse.Namespace, best: float, cfg: dict, runs: list[Run],
         "",
         f"Dataverse simulator limits per user: {cfg['requests']:,} requests and {cfg['execution_ms']:,} ms of "
         f"execution per {cfg['window_seconds']:g} s window (research/dataverse.md §6: 6,000 and 1,200,000 ms per "
-        f"300 s, scaled by {cfg['window_seconds'] / 300:.4g} so the sustained rates are the real ones), "
-        f"{cfg['concurrency']} concurrent requests. Simulated execution time: {cfg['base_ms']:g} ms per request "
-        f"(and per request inside a $batch) + {cfg['per_record_ms']:g} ms per row written.",
+        f"300 s, scaled by {cfg['window_seconds'] / 300:.4g} so the sustained rates are the real ones; each request "
+        f"sent during a penalty extends it by {cfg['penalty_extension_seconds']:.3g} s, the simulator's 1 s scaled "
+        f"alike), {cfg['concurrency']} concurrent requests. Simulated execution time: {cfg['base_ms']:g} ms per "
+        f"request (and per request inside a $batch) + {cfg['per_record_ms']:g} ms per row written.",
         "",
-        f"**Ceiling the limits allow: {best:,.0f} contacts/s** (execution budget "
+        f"**Ceiling the limits allow: {ceil.per_second:,.0f} contacts/s sustained** (execution budget "
         f"{cfg['execution_ms'] / cfg['window_seconds']:,.0f} ms/s divided by {cfg['per_record_ms']:g} ms per row "
         f"+ {cfg['base_ms']:g} ms per 1,000-row bulk request; the request budget would allow "
-        f"{cfg['requests'] / cfg['window_seconds'] * 1000:,.0f}/s).",
+        f"{cfg['requests'] / cfg['window_seconds'] * 1000:,.0f}/s). A run that starts on an empty window gets one "
+        f"window's budget on top ({ceil.per_window:,.0f} contacts at once, as many again each time the window "
+        f"moves on), so the best schedule for {pipeline.contacts:,} contacts takes "
+        f"{ceil.seconds_for(pipeline.contacts):.1f} s: **{bound:,.0f} contacts/s is the bound for this run**. "
+        "The last column compares each run with the best schedule for the same contacts (pipeline) or the same "
+        "time (baselines).",
         "",
-        "| Run | Contacts | Seconds | Contacts/s | Dataverse requests per contact | 429s | of ceiling |",
+        "| Run | Contacts | Seconds | Contacts/s | Dataverse requests per contact | 429s | of the bound |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        *[fmt_run(r, best) for r in runs],
+        *[fmt_run(r, ceil) for r in runs],
         "",
-        f"- Pipeline: **{pipeline.per_second / best:.0%} of the ceiling**"
+        f"- Pipeline: **{pipeline.per_second / bound:.0%} of the bound for its run** "
+        f"({pipeline.per_second / ceil.per_second:.0%} of the sustained ceiling)"
         + (f", **{pipeline.per_second / naive.per_second:.1f}x the naive baseline**" if naive else "")
         + " (same run, same limits). Pipeline time runs from the connect call to the backfill's `done` state "
         "(sign-in, queues, Wave pages, owner lookups and writes included).",
         f"- Baselines use the app's `DataverseClient` directly as a separate Dataverse user (own limit windows) "
-        f"for {args.baseline_seconds:g} s each, waiting out every 429 as told by Retry-After.",
-        f"- Both targets at once: the naive baseline is held to the request budget ({naive.per_second:.0f}/s here) "
-        f"whatever a row costs, so 20x naive means {20 * naive.per_second:,.0f} contacts/s, "
-        f"{20 * naive.per_second / best:.0%} of this ceiling." if naive else "",
+        f"for {args.baseline_seconds:g} s each, waiting out every 429 as told by Retry-After. The naive one is "
+        f"held to the request budget ({cfg['requests'] / cfg['window_seconds']:g} requests/s) whatever a row costs.",
     ]
     b = pipeline.breakdown
     if b is not None and b.pages:
@@ -228,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"starting the local stack (limits scaled to a {args.window:g} s window)")
     with Stack(StackOptions(name="bench", dataverse_args=limits.simulator_args())) as stack:
         print(f"logs in {stack.dir.relative_to(ROOT)}/")
-        best, cfg = ceiling(stack)
-        print(f"ceiling the limits allow: {best:,.0f} contacts/s")
+        ceil = ceiling(stack)
+        print(f"ceiling the limits allow: {ceil.per_second:,.0f} contacts/s sustained; "
+              f"{ceil.in_seconds(args.baseline_seconds):,.0f}/s over {args.baseline_seconds:g} s from an empty window")
         print(f"(a) baselines, {args.baseline_seconds:g} s each")
         naive = run_naive(stack, args.baseline_seconds)
         print(f"  naive:    {naive.per_second:,.1f} contacts/s, {naive.throttled} x 429")
@@ -237,11 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  batch10:  {batch10.per_second:,.1f} contacts/s, {batch10.throttled} x 429")
         print(f"(a) pipeline backfill of {args.contacts:,} contacts")
         pipeline = run_pipeline(stack, ACCOUNT, args.contacts)
-        print(f"  pipeline: {pipeline.per_second:,.1f} contacts/s ({pipeline.per_second / best:.0%} of the ceiling, "
-              f"{pipeline.per_second / naive.per_second:.1f}x naive), {pipeline.requests_per_contact:.3f} requests "
-              f"per contact, {pipeline.throttled} x 429")
+        print(f"  pipeline: {pipeline.per_second:,.1f} contacts/s ({pipeline.per_second / ceil.for_run(pipeline):.0%} "
+              f"of the bound for its run, {pipeline.per_second / naive.per_second:.1f}x naive), "
+              f"{pipeline.requests_per_contact:.3f} requests per contact, {pipeline.throttled} x 429")
         print(f"(c) live latency, {args.live} webhooks at {args.live_rate:g}/s")
         stack.restart_devhost(kill=False)  # the first event then meets a cold host
+        # The backfill used the connection's execution budget to the full: let one window pass, so that
+        # live events are measured, not the end of the backfill's penalty.
+        time.sleep(args.window)
         live_start = datetime.now()
         cold, latencies = live_latency(stack, args.live, args.live_rate)
         args.silence = longest_log_silence(stack.procs["devhost"].log, live_start)
@@ -252,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         intake = run_intake(stack, ACCOUNT, requests=args.intake)
         print(f"  {intake.per_second:,.0f} requests/s, CPU {intake.app_cpu_ms:.2f} ms (app) + "
               f"{intake.storage_cpu_ms:.2f} ms (Azurite) per request")
-    text = report(args, best, cfg, [pipeline, naive, batch10], intake, cold, latencies, command)
+    text = report(args, ceil, [pipeline, naive, batch10], intake, cold, latencies, command)
     print()
     print(text)
     if not args.no_write:

@@ -3,6 +3,7 @@ and runnable as a process:
 
     python -m devstack.dataverse_sim --port 7380 [--https --cert server.pem --key server.key | --certs-dir D]
         [--requests 6000 --execution-ms 1200000 --concurrency 52 --window-seconds 300]
+        [--penalty-extension-seconds 1]
         [--base-ms 5 --per-record-ms 10 --sleep-fraction 0] [--dop-hint 8] [--no-bulk] [--id-seed S]
         [--check-audience]
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--execution-ms", type=int, default=1_200_000)
     parser.add_argument("--concurrency", type=int, default=52)
     parser.add_argument("--window-seconds", type=float, default=300.0)
+    parser.add_argument("--penalty-extension-seconds", type=float, default=1.0,
+                        help="how much each request sent during a penalty extends it")
     parser.add_argument("--base-ms", type=float, default=5.0)
     parser.add_argument("--per-record-ms", type=float, default=10.0)
     parser.add_argument("--sleep-fraction", type=float, default=0.0)
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_bulk:
         config.bulk_messages = set()
     limits = Limits(requests=args.requests, execution_ms=args.execution_ms, concurrency=args.concurrency,
-                    window_seconds=args.window_seconds)
+                    window_seconds=args.window_seconds, penalty_extension_seconds=args.penalty_extension_seconds)
     sim = DataverseSimulator(host=args.host, port=args.port, certfile=cert if args.https else None,
                              keyfile=key if args.https else None, config=config, limits=limits,
                              id_seed=args.id_seed).start()

@@ -42,7 +42,7 @@ from sync.mapping import contact_id as new_contact_id
 from sync.messages import ContactMessage, PageMessage
 from sync.rules import MAX_TRANSIENT_ATTEMPTS, backfill_writes, normalise_email, retry_delay, throttle_delay, unchanged
 from sync.state import ContactState, StateConflict
-from sync.throttle import penalties
+from sync.throttle import Patience, penalties
 from sync.wave_api import WaveError, WaveThrottled, WaveUnavailable
 from sync.worker import failure_category, readable
 
@@ -80,9 +80,13 @@ def start_backfill(connections: ConnectionStore, queues: QueueSender, account_id
 PAGE_SIZE = 500
 # Pages of one run in flight at once, counted from the first page not yet done; a page further ahead
 # comes back a second later. Eight pages of 500 are what Dataverse's execution-time limit takes in one
-# burst (at ~10 ms a row, 40,000 ms per 10 s scaled window, i.e. 1,200,000 ms per 300 s); more would
-# only wait behind its 429s while competing with the pages being written for the storage account.
-PAGES_AHEAD = 8
+# burst (at ~10 ms a row, 1,200,000 ms per 300 s); twice that lets the next burst be read and prepared,
+# waiting for the penalty to end, while the last one's states are written.
+PAGES_AHEAD = 16
+# A prepared page waits out a Dataverse penalty of up to INLINE_WAIT_SECONDS in-process, up to
+# PAGE_WAIT_SECONDS in all; beyond that it goes back to the queue for Retry-After.
+INLINE_WAIT_SECONDS = 15.0
+PAGE_WAIT_SECONDS = 30.0
 PAGE_FAILURE_PREFIX = "~backfill-page-"  # failure rows of a whole page; '~' is never in a Wave contact id
 
 
@@ -180,12 +184,12 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
     report.unchanged += len(contacts) - len(todo)
     if not todo:
         return
-    wait = penalties.remaining(account)
-    if wait > 0:  # another page was throttled moments ago: calling now would extend the penalty
-        raise Throttled("held back while Dataverse throttles this connection", retry_after=wait)
+    # the page is read and prepared: a short penalty is waited out here rather than through the queue
+    patience = Patience(account, longest=INLINE_WAIT_SECONDS, budget=PAGE_WAIT_SECONDS)
     dv = ctx.dataverse(conn)
     before = getattr(dv, "_requests_made", 0)
-    owners = ctx.owners.resolve(dv, account, generation, [owner_email(c) for c in todo.values()])
+    owners = patience.call(lambda: ctx.owners.resolve(dv, account, generation,
+                                                      [owner_email(c) for c in todo.values()]))
     new_states: dict[str, ContactState] = {}
     mapped = {}
     failed: dict[str, str] = {}  # contact id -> failure category
@@ -209,7 +213,7 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
             mapped[cid] = m
     unknown = [cid for cid in mapped if new_states[cid].dynamics_id is None]
     if unknown:  # one lookup for the page's contacts we have never written
-        found = dv.find_contacts([external_id(cid) for cid in unknown])
+        found = patience.call(lambda: dv.find_contacts([external_id(cid) for cid in unknown]))
         for cid in unknown:
             ref = found.get(external_id(cid))
             new_states[cid].dynamics_id = ref.contactid if ref else new_contact_id(account, cid)
@@ -217,7 +221,7 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
                         reactivate=bool(states.get(cid) and states[cid].deleted and conn.delete_policy == "deactivate"))
              for cid, m in mapped.items()]
     if items:
-        result = dv.bulk_upsert(items)
+        result = patience.call(lambda: dv.bulk_upsert(items))
         for f in result.failed:
             category = failed[f.key] = f.category if f.category in CATEGORIES else "validation"
             field = f" (column {f.field})" if f.field else ""
@@ -271,7 +275,7 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
         ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=1)
         return "rescheduled:ahead", report
     wait = penalties.remaining(msg.account_id)
-    if wait > 0:  # Dataverse throttles this connection: come back when the penalty is over
+    if wait > INLINE_WAIT_SECONDS:  # Dataverse throttles this connection for a while: come back then
         ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=throttle_delay(wait))
         return "rescheduled:throttled", report
     try:

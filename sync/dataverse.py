@@ -24,7 +24,9 @@
 Behaviour shared by every call: one pooled `requests.Session`, (connect, read) timeouts on every request;
 a 401 forces one token refresh and one retry, then raises AuthExpired; a 429 whose Retry-After is at most
 `max_inline_wait` seconds is waited out inline (a few times), a longer one raises Throttled(retry_after)
-so the caller can reschedule its queue message instead of holding a function instance; 5xx, dropped
+so the caller can reschedule its queue message instead of holding a function instance. Until a 429's
+Retry-After has passed, no thread sends through the client (a request during the penalty would only
+extend it): each waits the rest inline under the same rule or raises Throttled without sending. 5xx, dropped
 connections and timeouts are retried `transient_retries` times, then raise Transient. Every write here
 is idempotent (upserts by a deterministic id or key), which is what makes those retries safe.
 
@@ -60,8 +62,10 @@ from sync.dataverse_errors import (
     error_for,
     retry_after_seconds,
 )
+from sync.throttle import Penalties
 
 log = logging.getLogger("sync.dataverse")
+_PENALTY = "user"  # the client's one key in its Penalties: every request goes as the connection's user
 
 API_PATH = "/api/data/v9.2/"
 CONTACT_TYPE = "Microsoft.Dynamics.CRM.contact"
@@ -173,6 +177,7 @@ class DataverseClient:
         batch_size: int = 100,
         pool_size: int = 16,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
         user_agent: str = "wave-dynamics365-sync/1",
     ) -> None:
         parts = urlsplit(instance_url)
@@ -188,6 +193,7 @@ class DataverseClient:
         self.upsert_multiple_size = upsert_multiple_size
         self.batch_size = min(batch_size, 1000)
         self._sleep = sleep
+        self._penalty = Penalties(clock)  # the last Retry-After seen, for every thread of this client
         self.dop_hint: int | None = None
         self._session = requests.Session()
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
@@ -250,6 +256,14 @@ class DataverseClient:
         refreshed = force_refresh = False
         throttled = transient = 0
         while True:
+            left = self._penalty.remaining(_PENALTY)
+            if left > 0:
+                if left > self.max_inline_wait or throttled >= self.max_throttle_retries:
+                    raise Throttled(f"{method} {urlsplit(url).path}: held back while Dataverse throttles this user",
+                                    retry_after=left)
+                throttled += 1
+                self._sleep(self._penalty.turn(_PENALTY))
+                continue
             send_headers["Authorization"] = "Bearer " + self._token(force_refresh)
             force_refresh = False
             self._local.count = self.requests_made + 1
@@ -276,11 +290,10 @@ class DataverseClient:
                 continue
             if status == 429:
                 wait = retry_after_seconds(resp.headers.get("Retry-After"))
+                self._penalty.note(_PENALTY, wait)
                 if wait <= self.max_inline_wait and throttled < self.max_throttle_retries:
-                    throttled += 1
                     log.info("Dataverse throttled %s %s; waiting %.1f s inline", method, urlsplit(url).path, wait)
-                    self._sleep(wait)
-                    continue
+                    continue  # the top of the loop waits the penalty out
             error = error_for(status, resp.content, dict(resp.headers))
             if isinstance(error, Transient) and transient < self.transient_retries:
                 transient += 1

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from azure.data.tables import TableClient, UpdateMode
 
 from sync.rules import choose_owner, normalise_email
-from sync.state import TRANSACTION_SIZE, query_rows
+from sync.state import TRANSACTION_SIZE, query_keys
 
 TABLE = "ownercache"
 FOUND_TTL = timedelta(hours=1)
@@ -49,7 +49,7 @@ class OwnerCache:
         now = datetime.now(UTC)
         keys = {_row_key(generation, e): e for e in wanted}
         result: dict[str, str | None] = {}
-        for key, row in query_rows(self.table, account_id, keys).items():
+        for key, row in query_keys(self.table, {account_id: keys}).items():
             if row.get("expires_at", "") > _iso(now):
                 result[keys[key]] = row.get("systemuserid") or None
         missing = sorted(wanted - result.keys())

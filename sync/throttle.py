@@ -1,8 +1,10 @@
 """Dataverse's Retry-After, remembered per connection in this process.
 
 Service protection counts per user, and every request sent during a penalty extends it. So once one
-message of a connection is throttled, the others of that connection are rescheduled without calling
-Dataverse until the penalty is over, and each with a little jitter, so they do not all return at once.
+message of a connection is throttled, the others of that connection hold back without calling
+Dataverse until the penalty is over: a live event goes back to its queue (with a little jitter, so they
+do not all return at once); a backfill page that is already read and prepared may wait a short penalty
+out in-process (`Patience`).
 """
 
 from __future__ import annotations
@@ -10,22 +12,47 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
+from sync.dataverse_errors import Throttled
 from sync.rules import throttle_delay
+
+T = TypeVar("T")
+STAGGER_SECONDS = 0.2
 
 
 class Penalties:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, stagger: float = STAGGER_SECONDS) -> None:
         self._until: dict[str, float] = {}
+        self._waiting: dict[str, int] = {}  # callers waiting out the key's current penalty in-process
         self._lock = threading.Lock()
+        self._clock = clock
+        self.stagger = stagger
 
     def note(self, key: str, retry_after: float) -> None:
         with self._lock:
-            self._until[key] = max(self._until.get(key, 0.0), time.monotonic() + retry_after)
+            until = self._clock() + retry_after
+            if until > self._until.get(key, 0.0):
+                self._until[key] = until
+                self._waiting[key] = 0
+
+    def turn(self, key: str) -> float:
+        """Seconds an in-process caller waits before trying again: the penalty's end, plus `stagger` for
+        every caller already waiting on it. All sending at the moment a penalty ends would be refused,
+        all but one, and extend it; one by one, the first 429 stops the rest (Microsoft: ramp up
+        gradually and let the server tell you its capacity)."""
+        with self._lock:
+            left = self._until.get(key, 0.0) - self._clock()
+            if left <= 0:
+                return 0.0
+            place = self._waiting.get(key, 0)
+            self._waiting[key] = place + 1
+            return left + place * self.stagger
 
     def remaining(self, key: str) -> float:
         with self._lock:
-            left = self._until.get(key, 0.0) - time.monotonic()
+            left = self._until.get(key, 0.0) - self._clock()
             if left <= 0:
                 self._until.pop(key, None)
                 return 0.0
@@ -37,3 +64,35 @@ class Penalties:
 
 
 penalties = Penalties()
+
+
+class Patience:
+    """Dataverse calls of one piece of prepared work, waiting out the connection's penalties in-process.
+
+    A penalty of at most `longest` seconds is slept through (while the work's `budget` of waiting lasts)
+    and the call is made after it; a 429 is noted for the whole connection and waited out the same way.
+    A longer penalty raises Throttled(retry_after), for the caller to put the work back on its queue:
+    a function should not sit idle for minutes, but going through the queue costs at least a second
+    of visibility granularity and polling, and the preparation again.
+    """
+
+    def __init__(self, key: str, *, longest: float, budget: float, registry: Penalties = penalties,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.key, self.longest, self.budget = key, longest, budget
+        self.registry, self._sleep = registry, sleep
+        self.waited = 0.0
+
+    def call(self, fn: Callable[[], T]) -> T:
+        while True:
+            wait = self.registry.remaining(self.key)
+            if wait > 0:
+                if wait > min(self.longest, self.budget - self.waited):
+                    raise Throttled("held back while Dataverse throttles this connection", retry_after=wait)
+                wait = self.registry.turn(self.key)
+                self.waited += wait
+                self._sleep(wait)
+                continue  # another call of this connection may have been throttled meanwhile
+            try:
+                return fn()
+            except Throttled as exc:
+                self.registry.note(self.key, exc.retry_after)

@@ -366,7 +366,7 @@ def test_short_retry_after_is_waited_inline(sim_tokens: SimTokens) -> None:
             waits.append(seconds)
             sim.clock.advance(seconds)
 
-        client = DataverseClient(sim.url, SimTokens(), sleep=sleep, max_inline_wait=2.0)
+        client = DataverseClient(sim.url, SimTokens(), sleep=sleep, clock=sim.clock.now, max_inline_wait=2.0)
         for _ in range(3):
             client.whoami()
         assert waits == [2.0]
@@ -387,6 +387,28 @@ def test_long_retry_after_raises_throttled(sim_tokens: SimTokens) -> None:
         assert err.value.retry_after == 300 and err.value.limit == "requests"
         assert err.value.code == "0x80072322" and err.value.category == "throttled"
         assert waits == []
+    finally:
+        sim.stop()
+
+
+def test_no_thread_sends_during_a_penalty_it_has_seen(sim_tokens: SimTokens) -> None:
+    """A request during a penalty would extend it: after one 429, the client's other calls wait or give up
+    without sending, until Retry-After has passed."""
+    sim = DataverseSimulator(manual_clock=True, limits=Limits(requests=2, window_seconds=60)).start()
+    try:
+        client = DataverseClient(sim.url, SimTokens(), sleep=lambda s: None, clock=sim.clock.now)
+        client.whoami()
+        client.whoami()
+        with pytest.raises(Throttled):
+            client.whoami()
+        sent = len(sim.request_log())
+        with pytest.raises(Throttled) as err:
+            client.find_contact("wavecnct_x")
+        assert len(sim.request_log()) == sent and 0 < err.value.retry_after <= 60
+        assert sim.counters()["throttled"] == 1  # the penalty was not extended
+        sim.clock.advance(err.value.retry_after)
+        assert client.find_contact("wavecnct_x") is None
+        assert len(sim.request_log()) == sent + 1
     finally:
         sim.stop()
 
@@ -444,7 +466,8 @@ def test_bulk_raises_throttled_and_keeps_what_landed(sim_tokens: SimTokens) -> N
     """A long Retry-After mid-backfill surfaces as Throttled (reschedule the page); landed chunks stay."""
     sim = DataverseSimulator(manual_clock=True, limits=Limits(requests=4, window_seconds=300)).start()
     try:
-        client = DataverseClient(sim.url, SimTokens(), upsert_multiple_size=10, sleep=lambda s: None)
+        client = DataverseClient(sim.url, SimTokens(), upsert_multiple_size=10, sleep=lambda s: None,
+                                 clock=sim.clock.now)
         items = [item(f"t_{i}") for i in range(40)]  # 1 capability check + 4 chunks > 4 requests
         with pytest.raises(Throttled) as err:
             client.bulk_upsert(items)
