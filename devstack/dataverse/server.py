@@ -12,6 +12,7 @@ import json
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -63,6 +64,12 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256
     allow_reuse_address = True
     sim: DataverseSimulator
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # a client that connects and leaves before the TLS handshake (the stack's port check) is no error
+        if isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class DataverseSimulator:
