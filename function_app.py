@@ -7,6 +7,7 @@ from core.health import bp as health_bp
 from oauth.api import bp as oauth_bp
 from sync.backfill import bp as backfill_bp
 from sync.routes import bp as sync_routes_bp
+from sync.upkeep import bp as upkeep_bp
 from sync.webhook import bp as webhook_bp
 from sync.worker import bp as worker_bp
 
@@ -19,3 +20,4 @@ app.register_functions(webhook_bp)
 app.register_functions(worker_bp)
 app.register_functions(backfill_bp)
 app.register_functions(sync_routes_bp)
+app.register_functions(upkeep_bp)

@@ -11,8 +11,9 @@ import json
 import threading
 from typing import Any
 
-from azure.core.exceptions import ResourceExistsError
-from azure.data.tables import TableClient, TableServiceClient
+from azure.core import MatchConditions
+from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
+from azure.data.tables import TableClient, TableServiceClient, TableTransactionError
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
 from core.settings import StorageSettings
@@ -97,3 +98,33 @@ class Tables:
                 found = self._service.create_table_if_not_exists(table_name)
                 self._clients[table_name] = found
             return found
+
+
+def delete_expired(table: TableClient, cutoff: str) -> int:
+    """Delete the rows whose `expires_at` (ISO-8601 UTC text) is at or before `cutoff`; returns how many.
+
+    Each delete is conditional on the row being as it was read, so a row renewed meanwhile stays. They go
+    in transactions of up to 100 rows of one partition; a transaction refused because one of its rows
+    changed or went is done again row by row."""
+    by_partition: dict[str, list[Any]] = {}
+    for entity in table.query_entities("expires_at le @cutoff", parameters={"cutoff": cutoff},
+                                       select=["PartitionKey", "RowKey"]):
+        by_partition.setdefault(entity["PartitionKey"], []).append(entity)
+    removed = 0
+    for rows in by_partition.values():
+        for start in range(0, len(rows), 100):
+            chunk = rows[start:start + 100]
+            try:
+                table.submit_transaction([("delete", e, {"etag": e.metadata["etag"],
+                                                         "match_condition": MatchConditions.IfNotModified})
+                                          for e in chunk])
+                removed += len(chunk)
+                continue
+            except TableTransactionError:
+                pass
+            for e in chunk:
+                with contextlib.suppress(ResourceModifiedError):
+                    table.delete_entity(e["PartitionKey"], e["RowKey"], etag=e.metadata["etag"],
+                                        match_condition=MatchConditions.IfNotModified)
+                    removed += 1
+    return removed

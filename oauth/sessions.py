@@ -16,6 +16,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
+from core.storage import delete_expired
 from oauth.errors import SessionInvalid
 
 TABLE = "oauthsessions"
@@ -80,16 +81,7 @@ class SessionStore:
 
     def purge_expired(self, now: datetime | None = None) -> int:
         """Delete the sessions whose time ran out; returns how many."""
-        cutoff = _iso(now or datetime.now(UTC))
-        removed = 0
-        for entity in self.table.query_entities("expires_at le @cutoff", parameters={"cutoff": cutoff},
-                                                select=["PartitionKey", "RowKey"]):
-            try:
-                self.table.delete_entity(entity["PartitionKey"], entity["RowKey"])
-                removed += 1
-            except ResourceNotFoundError:
-                pass
-        return removed
+        return delete_expired(self.table, _iso(now or datetime.now(UTC)))
 
 
 def expiry(now: datetime | None = None) -> str:

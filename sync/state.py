@@ -354,6 +354,8 @@ class EventLog:
             return True
         except ResourceModifiedError:
             return False
+        except ResourceNotFoundError:  # the daily upkeep deleted the expired row meanwhile
+            return self.first_time(account_id, event_id)
 
     def forget(self, account_id: str, event_id: str) -> None:
         """Undo `first_time` when the event could not be queued, so Wave's retry is not a duplicate."""
