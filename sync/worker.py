@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import azure.functions as func
 
@@ -145,13 +145,12 @@ def process(ctx: SyncContext, message: ContactMessage) -> str:
     conn = ctx.connections.get(message.account_id)
     if conn is None or not conn.accepts(message.generation):
         return "dropped:not_connected"
-    force = message.force
     for _ in range(MAX_ROUNDS):
         snap = ctx.snapshots.get(message.account_id, message.contact_id)
         if snap is None:
             return "dropped:no_snapshot"
         state = ctx.states.get(message.account_id, message.contact_id)
-        step = next_step(state.applied if state else None, snap.version, snap.deleted, force=force)
+        step = next_step(state.applied if state else None, snap.version, snap.deleted, force=message.force)
         if step is Step.STALE:
             return "stale"
         wait = penalties.remaining(conn.account_id)
@@ -160,7 +159,7 @@ def process(ctx: SyncContext, message: ContactMessage) -> str:
             return "rescheduled:throttled"
         try:
             deleting = step is Step.DELETE
-            result = _delete(ctx, conn, snap, state) if deleting else _upsert(ctx, conn, snap, state, force)
+            result = _delete(ctx, conn, snap, state) if deleting else _upsert(ctx, conn, snap, state, message.force)
         except ReauthRequired:
             return "dropped:needs_reauth"  # the token layer moved the connection to needs_reauth
         except Throttled as exc:
@@ -177,7 +176,10 @@ def process(ctx: SyncContext, message: ContactMessage) -> str:
         try:
             ctx.states.save(result.state)
         except StateConflict:
-            force = True  # someone else wrote this contact meanwhile: apply the newest snapshot again
+            # Someone else wrote this contact meanwhile, maybe before our older write landed: apply the
+            # newest snapshot again, and should the message have to come back later (throttled,
+            # transient), it comes back forced, or it would find that version recorded and stop.
+            message = replace(message, force=True)
             continue
         ctx.connections.add_counts(conn.account_id, conn.generation, **{result.counter: 1})
         if state is not None and (state.last_result or "").startswith("failed"):

@@ -5,6 +5,7 @@ Dataverse simulator, with the queue replaced by a recorder so re-enqueued messag
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -146,6 +147,42 @@ def test_a_concurrent_newer_write_is_reapplied_after_a_state_conflict(ctx, datav
     [row] = _rows(dataverse_sim, "c_race")
     assert row["firstname"] == "v2"
     assert ctx.states.get(ctx.account, "c_race").version == 2
+
+
+def test_a_repair_that_meets_a_throttle_comes_back_forced(ctx, dataverse_sim, dataverse_client, monkeypatch):
+    """As above, but Dataverse throttles the connection before A can re-apply v2: the message A puts back
+    must still force the re-apply, or it would find v2 recorded and leave A's v1 in Dynamics."""
+    from sync.throttle import Penalties
+
+    registry = Penalties()
+    monkeypatch.setattr(worker, "penalties", registry)
+    first = _put(ctx, "c_race_t", 1, first_name="v1")
+
+    class Interleaving:
+        fired = False
+
+        def __getattr__(self, name):
+            return getattr(dataverse_client, name)
+
+        def upsert_contact(self, *args, **kwargs):
+            if not self.fired:
+                self.fired = True
+                _put(ctx, "c_race_t", 2, first_name="v2")
+                assert worker.process(b_ctx, ContactMessage(ctx.account, "c_race_t", 2, "gen1")) == "synced"
+                registry.note(ctx.account, 30)  # another message of the connection was just throttled
+            return dataverse_client.upsert_contact(*args, **kwargs)
+
+    b_ctx = dataclasses.replace(ctx, dataverse=lambda conn: dataverse_client)
+    ctx.dataverse = lambda conn: Interleaving()
+    assert worker.process(ctx, first) == "rescheduled:throttled"
+    assert _rows(dataverse_sim, "c_race_t")[0]["firstname"] == "v1"  # A's older write landed last
+    queue, body, delay = ctx.queues.sent[-1]
+    assert queue == CONTACT_EVENTS and body["force"] is True and delay >= 30
+
+    monkeypatch.setattr(worker, "penalties", Penalties())  # the penalty is over
+    ctx.dataverse = lambda conn: dataverse_client
+    assert worker.process(ctx, ContactMessage.parse(json.dumps(body).encode())) == "synced"
+    assert _rows(dataverse_sim, "c_race_t")[0]["firstname"] == "v2"
 
 
 def test_delete_policies(ctx, dataverse_sim):
