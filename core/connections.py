@@ -23,6 +23,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, Re
 from azure.data.tables import TableClient, UpdateMode
 
 from core.errors import AppError
+from core.storage import iso
 
 TABLE = "connections"
 MAIN_ROW = "connection"
@@ -40,7 +41,7 @@ class ConcurrencyError(AppError):
 
 
 def utcnow() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return iso(datetime.now(UTC))
 
 
 def valid_account_id(account_id: str) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from datetime import datetime
 from typing import Any
 
 from azure.core import MatchConditions
@@ -98,6 +99,11 @@ class Tables:
                 found = self._service.create_table_if_not_exists(table_name)
                 self._clients[table_name] = found
             return found
+
+
+def iso(moment: datetime) -> str:
+    """A UTC time as the tables store it: text that sorts (and compares in a filter) like the time."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def delete_expired(table: TableClient, cutoff: str) -> int:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 
 from core.connections import ConnectionStore
 from core.log import outcome
+from core.storage import iso
 from oauth.errors import ReauthRequired, TokenUnavailable
 from oauth.sessions import SessionStore
 from oauth.token_store import TokenStore
@@ -33,7 +34,7 @@ class UpkeepResult:
 def refresh_idle_connections(connections: ConnectionStore, tokens: TokenStore, sessions: SessionStore,
                              now: datetime | None = None) -> UpkeepResult:
     now = now or datetime.now(UTC)
-    cutoff = (now - IDLE_AFTER).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cutoff = iso(now - IDLE_AFTER)
     refreshed = reauth = unavailable = 0
     for conn in connections.all():
         if not (conn.active and conn.secret_name) or (conn.token_refreshed_at or conn.connected_at or "") > cutoff:

@@ -16,16 +16,12 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
-from core.storage import delete_expired
+from core.storage import delete_expired, iso
 from oauth.errors import SessionInvalid
 
 TABLE = "oauthsessions"
 ROW = "flow"
 LIFETIME = timedelta(minutes=10)
-
-
-def _iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -70,7 +66,7 @@ class SessionStore:
             raise SessionInvalid("this sign-in was already completed") from exc
         self.table.delete_entity(state, ROW)
         now = now or datetime.now(UTC)
-        if entity["expires_at"] <= _iso(now):
+        if entity["expires_at"] <= iso(now):
             raise SessionInvalid("this sign-in expired (it must be completed within 10 minutes)")
         return OAuthSession(
             state=state, account_id=entity["account_id"], instance_url=entity["instance_url"],
@@ -81,8 +77,8 @@ class SessionStore:
 
     def purge_expired(self, now: datetime | None = None) -> int:
         """Delete the sessions whose time ran out; returns how many."""
-        return delete_expired(self.table, _iso(now or datetime.now(UTC)))
+        return delete_expired(self.table, iso(now or datetime.now(UTC)))
 
 
 def expiry(now: datetime | None = None) -> str:
-    return _iso((now or datetime.now(UTC)) + LIFETIME)
+    return iso((now or datetime.now(UTC)) + LIFETIME)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from azure.data.tables import TableClient, UpdateMode
 
+from core.storage import iso
 from sync.rules import choose_owner, normalise_email
 from sync.state import TRANSACTION_SIZE, query_keys
 
@@ -32,10 +33,6 @@ def _row_key(generation: str, email: str) -> str:
     return f"{generation}-{hashlib.sha256(email.encode()).hexdigest()[:40]}"
 
 
-def _iso(dt: datetime) -> str:
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 class OwnerCache:
     def __init__(self, table: TableClient) -> None:
         self.table = table
@@ -50,7 +47,7 @@ class OwnerCache:
         keys = {_row_key(generation, e): e for e in wanted}
         result: dict[str, str | None] = {}
         for key, row in query_keys(self.table, {account_id: keys}).items():
-            if row.get("expires_at", "") > _iso(now):
+            if row.get("expires_at", "") > iso(now):
                 result[keys[key]] = row.get("systemuserid") or None
         missing = sorted(wanted - result.keys())
         if missing:
@@ -62,7 +59,7 @@ class OwnerCache:
                 result[email] = owner
                 ttl = FOUND_TTL if owner else MISSING_TTL
                 fresh.append({"PartitionKey": account_id, "RowKey": _row_key(generation, email), "email": email,
-                              "systemuserid": owner or "", "expires_at": _iso(now + ttl)})
+                              "systemuserid": owner or "", "expires_at": iso(now + ttl)})
             for start in range(0, len(fresh), TRANSACTION_SIZE):
                 self.table.submit_transaction([("upsert", e, {"mode": UpdateMode.REPLACE})
                                                for e in fresh[start:start + TRANSACTION_SIZE]])

@@ -28,6 +28,7 @@ from azure.data.tables import TableClient, UpdateMode
 
 from core.connections import utcnow
 from core.errors import AppError
+from core.storage import iso
 from sync.rules import Applied, is_duplicate
 
 SNAPSHOTS, STATE, EVENTS = "contactsnapshots", "contactstate", "webhookevents"
@@ -48,10 +49,6 @@ STATE_BUCKETS = 8
 
 class StateConflict(AppError):
     """Another writer changed the contact's state since it was read."""
-
-
-def _iso(dt: datetime) -> str:
-    return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _etag(entity: Any) -> str | None:
@@ -335,8 +332,8 @@ class EventLog:
     def first_time(self, account_id: str, event_id: str) -> bool:
         """Record the event id; False when it was already recorded and has not expired."""
         now = datetime.now(UTC)
-        entity = {"PartitionKey": account_id, "RowKey": event_id, "received_at": _iso(now),
-                  "expires_at": _iso(now + timedelta(days=self.days))}
+        entity = {"PartitionKey": account_id, "RowKey": event_id, "received_at": iso(now),
+                  "expires_at": iso(now + timedelta(days=self.days))}
         try:
             self.table.create_entity(entity)
             return True
@@ -346,7 +343,7 @@ class EventLog:
             old = self.table.get_entity(account_id, event_id)
         except ResourceNotFoundError:
             return self.first_time(account_id, event_id)
-        if is_duplicate(old.get("expires_at"), _iso(now)):
+        if is_duplicate(old.get("expires_at"), iso(now)):
             return False
         try:  # expired: this delivery counts as new, unless a concurrent one just claimed it
             self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=_etag(old),

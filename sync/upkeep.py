@@ -13,7 +13,7 @@ import azure.functions as func
 
 from core.log import outcome
 from core.services import services
-from core.storage import Tables, delete_expired
+from core.storage import Tables, delete_expired, iso
 from sync.owners import TABLE as OWNERS
 from sync.state import EVENTS
 
@@ -25,7 +25,7 @@ EXPIRING = (EVENTS, OWNERS)
 
 def purge_expired_rows(tables: Tables, now: datetime | None = None) -> dict[str, int]:
     """Rows deleted per table."""
-    cutoff = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    cutoff = iso(now or datetime.now(UTC))
     return {name: delete_expired(tables(name), cutoff) for name in EXPIRING}
 
 
