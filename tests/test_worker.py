@@ -121,27 +121,33 @@ def test_transient_errors_back_off_then_are_recorded(ctx, dataverse_sim):
     assert list(ctx.failures.all(ctx.account)) == []
 
 
+class NewerWriteFirst:
+    """The Dataverse client, except that just before worker A's first contact write, worker B applies
+    version 2 of the contact in full (then `meanwhile` runs), so that A's older write lands last."""
+
+    def __init__(self, ctx, client, cid: str, meanwhile=lambda: None) -> None:
+        self.ctx, self.client, self.cid, self.meanwhile = ctx, client, cid, meanwhile
+        self.fired = False
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def upsert_contact(self, *args, **kwargs):
+        if not self.fired:
+            self.fired = True
+            ctx = self.ctx
+            _put(ctx, self.cid, 2, first_name="v2")
+            b_ctx = dataclasses.replace(ctx, dataverse=lambda conn: self.client)
+            assert worker.process(b_ctx, ContactMessage(ctx.account, self.cid, 2, "gen1")) == "synced"
+            self.meanwhile()
+        return self.client.upsert_contact(*args, **kwargs)
+
+
 def test_a_concurrent_newer_write_is_reapplied_after_a_state_conflict(ctx, dataverse_sim, dataverse_client):
     """Worker A holds v1 and is about to write when worker B applies v2 in full; A's older write lands
     last in Dataverse, its state write conflicts, and A re-applies the newest snapshot."""
     first = _put(ctx, "c_race", 1, first_name="v1")
-
-    class Interleaving:
-        def __init__(self):
-            self.fired = False
-
-        def __getattr__(self, name):
-            return getattr(dataverse_client, name)
-
-        def upsert_contact(self, *args, **kwargs):
-            if not self.fired:
-                self.fired = True
-                _put(ctx, "c_race", 2, first_name="v2")
-                assert worker.process(b_ctx, ContactMessage(ctx.account, "c_race", 2, "gen1")) == "synced"
-            return dataverse_client.upsert_contact(*args, **kwargs)
-
-    b_ctx = dataclasses.replace(ctx, dataverse=lambda conn: dataverse_client)
-    interleaving = Interleaving()
+    interleaving = NewerWriteFirst(ctx, dataverse_client, "c_race")
     ctx.dataverse = lambda conn: interleaving
     assert worker.process(ctx, first) == "synced"
     [row] = _rows(dataverse_sim, "c_race")
@@ -157,23 +163,9 @@ def test_a_repair_that_meets_a_throttle_comes_back_forced(ctx, dataverse_sim, da
     registry = Penalties()
     monkeypatch.setattr(worker, "penalties", registry)
     first = _put(ctx, "c_race_t", 1, first_name="v1")
-
-    class Interleaving:
-        fired = False
-
-        def __getattr__(self, name):
-            return getattr(dataverse_client, name)
-
-        def upsert_contact(self, *args, **kwargs):
-            if not self.fired:
-                self.fired = True
-                _put(ctx, "c_race_t", 2, first_name="v2")
-                assert worker.process(b_ctx, ContactMessage(ctx.account, "c_race_t", 2, "gen1")) == "synced"
-                registry.note(ctx.account, 30)  # another message of the connection was just throttled
-            return dataverse_client.upsert_contact(*args, **kwargs)
-
-    b_ctx = dataclasses.replace(ctx, dataverse=lambda conn: dataverse_client)
-    ctx.dataverse = lambda conn: Interleaving()
+    # another message of the connection is throttled meanwhile
+    interleaving = NewerWriteFirst(ctx, dataverse_client, "c_race_t", lambda: registry.note(ctx.account, 30))
+    ctx.dataverse = lambda conn: interleaving
     assert worker.process(ctx, first) == "rescheduled:throttled"
     assert _rows(dataverse_sim, "c_race_t")[0]["firstname"] == "v1"  # A's older write landed last
     queue, body, delay = ctx.queues.sent[-1]
