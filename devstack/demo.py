@@ -82,11 +82,14 @@ def status(stack: Stack, account: str) -> dict[str, Any]:
     return res.json()
 
 
-def connect(stack: Stack, account: str, *, auto_sync: bool = True, plan: str = "teams") -> str:
-    """The connect API, then the redirect chain a browser follows; returns the final Wave page URL."""
+def connect(stack: Stack, account: str, *, auto_sync: bool = True, plan: str = "teams",
+            initiated_by: str = "admin@wave.test") -> dict[str, Any]:
+    """What Wave's backend and the admin's browser do: the connect API, the redirect chain a browser follows
+    (authorize on the Entra stand-in -> callback -> Wave's page with a completion code), then the confirm
+    API for the same Wave user. Returns the confirmed connection's status."""
     res = connections_api(stack, account, "connect", "POST", {
         "instance_url": stack.dataverse_url, "auto_sync": auto_sync, "plan": plan,
-        "initiated_by": "admin@wave.test", "return_url": stack.admin_page_url(account),
+        "initiated_by": initiated_by, "return_url": stack.admin_page_url(account),
     })
     if res.status_code != 200:
         raise DemoError(f"connect API answered {res.status_code}: {res.text[:300]}")
@@ -97,9 +100,13 @@ def connect(stack: Stack, account: str, *, auto_sync: bool = True, plan: str = "
     for _ in range(10):  # authorize (Entra stand-in) -> callback (dev host) -> Wave's page
         if url.startswith(stack.admin_page_url(account)):
             outcome = parse_qs(urlsplit(url).query)
-            if outcome.get("dynamics") != ["connected"]:
+            if outcome.get("dynamics") != ["confirm"] or not outcome.get("completion"):
                 raise DemoError(f"sign-in ended with {url}")
-            return url
+            done = connections_api(stack, account, "confirm", "POST",
+                                   {"completion": outcome["completion"][0], "confirmed_by": initiated_by})
+            if done.status_code != 200:
+                raise DemoError(f"confirm API answered {done.status_code}: {done.text[:300]}")
+            return done.json()
         hop = session.get(url, allow_redirects=False, timeout=30)
         if hop.status_code not in (301, 302, 303, 307, 308):
             raise DemoError(f"sign-in stopped at {urlsplit(url).path}: HTTP {hop.status_code} {hop.text[:300]}")

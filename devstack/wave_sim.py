@@ -20,8 +20,8 @@ As a process, with a small control API (JSON):
     POST   /_control/webhook  {"url": "..."}                   where webhooks go
     GET    /_control/requests                                   the API request log
 
-Routing is a list of (method, regex, handler) plus mounted handlers `(method, path, body) -> (status,
-headers, body) | None` tried before a 404 (the Wave admin page mounts itself that way).
+Routing is a list of (method, regex, handler) plus mounted handlers `(method, path, headers, body) ->
+(status, headers, body) | None` tried before a 404 (the Wave admin page mounts itself that way).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from sync.signature import HEADER, signature_header
 
 Response = tuple[int, dict[str, str], bytes]
 Handler = Callable[["Request"], Response]
+Mounted = Callable[[str, str, dict[str, str], bytes], Response | None]  # (method, path, headers, body)
 CONTACT_FIELDS = ("first_name", "last_name", "email", "phone", "company", "job_title", "website", "note")
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 100
@@ -160,7 +161,7 @@ class WaveSimulator:
         self._lock = threading.RLock()
         self._counter = 0
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
-        self.mounts: list[Callable[[str, str, bytes], Response | None]] = []
+        self.mounts: list[Mounted] = []
         self._add_routes()
         self.server = make_server(self.dispatch, host, port)
         self.url = f"http://{host}:{self.server.server_address[1]}"
@@ -273,7 +274,7 @@ class WaveSimulator:
     def add_route(self, method: str, pattern: str, handler: Handler) -> None:
         self.routes.append((method, re.compile("^" + pattern + "$"), handler))
 
-    def mount(self, handler: Callable[[str, str, bytes], Response | None]) -> None:
+    def mount(self, handler: Mounted) -> None:
         self.mounts.append(handler)
 
     def _add_routes(self) -> None:
@@ -386,7 +387,7 @@ class WaveSimulator:
                 except (ValueError, KeyError, TypeError) as exc:
                     return _error(400, "bad_request", f"{type(exc).__name__}: {exc}")
         for mounted in self.mounts:
-            answer = mounted(method, raw_path, body)
+            answer = mounted(method, raw_path, headers, body)
             if answer is not None:
                 return answer
         return _error(404, "not_found", f"no route for {method} {parts.path}")

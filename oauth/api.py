@@ -1,4 +1,5 @@
-"""HTTP and timer functions of the connect flow (DESIGN §2.3). Thin: parse, validate, call oauth.connect.
+"""HTTP and timer functions of the connect flow (README "Connecting Dynamics"). Thin: parse, validate, call
+oauth.connect.
 
 The route's account id is the only key any of these functions reads or writes by, so one account can
 never see or change another's connection.
@@ -18,6 +19,8 @@ from oauth import connect as flow
 from oauth.errors import InvalidInput, SessionInvalid
 from oauth.maintenance import refresh_idle_connections
 from oauth.pages import page, redirect
+from oauth.pending import TABLE as PENDING_TABLE
+from oauth.pending import PendingStore
 from oauth.return_url import with_result
 from oauth.sessions import TABLE as SESSIONS_TABLE
 from oauth.sessions import SessionStore
@@ -30,6 +33,17 @@ bp = func.Blueprint()
 
 def _sessions() -> SessionStore:
     return SessionStore(services().tables(SESSIONS_TABLE))
+
+
+def _pending() -> PendingStore:
+    return PendingStore(services().tables(PENDING_TABLE))
+
+
+def _json_body(req: func.HttpRequest) -> object:
+    try:
+        return req.get_json()
+    except ValueError:
+        return None
 
 
 def _account(req: func.HttpRequest) -> str | None:
@@ -48,19 +62,15 @@ def _status(account_id: str) -> func.HttpResponse:
     if conn is None:
         return error_response(404, "not_found", f"account {account_id} has no Dynamics 365 connection")
     return json_response(connection_status(conn, s.connections.counters(account_id, conn.generation),
-                                           s.failures.recent(account_id)))
+                                           s.failures.recent(account_id), _pending().waiting(account_id)))
 
 
 @bp.function_name("connect")
 @bp.route(route="connections/{account_id}/connect", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def connect(req: func.HttpRequest) -> func.HttpResponse:
-    try:
-        body = req.get_json()
-    except ValueError:
-        body = None
     s = services()
     try:
-        request = flow.parse_connect_request(req.route_params.get("account_id", ""), body, s.settings)
+        request = flow.parse_connect_request(req.route_params.get("account_id", ""), _json_body(req), s.settings)
     except InvalidInput as exc:
         outcome(log, "connect", "rejected", field=exc.field, code=exc.code)
         return error_response(exc.status, exc.code, exc.message, field=exc.field)
@@ -74,26 +84,46 @@ def connect(req: func.HttpRequest) -> func.HttpResponse:
     return json_response(answer)
 
 
+# The callback is anonymous: before any storage call, refuse what no real redirect from Entra carries
+# (its codes are a few KB at most).
+_MAX_CALLBACK_PARAM = 8192
+
+
 @bp.function_name("oauth_callback")
 @bp.route(route="oauth/callback", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def oauth_callback(req: func.HttpRequest) -> func.HttpResponse:
+    params = dict(req.params)
+    if len(params) > 16 or any(len(k) > 64 or len(v) > _MAX_CALLBACK_PARAM for k, v in params.items()):
+        outcome(log, "oauth_callback", "oversized")
+        return page("This sign-in link is not valid", "The link carries more than a sign-in ever does.",
+                    ok=False, status=400, hint="Start the connection again from Wave's Integrations page.")
     s = services()
     try:
-        result = flow.finish_connect(
-            dict(req.params), settings=s.settings, sessions=_sessions(), connections=s.connections,
-            tokens=s.tokens, queues=s.queues, dataverse=s.dataverse_client, start_backfill=start_backfill)
+        result = flow.finish_connect(params, settings=s.settings, sessions=_sessions(), connections=s.connections,
+                                     pending=_pending(), tokens=s.tokens, dataverse=s.dataverse_client)
     except SessionInvalid as exc:
         outcome(log, "oauth_callback", "invalid_state")
         return page("This sign-in link cannot be used", f"{exc}.",
                     ok=False, status=400, hint="Start the connection again from Wave's Integrations page.")
-    if result.session.return_url:
-        params = {"dynamics": "connected"} if result.connected else {"dynamics": "error",
-                                                                    "reason": result.category or "internal"}
-        return redirect(with_result(result.session.return_url, **params))
-    if result.connected:
-        return page("Dynamics 365 is connected",
-                    f"Wave is connected to {result.session.instance_url} as {result.connected_by or 'you'}.", ok=True)
-    return page("Dynamics 365 could not be connected", result.message, ok=False)
+    if not result.session.return_url:  # a sign-in started before return_url was required
+        return page("Return to Wave", "Start the connection again from Wave's Integrations page.", ok=False)
+    if result.ok and result.completion:
+        return redirect(with_result(result.session.return_url, dynamics="confirm", completion=result.completion))
+    return redirect(with_result(result.session.return_url, dynamics="error", reason=result.category or "internal"))
+
+
+@bp.function_name("confirm")
+@bp.route(route="connections/{account_id}/confirm", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def confirm(req: func.HttpRequest) -> func.HttpResponse:
+    s = services()
+    try:
+        request = flow.parse_confirm_request(req.route_params.get("account_id", ""), _json_body(req))
+        flow.confirm_connect(request, pending=_pending(), connections=s.connections, tokens=s.tokens,
+                             queues=s.queues, start_backfill=start_backfill)
+    except InvalidInput as exc:
+        outcome(log, "confirm", "refused", code=exc.code)
+        return error_response(exc.status, exc.code, exc.message, field=exc.field)
+    return _status(request.account_id)
 
 
 @bp.function_name("connection_status")
@@ -125,6 +155,13 @@ def disconnect(req: func.HttpRequest) -> func.HttpResponse:
     if flow.disconnect(account_id, who, connections=s.connections, tokens=s.tokens) is None:
         return error_response(404, "not_found", f"account {account_id} has no Dynamics 365 connection")
     return _status(account_id)
+
+
+@bp.function_name("purge_expired_sign_ins")
+@bp.timer_trigger(schedule="0 */5 * * * *", arg_name="timer", run_on_startup=False)
+def purge_expired_sign_ins(timer: func.TimerRequest) -> None:
+    # Every 5 minutes, so tokens of a sign-in nobody confirmed outlive its 10 minutes by little.
+    flow.purge_expired_sign_ins(_pending(), services().tokens)
 
 
 @bp.function_name("refresh_idle_tokens")

@@ -1,13 +1,17 @@
-"""Connecting an account to Dynamics 365: start the sign-in, finish it, disconnect.
+"""Connecting an account to Dynamics 365: start the sign-in, finish it, confirm it, disconnect.
 
-Plain functions that take their clients as arguments; oauth/api.py wires them to HTTP. A connection
-is only called good after the signed-in user proved, through Dataverse itself, that it can do what the
-sync needs. Until a callback succeeds, a live connection stays exactly as it was.
+Plain functions that take their clients as arguments; oauth/api.py wires them to HTTP. Connecting has two
+phases (oauth/pending.py says why): the callback finishes Microsoft's sign-in and checks, through
+Dataverse itself, that the user can do what the sync needs, but only keeps the result pending; the
+connection goes live when Wave's backend confirms it for the Wave user who started the connect. Until a
+confirm succeeds, a live connection stays exactly as it was.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,9 +38,10 @@ from core.storage import QueueSender
 from oauth.authority import confidential_client
 from oauth.errors import ConnectFailed, InvalidInput
 from oauth.instance_url import Instance, parse_instance_url
+from oauth.pending import PendingSignIn, PendingStore, code_hash, new_completion_code, well_formed
 from oauth.return_url import validate_return_url
 from oauth.sessions import OAuthSession, SessionStore, expiry
-from oauth.token_store import TokenStore, first_line
+from oauth.token_store import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +65,7 @@ class ConnectRequest:
     account_id: str
     plan: str
     instance: Instance
-    return_url: str | None
+    return_url: str
     auto_sync: bool
     initiated_by: str
     delete_policy: str
@@ -82,6 +87,9 @@ def parse_connect_request(account_id: str, body: object, settings: Settings) -> 
     dev_hosts = settings.dev.allowed_instance_hosts if settings.is_development else ()
     instance = parse_instance_url(body.get("instance_url"), dev_hosts)
     return_url = validate_return_url(body.get("return_url"), settings.wave_return_url_prefixes)
+    if return_url is None:  # the browser must come back to Wave: only Wave can confirm the sign-in
+        raise InvalidInput("return_url is required: the Wave page the browser returns to after sign-in, "
+                           "where Wave confirms the connection", field="return_url", code="invalid_return_url")
     auto_sync = body.get("auto_sync", False)
     if not isinstance(auto_sync, bool):
         raise InvalidInput("auto_sync must be true or false", field="auto_sync")
@@ -135,36 +143,48 @@ def _mark_pending(connections: ConnectionStore, req: ConnectRequest) -> None:
             continue
 
 
-# -- the callback -----------------------------------------------------------------------------------
+# -- the callback: finish Microsoft's sign-in, keep the result pending ---------------------------------
 
 
 @dataclass(frozen=True)
 class CallbackOutcome:
     session: OAuthSession
-    connected: bool
+    ok: bool
     category: str | None = None
     message: str = ""
-    connected_by: str | None = None
+    completion: str | None = None  # the one-time code the browser takes back to Wave, on success
+
+
+# Entra's `error` is an OAuth error code (RFC 6749 §4.1.2.1: printable ASCII, in practice [a-z_]); the
+# description is free text from the redirect's query, which anyone can forge. Only a recognisable code
+# and an AADSTS number from it are kept (https://learn.microsoft.com/entra/identity-platform/reference-error-codes).
+_ERROR_CODE_RE = re.compile(r"^[a-z_]{1,64}$")
+_AADSTS_RE = re.compile(r"\bAADSTS\d{4,7}\b")
 
 
 def microsoft_error(error: str, description: str | None) -> ConnectFailed:
-    """Entra's `error` / `error_description` on the redirect, as a category and a sentence for people."""
-    detail = first_line(description)
-    if "AADSTS65004" in detail or error == "access_denied":
-        return ConnectFailed("consent", "Sign-in was cancelled or the permissions Wave asked for were declined"
-                                        f"{f' ({detail})' if detail else ''}. Connect again and accept to continue.")
-    if error in ("consent_required", "interaction_required") or "AADSTS65001" in detail or "AADSTS90094" in detail:
+    """Entra's `error` / `error_description` on the redirect, as a category and a short sentence for people.
+
+    Nothing of the description is kept but an AADSTS code, so no text from the query reaches the status."""
+    code = error if _ERROR_CODE_RE.fullmatch(error) else "unrecognised_error"
+    found = _AADSTS_RE.search((description or "")[:2000])
+    aadsts = found.group(0) if found else ""
+    ref = f" ({aadsts})" if aadsts else ""
+    if aadsts == "AADSTS65004" or code == "access_denied":
+        return ConnectFailed("consent", f"Sign-in was cancelled or the permissions Wave asked for were declined{ref}. "
+                                        "Connect again and accept to continue.")
+    if code in ("consent_required", "interaction_required") or aadsts in ("AADSTS65001", "AADSTS90094"):
         return ConnectFailed("consent", "Your organisation requires an administrator to approve Wave's access "
-                                        f"to Dynamics 365 (admin consent){f' ({detail})' if detail else ''}.")
-    return ConnectFailed("auth", f"Microsoft sign-in failed: {detail or error}.")
+                                        f"to Dynamics 365 (admin consent){ref}.")
+    return ConnectFailed("auth", f"Microsoft sign-in failed: {code}{ref}.")
 
 
 def finish_connect(params: Mapping[str, str], *, settings: Settings, sessions: SessionStore,
-                   connections: ConnectionStore, tokens: TokenStore, queues: QueueSender,
-                   dataverse: DataverseFactory, start_backfill: Callable[..., Any]) -> CallbackOutcome:
-    """Consume the sign-in named by `state` and, if Microsoft and Dataverse agree, activate the connection.
+                   connections: ConnectionStore, pending: PendingStore, tokens: TokenStore,
+                   dataverse: DataverseFactory) -> CallbackOutcome:
+    """Consume the sign-in named by `state` and, if Microsoft and Dataverse agree, keep it pending for Wave.
 
-    SessionInvalid propagates (unknown, used or expired state: nothing changes).
+    Nothing goes live here. SessionInvalid propagates (unknown, used or expired state: nothing changes).
     """
     session = sessions.consume(params.get("state", ""))
     try:
@@ -174,15 +194,13 @@ def finish_connect(params: Mapping[str, str], *, settings: Settings, sessions: S
         claims, provider = _redeem(settings, session, params, cache)
         username = str(claims.get("preferred_username") or claims.get("upn") or claims.get("email") or "")
         user_id = _check_access(dataverse(session.instance_url, provider), username)
-        generation = _activate(session, claims, username, user_id, cache, connections, tokens)
+        completion = _keep_pending(session, claims, username, user_id, cache, pending, tokens)
     except ConnectFailed as failed:
         _record_failure(connections, session, failed)
         outcome(log, "connect", "failed", account_id=session.account_id, category=failed.category)
         return CallbackOutcome(session, False, failed.category, failed.message)
-    if session.auto_sync:
-        start_backfill(connections, queues, session.account_id)
-    outcome(log, "connect", "connected", account_id=session.account_id, generation=generation)
-    return CallbackOutcome(session, True, connected_by=username)
+    outcome(log, "connect", "awaiting_confirm", account_id=session.account_id)
+    return CallbackOutcome(session, True, completion=completion)
 
 
 def _redeem(settings: Settings, session: OAuthSession, params: Mapping[str, str],
@@ -195,8 +213,7 @@ def _redeem(settings: Settings, session: OAuthSession, params: Mapping[str, str]
         raise ConnectFailed("auth", f"Microsoft sign-in could not be completed ({type(exc).__name__}). "
                                     "Try connecting again.") from exc
     if "access_token" not in result:
-        detail = first_line(result.get("error_description")) or result.get("error")
-        raise ConnectFailed("auth", f"Microsoft sign-in failed: {detail}.")
+        raise microsoft_error(str(result.get("error") or ""), result.get("error_description"))
     scope = f"{session.instance_url}/user_impersonation"
     first = result["access_token"]
 
@@ -246,38 +263,26 @@ def missing_privileges(held: set[str]) -> list[str]:
     return [p for p in REQUIRED_PRIVILEGES if p.lower() not in names]
 
 
-def _activate(session: OAuthSession, claims: Mapping[str, Any], username: str, user_id: str,
-              cache: msal.SerializableTokenCache, connections: ConnectionStore, tokens: TokenStore) -> str:
-    """Store the tokens under a new generation, switch the row to it, then drop the old generation."""
+def _keep_pending(session: OAuthSession, claims: Mapping[str, Any], username: str, user_id: str,
+                  cache: msal.SerializableTokenCache, pending: PendingStore, tokens: TokenStore) -> str:
+    """Store the tokens under a new generation and the sign-in as pending; returns its completion code."""
     generation = uuid.uuid4().hex
     try:
         name = tokens.store_new(session.account_id, generation, cache)
     except AzureError as exc:
         raise ConnectFailed("internal", f"The sign-in could not be stored in Key Vault ({type(exc).__name__}). "
                                         "Try connecting again; if it keeps failing, contact Wave support.") from exc
-    now = utcnow()
-    previous: dict[str, str | None] = {}
-
-    def connect(conn: Connection) -> None:
-        previous.update(generation=conn.generation, secret_name=conn.secret_name)
-        conn.state, conn.generation, conn.secret_name = CONNECTED, generation, name
-        conn.instance_url, conn.tenant_id, conn.plan = session.instance_url, claims.get("tid"), session.plan
-        conn.initiated_by, conn.connected_by, conn.connected_at = session.initiated_by, username, now
-        conn.dataverse_user_id, conn.auto_sync, conn.delete_policy = user_id, session.auto_sync, session.delete_policy
-        conn.token_refreshed_at, conn.reason_category, conn.reason = now, None, None
-        conn.disconnected_by = conn.disconnected_at = None
-
+    code = new_completion_code()
     try:
-        if connections.update(session.account_id, connect) is None:
-            row = Connection(account_id=session.account_id)
-            connect(row)
-            connections.save(row)
+        pending.create(PendingSignIn(
+            account_id=session.account_id, code_hash=code_hash(code), generation=generation, secret_name=name,
+            instance_url=session.instance_url, plan=session.plan, initiated_by=session.initiated_by,
+            connected_by=username, dataverse_user_id=user_id, auto_sync=session.auto_sync,
+            delete_policy=session.delete_policy, expires_at=expiry(), tenant_id=claims.get("tid")))
     except Exception:
-        tokens.delete(name, generation)  # the row never pointed at it
+        tokens.delete(name, generation)  # nothing points at it
         raise
-    if previous.get("secret_name") and previous["secret_name"] != name:
-        tokens.delete(previous["secret_name"], previous.get("generation"))
-    return generation
+    return code
 
 
 def _record_failure(connections: ConnectionStore, session: OAuthSession, failed: ConnectFailed) -> None:
@@ -290,6 +295,99 @@ def _record_failure(connections: ConnectionStore, session: OAuthSession, failed:
         return True
 
     connections.update(session.account_id, note)
+
+
+# -- confirm: Wave's backend, for its signed-in user, makes the pending sign-in live ------------------------
+
+
+@dataclass(frozen=True)
+class ConfirmRequest:
+    account_id: str
+    completion: str
+    confirmed_by: str
+
+
+def parse_confirm_request(account_id: str, body: object) -> ConfirmRequest:
+    if not valid_account_id(account_id):
+        raise InvalidInput("account_id must be 1-64 letters, digits, '_' or '-'", field="account_id",
+                           code="invalid_account_id")
+    if not isinstance(body, dict):
+        raise InvalidInput("the body must be a JSON object", field="body", code="invalid_json")
+    completion = body.get("completion")
+    if not isinstance(completion, str) or not well_formed(completion):
+        raise InvalidInput("completion must be the code Wave's return page received after sign-in",
+                           field="completion")
+    confirmed_by = body.get("confirmed_by")
+    if not isinstance(confirmed_by, str) or not confirmed_by.strip() or len(confirmed_by) > 256:
+        raise InvalidInput("confirmed_by is required: the signed-in Wave user confirming the connection (at most "
+                           "256 characters)", field="confirmed_by")
+    return ConfirmRequest(account_id, completion, confirmed_by.strip())
+
+
+def confirm_connect(req: ConfirmRequest, *, pending: PendingStore, connections: ConnectionStore,
+                    tokens: TokenStore, queues: QueueSender, start_backfill: Callable[..., Any]) -> None:
+    """Activate the pending sign-in `req.completion` names; InvalidInput (4xx, nothing changed) otherwise."""
+    found = pending.find(req.account_id, req.completion)
+    if found is None:
+        raise InvalidInput("no sign-in of this account has this completion code", field="completion",
+                           code="unknown_completion", status=404)
+    if found.used:
+        raise InvalidInput("this sign-in was already confirmed", field="completion", code="completion_used",
+                           status=409)
+    if found.expired():
+        raise InvalidInput("this sign-in expired: it must be confirmed within 10 minutes; connect again",
+                           field="completion", code="completion_expired", status=410)
+    if not hmac.compare_digest(req.confirmed_by.encode(), found.initiated_by.encode()):
+        raise InvalidInput("only the Wave user who started this connection can confirm it", field="confirmed_by",
+                           code="not_initiator", status=403)
+    if not pending.claim(found):  # a second confirm racing this one got there first
+        raise InvalidInput("this sign-in was already confirmed", field="completion", code="completion_used",
+                           status=409)
+    _activate(found, req.confirmed_by, connections, tokens)
+    if found.auto_sync:
+        start_backfill(connections, queues, found.account_id)
+    outcome(log, "connect", "connected", account_id=found.account_id, generation=found.generation)
+
+
+def _activate(signin: PendingSignIn, confirmed_by: str, connections: ConnectionStore, tokens: TokenStore) -> None:
+    """Switch the row to the sign-in's generation, then drop the previous generation's secret."""
+    now = utcnow()
+    previous: dict[str, str | None] = {}
+
+    def connect(conn: Connection) -> None:
+        previous.update(generation=conn.generation, secret_name=conn.secret_name)
+        conn.state, conn.generation, conn.secret_name = CONNECTED, signin.generation, signin.secret_name
+        conn.instance_url, conn.tenant_id, conn.plan = signin.instance_url, signin.tenant_id, signin.plan
+        conn.initiated_by, conn.connected_by, conn.connected_at = confirmed_by, signin.connected_by, now
+        conn.dataverse_user_id, conn.auto_sync = signin.dataverse_user_id, signin.auto_sync
+        conn.delete_policy, conn.token_refreshed_at, conn.reason_category, conn.reason = \
+            signin.delete_policy, now, None, None
+        conn.disconnected_by = conn.disconnected_at = None
+
+    try:
+        if connections.update(signin.account_id, connect) is None:
+            row = Connection(account_id=signin.account_id)
+            connect(row)
+            connections.save(row)
+    except Exception:
+        tokens.delete(signin.secret_name, signin.generation)  # the row never pointed at it
+        raise
+    if previous.get("secret_name") and previous["secret_name"] != signin.secret_name:
+        tokens.delete(previous["secret_name"], previous.get("generation"))
+
+
+def purge_expired_sign_ins(pending: PendingStore, tokens: TokenStore) -> int:
+    """Delete pending sign-ins past their 10 minutes, with the tokens of those never confirmed."""
+    removed = 0
+    for signin in pending.expired():
+        if not pending.delete(signin):  # changed since read: the next run looks again
+            continue
+        removed += 1
+        if not signin.used:  # a confirmed one's secret belongs to the live connection now
+            tokens.delete(signin.secret_name, signin.generation)
+    if removed:
+        outcome(log, "connect", "pending_sign_ins_purged", removed=removed)
+    return removed
 
 
 # -- disconnect -------------------------------------------------------------------------------------

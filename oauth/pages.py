@@ -6,9 +6,12 @@ from html import escape
 
 import azure.functions as func
 
-# No scripts, no external resources, no caching, and no Referer carrying the callback's query onwards.
+# No scripts, no external resources, no caching, no framing (clickjacking), and no Referer carrying the
+# callback's query (or the completion code) onwards.
 HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'",
+    "Content-Security-Policy": ("default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; "
+                                "frame-ancestors 'none'"),
+    "X-Frame-Options": "DENY",
     "Cache-Control": "no-store",
     "Referrer-Policy": "no-referrer",
     "X-Content-Type-Options": "nosniff",

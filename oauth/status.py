@@ -6,9 +6,13 @@ from typing import Any
 
 from core.connections import Connection, Counters
 from core.failures import Failure
+from oauth.pending import PendingSignIn
 
 
-def connection_status(conn: Connection, counters: Counters, failures: list[Failure]) -> dict[str, Any]:
+def connection_status(conn: Connection, counters: Counters, failures: list[Failure],
+                      waiting: list[PendingSignIn] | None = None) -> dict[str, Any]:
+    # A sign-in that finished at Microsoft and waits for Wave's confirm; the connection above is unchanged.
+    pending = waiting[0] if waiting else None
     reason = {"category": conn.reason_category, "message": conn.reason} if conn.reason_category else None
     return {
         "account_id": conn.account_id,
@@ -20,6 +24,9 @@ def connection_status(conn: Connection, counters: Counters, failures: list[Failu
         "auto_sync": conn.auto_sync,
         "delete_policy": conn.delete_policy,
         "reason": reason,
+        "pending_sign_in": None if pending is None else {
+            "instance_url": pending.instance_url, "signed_in_as": pending.connected_by,
+            "initiated_by": pending.initiated_by, "expires_at": pending.expires_at},
         "disconnected_by": conn.disconnected_by,
         "disconnected_at": conn.disconnected_at,
         "backfill": {

@@ -1,5 +1,5 @@
-"""Connect, callback, status and disconnect through the HTTP surface, against the Entra stand-in, the Key
-Vault simulator, a Dataverse simulator and Azurite (DESIGN §2.3, issue 4)."""
+"""Connect, callback, confirm, status and disconnect through the HTTP surface, against the Entra stand-in,
+the Key Vault simulator, a Dataverse simulator and Azurite (README "Connecting Dynamics")."""
 
 from __future__ import annotations
 
@@ -12,7 +12,18 @@ import pytest
 
 from core.settings import StorageSettings
 from devstack.dataverse_sim import ADMIN_PRIVILEGES
-from tests.fixtures.identity import RETURN_URL, api, callback, connect_account, connect_body, sign_in, status
+from tests.fixtures.identity import (
+    RETURN_URL,
+    api,
+    callback,
+    completion_of,
+    confirm,
+    connect_account,
+    connect_body,
+    sign_in,
+    signed_in,
+    status,
+)
 from tests.test_instance_url import HOSTILE_INSTANCE_URLS
 
 
@@ -27,6 +38,10 @@ def _secrets_of(identity, account_id: str) -> set[str]:
 
 def _sessions_of(tables, account_id: str) -> list:
     return list(tables("oauthsessions").query_entities("account_id eq @a", parameters={"a": account_id}))
+
+
+def _pending_of(tables, account_id: str) -> list:
+    return list(tables("pendingsignins").query_entities("PartitionKey eq @a", parameters={"a": account_id}))
 
 
 def test_happy_path_connects_and_keeps_tokens_in_key_vault(devhost, identity, fresh_entra, store, tables):
@@ -45,11 +60,22 @@ def test_happy_path_connects_and_keeps_tokens_in_key_vault(devhost, identity, fr
 
     done = callback(devhost, sign_in(identity, body["authorize_url"]))
     assert done.status_code == 302
-    assert done.headers["Location"] == f"{RETURN_URL}?dynamics=connected"
+    assert done.headers["Location"].startswith(f"{RETURN_URL}?dynamics=confirm&completion=")
     assert not done.content  # the browser gets a redirect, never a token
+    completion = completion_of(done)
+    assert len(completion) >= 22  # at least 128 random bits, URL-safe base64
+    assert not list(tables("pendingsignins").query_entities(  # kept only as a hash
+        "RowKey eq @c or PartitionKey eq @c", parameters={"c": completion}))
+    waiting = status(devhost, acct)
+    assert waiting["state"] == "pending" and waiting["pending_sign_in"]["signed_in_as"] == "admin@contoso.test"
+    assert waiting["pending_sign_in"]["instance_url"] == identity.dataverse.url
 
+    confirmed = confirm(devhost, acct, completion)
+    assert confirmed.status_code == 200, confirmed.text
+    assert (confirmed.json()["instance_url"], confirmed.json()["connected_by"]) == \
+        (identity.dataverse.url, "admin@contoso.test")
     st = status(devhost, acct)
-    assert st["state"] == "connected" and st["reason"] is None
+    assert st["state"] == "connected" and st["reason"] is None and st["pending_sign_in"] is None
     assert st["instance_url"] == identity.dataverse.url
     assert st["connected_by"] == "admin@contoso.test" and st["connected_at"]
     assert (st["auto_sync"], st["delete_policy"]) == (False, "delete")
@@ -67,7 +93,7 @@ def test_happy_path_connects_and_keeps_tokens_in_key_vault(devhost, identity, fr
 
 def test_auto_sync_opens_a_backfill_run(devhost, identity, fresh_entra, store):
     acct = _account()
-    assert connect_account(devhost, identity, acct, auto_sync=True).status_code == 302
+    assert connect_account(devhost, identity, acct, auto_sync=True).status_code == 200
     st = status(devhost, acct)
     assert st["auto_sync"] is True and st["backfill"]["started_at"]
     assert store.get(acct).backfill.run_id
@@ -84,14 +110,6 @@ def test_the_connected_client_calls_dataverse_with_the_stored_tokens(devhost, id
     services().tokens.delete(None, conn.generation)  # forget the in-memory cache: Key Vault must serve it
     assert services().tokens.provider(conn)(False)
     assert client.whoami()
-
-
-def test_no_return_url_renders_a_result_page(devhost, identity, fresh_entra):
-    acct = _account()
-    done = connect_account(devhost, identity, acct, return_url=None)
-    assert done.status_code == 200 and done.headers["Content-Type"].startswith("text/html")
-    assert "Dynamics 365 is connected" in done.text and "admin@contoso.test" in done.text
-    assert "script" not in done.text.lower() and done.headers["Cache-Control"] == "no-store"
 
 
 @pytest.mark.parametrize("plan", ["free", "starter", "PRO-trial"])
@@ -125,6 +143,7 @@ def test_hostile_instance_urls_are_refused_before_any_network_call(devhost, iden
 @pytest.mark.parametrize(("override", "status_code", "code", "field"), [
     ({"return_url": "https://app.wave.test.evil.com/integrations/x"}, 400, "invalid_return_url", "return_url"),
     ({"return_url": "https://evil.com/"}, 400, "invalid_return_url", "return_url"),
+    ({"return_url": None}, 400, "invalid_return_url", "return_url"),  # only Wave's page can confirm
     ({"auto_sync": "yes"}, 400, "invalid_request", "auto_sync"),
     ({"initiated_by": ""}, 400, "invalid_request", "initiated_by"),
     ({"delete_policy": "purge"}, 400, "invalid_request", "delete_policy"),
@@ -157,15 +176,15 @@ def test_connect_needs_the_function_key(devhost, identity):
     assert resp.status_code == 401
 
 
-def test_a_state_is_single_use(devhost, identity, fresh_entra, store):
+def test_a_state_is_single_use(devhost, identity, fresh_entra, store, tables):
     acct = _account()
     started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
     query = sign_in(identity, started.json()["authorize_url"])
     assert callback(devhost, query).status_code == 302
-    generation = store.get(acct).generation
     replay = callback(devhost, query)
     assert replay.status_code == 400 and "already completed" in replay.text
-    assert store.get(acct).generation == generation and len(_secrets_of(identity, acct)) == 1
+    assert store.get(acct).generation is None and len(_secrets_of(identity, acct)) == 1
+    assert len(_pending_of(tables, acct)) == 1
 
 
 @pytest.mark.parametrize("query", ["state=unknown-state&code=abc", "code=abc", "state=a%2Fb&code=x", ""])
@@ -189,17 +208,13 @@ def test_an_expired_state_is_refused(devhost, identity, fresh_entra, tables):
 def test_consent_denied_comes_back_as_a_reason(devhost, identity, fresh_entra):
     acct = _account()
     fresh_entra.deny_next_consent()
-    done = connect_account(devhost, identity, acct)
+    done = signed_in(devhost, identity, acct)
     assert done.status_code == 302
     assert done.headers["Location"] == f"{RETURN_URL}?dynamics=error&reason=consent"
     st = status(devhost, acct)
     assert st["state"] == "pending" and st["reason"]["category"] == "consent"
     assert "AADSTS65004" in st["reason"]["message"]
     assert _secrets_of(identity, acct) == set()
-
-    fresh_entra.deny_next_consent()
-    page = connect_account(devhost, identity, acct, return_url=None)
-    assert page.status_code == 200 and "could not be connected" in page.text and "declined" in page.text
 
 
 def test_a_missing_privilege_fails_the_connect_naming_it(devhost, identity, fresh_entra):
@@ -208,7 +223,7 @@ def test_a_missing_privilege_fails_the_connect_naming_it(devhost, identity, fres
     identity.dataverse.add_user("limited@contoso.test", oid=oid,
                                 privileges=set(ADMIN_PRIVILEGES) - {"prvAssignContact"})
     fresh_entra.sign_in_as("limited@contoso.test", oid)
-    done = connect_account(devhost, identity, acct)
+    done = signed_in(devhost, identity, acct)
     assert done.headers["Location"] == f"{RETURN_URL}?dynamics=error&reason=permission"
     st = status(devhost, acct)
     assert st["state"] == "pending" and st["reason"]["category"] == "permission"
@@ -251,7 +266,7 @@ def test_disconnect_deletes_the_secret_and_reconnect_uses_a_new_one(devhost, ide
         services().dataverse(gone)
     assert store.get(acct).state == "disconnected"  # ...and does not disturb the row
 
-    assert connect_account(devhost, identity, acct).headers["Location"].endswith("dynamics=connected")
+    assert connect_account(devhost, identity, acct).json()["state"] == "connected"
     again = store.get(acct)
     assert again.state == "connected" and again.generation != live.generation
     assert again.secret_name != live.secret_name and _secrets_of(identity, acct) == {again.secret_name}
@@ -287,14 +302,14 @@ def test_racing_callbacks_with_one_state_connect_once(devhost, identity, fresh_e
     with ThreadPoolExecutor(4) as pool:
         answers = sorted(r.status_code for r in pool.map(lambda _: callback(devhost, query), range(4)))
     assert answers == [302, 400, 400, 400]
-    assert store.get(acct).state == "connected" and len(_secrets_of(identity, acct)) == 1
+    assert store.get(acct).state == "pending" and len(_secrets_of(identity, acct)) == 1
 
 
 def test_a_vault_that_refuses_the_write_fails_the_connect_cleanly(devhost, identity, fresh_entra):
     acct = _account()
     identity.keyvault.forbidden = True
     try:
-        done = connect_account(devhost, identity, acct)
+        done = signed_in(devhost, identity, acct)
     finally:
         identity.keyvault.forbidden = False
     assert done.headers["Location"] == f"{RETURN_URL}?dynamics=error&reason=internal"
@@ -308,7 +323,7 @@ def test_a_disabled_dynamics_user_cannot_connect(devhost, identity, fresh_entra)
     oid = str(uuid.uuid4())
     identity.dataverse.add_user("gone@contoso.test", oid=oid, enabled=False)
     fresh_entra.sign_in_as("gone@contoso.test", oid)
-    assert connect_account(devhost, identity, acct).headers["Location"].endswith("reason=permission")
+    assert signed_in(devhost, identity, acct).headers["Location"].endswith("reason=permission")
     reason = status(devhost, acct)["reason"]
     assert reason["category"] == "permission" and "cannot use this Dynamics 365 environment" in reason["message"]
     assert _secrets_of(identity, acct) == set()

@@ -29,10 +29,14 @@ ENV = {
     ("invalid_request", "AADSTS90094: Admin consent is required.", "consent", "admin consent"),
     ("invalid_client", "AADSTS700016: Application not found in the directory.", "auth", "AADSTS700016"),
     ("server_error", "", "auth", "server_error"),
+    # the description is forgeable text from the redirect's query: only an AADSTS code survives
+    ("access_denied", "<img src=x onerror=alert(1)> AADSTS65004", "consent", "(AADSTS65004)"),
+    ("Not A Code<script>", "whatever", "auth", "unrecognised_error"),
 ])
 def test_microsoft_errors_become_readable_reasons(error, description, category, words):
     failed = microsoft_error(error, description)
     assert failed.category == category and words in failed.message and "Trace ID" not in failed.message
+    assert "<" not in failed.message and "whatever" not in failed.message and "directory" not in failed.message
 
 
 def test_missing_privileges_are_named_in_order():
@@ -43,7 +47,8 @@ def test_missing_privileges_are_named_in_order():
 
 def test_development_hosts_are_refused_in_production():
     settings = load_settings(ENV)
-    body = {"instance_url": "https://127.0.0.1:8443", "plan": "pro", "initiated_by": "u"}
+    body = {"instance_url": "https://127.0.0.1:8443", "plan": "pro", "initiated_by": "u",
+            "return_url": "https://app.wave.test/integrations/x"}
     with pytest.raises(InvalidInput) as info:
         parse_connect_request("acct_1", body, settings)
     assert info.value.field == "instance_url"
@@ -56,9 +61,14 @@ def test_plan_is_checked_before_the_instance_and_defaults_apply():
     with pytest.raises(InvalidInput) as info:
         parse_connect_request("acct_1", {"plan": "free", "instance_url": "x"}, settings)
     assert (info.value.status, info.value.code) == (403, "plan_not_eligible")
+    back = "https://app.wave.test/integrations/dynamics365/acct_1"
     req = parse_connect_request("acct_1", {"plan": " Enterprise ", "instance_url": "contoso.crm4.dynamics.com",
-                                           "initiated_by": "u"}, settings)
-    assert (req.plan, req.auto_sync, req.delete_policy, req.return_url) == ("enterprise", False, "delete", None)
+                                           "initiated_by": "u", "return_url": back}, settings)
+    assert (req.plan, req.auto_sync, req.delete_policy, req.return_url) == ("enterprise", False, "delete", back)
+    with pytest.raises(InvalidInput) as missing:  # only Wave's page can confirm the sign-in
+        parse_connect_request("acct_1", {"plan": "pro", "instance_url": "contoso.crm4.dynamics.com",
+                                         "initiated_by": "u"}, settings)
+    assert (missing.value.code, missing.value.field) == ("invalid_return_url", "return_url")
     assert req.instance.url == "https://contoso.crm4.dynamics.com"
 
 

@@ -131,6 +131,6 @@ def test_control_api_drives_the_simulator_over_http(sim):
     assert requests.post(f"{base}/seed", json={"count": 3}, timeout=10).status_code == 200
     listed = requests.get(f"{base}/contacts", timeout=10).json()
     assert len(listed["contacts"]) == 3 and listed["deleted"] == [{"id": cid, "version": 3, "deleted": True}]
-    sim.mount(lambda method, path, body: (200, {}, b"mounted") if path == "/extra" else None)
+    sim.mount(lambda method, path, headers, body: (200, {}, b"mounted") if path == "/extra" else None)
     assert requests.get(f"{sim.url}/extra", timeout=10).text == "mounted"
     assert requests.get(f"{sim.url}/nothing", timeout=10).status_code == 404

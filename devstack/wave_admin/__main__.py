@@ -6,9 +6,11 @@ The function key for the connections API comes from $WAVE_ADMIN_FUNCTION_KEY (no
 where `ps` would show it). Besides the simulator's own control API it answers
 
     POST /_control/accounts/<acct>/populate  {"count": n, "team_members": [{"id", "email"}...], "seed": s}
+    POST /_control/admins                    {"email": e, "accounts": [acct...] | null}
 
-which stores n varied contacts (no webhooks), each assigned round-robin to one of the team members or
-to none, for the demo and the benchmarks.
+The first stores n varied contacts (no webhooks), each assigned round-robin to one of the team members
+or to none, for the demo and the benchmarks; the second adds a Wave user who may sign in and administer
+those accounts (null: all). `--admin-email` administers every account.
 """
 
 from __future__ import annotations
@@ -85,7 +87,14 @@ def main(argv: list[str] | None = None) -> int:
                        int(doc.get("seed", 0)))
         return 200, {"Content-Type": "application/json"}, json.dumps({"count": len(ids)}).encode()
 
+    def _admins(req: Any) -> tuple[int, dict[str, str], bytes]:
+        doc = req.json()
+        accounts = doc.get("accounts")
+        page.add_admin(str(doc["email"]), None if accounts is None else {str(a) for a in accounts})
+        return 200, {"Content-Type": "application/json"}, json.dumps({"email": doc["email"]}).encode()
+
     sim.add_route("POST", r"/_control/accounts/(?P<account>[^/]+)/populate", _populate)
+    sim.add_route("POST", r"/_control/admins", _admins)
     return serve_until_interrupted(sim, "wave simulator with the admin page")
 
 

@@ -1,6 +1,8 @@
 // Wave's "Integrations → Microsoft Dynamics 365" page. It talks only to Wave's own backend
 // (/integrations/dynamics365/<account>/api/...), which forwards to the integration's public
 // connections API server-side with the function key: the browser never sees a key or a token.
+// Every call needs the user's Wave session (an HttpOnly cookie); after Microsoft sign-in the browser comes
+// back with ?dynamics=confirm&completion=..., and the page asks Wave to confirm that sign-in for its user.
 "use strict";
 
 const account = location.pathname.split("/").filter(Boolean)[2] || "";
@@ -27,9 +29,23 @@ async function call(method, path, body) {
     const err = data.error || {};
     const code = typeof err === "string" ? err : (err.code || `HTTP ${res.status}`);
     const message = data.message || err.message || "";
-    throw new Error(message ? `${code}: ${message}` : code);
+    const error = new Error(message ? `${code}: ${message}` : code);
+    error.code = code;
+    throw error;
   }
   return data;
+}
+
+function signInPrompt(what) {
+  const el = $("banner");
+  el.className = "banner error";
+  el.hidden = false;
+  const link = document.createElement("a");
+  link.id = "sign-in-link";
+  link.href = `/integrations/login?next=${encodeURIComponent(location.pathname)}`;
+  link.textContent = "Sign in to Wave";
+  el.replaceChildren(link, document.createTextNode(` ${what}`));
+  $("connect").disabled = true;
 }
 
 function text(id, value) { $(id).textContent = value === null || value === undefined || value === "" ? "–" : value; }
@@ -43,6 +59,7 @@ function render(s) {
   text("status-connected-at", s.connected_at);
   text("status-last-sync", s.last_sync_at);
   text("status-reason", s.reason ? `${s.reason.category}: ${s.reason.message}` : "");
+  text("wave-user", s.wave_user);
   if (!lastStatus && s.state && s.state !== "not_connected") {  // the first answer fills the form once
     if (s.instance_url) $("instance-url").value = s.instance_url;
     $("auto-sync").checked = Boolean(s.auto_sync);
@@ -89,7 +106,18 @@ async function refresh() {
   try {
     render(await call("GET", "/status"));
   } catch (e) {
-    if (!lastStatus) banner("error", `Could not load the status: ${e.message}`);
+    if (e.code === "not_signed_in") { if ($("banner").hidden) signInPrompt("to manage this integration."); }
+    else if (!lastStatus) banner("error", `Could not load the status: ${e.message}`);
+  }
+}
+
+async function confirmSignIn(completion) {
+  try {
+    const s = await call("POST", "/confirm", { completion });
+    banner("ok", `Connected Wave account ${account} to ${s.instance_url} as ${s.connected_by}.`);
+  } catch (e) {
+    if (e.code === "not_signed_in") signInPrompt("and connect again: a connection is only confirmed for the Wave user who started it.");
+    else banner("error", `The connection was not confirmed: ${e.message}`);
   }
 }
 
@@ -121,10 +149,11 @@ $("disconnect").addEventListener("click", async () => {
   }
 });
 
-(function init() {
+(async function init() {
   const params = new URLSearchParams(location.search);
   const outcome = params.get("dynamics");
-  if (outcome === "connected") banner("ok", "Connected to Microsoft Dynamics 365.");
+  if (params.has("completion")) history.replaceState(null, "", location.pathname); // a one-time code: off the URL
+  if (outcome === "confirm" && params.get("completion")) await confirmSignIn(params.get("completion"));
   else if (outcome === "error") banner("error", `Connection failed: ${params.get("reason") || "unknown reason"}`);
   refresh();
   setInterval(refresh, 1000);
