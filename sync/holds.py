@@ -12,7 +12,12 @@ this one: the contact is recorded as failed with category `conflict` (core/failu
 Holds are never released: a disconnect leaves the rows in Dynamics, and a deleted row's contactid is
 only ever reused by its own account (contactids of new rows are uuid5 of account and Wave id,
 sync/mapping.py). A row that no account holds yet (a CSV import of Wave contacts, say) is adopted by the
-first account that claims it.
+first account that claims it. A claim is made once per contact, when the account first meets its row;
+after that the contact state (sync/state.py) names the row.
+
+Holds protect rows, not external ids: two accounts that both find no row for one Wave id at the same
+moment each create (and hold) their own deterministic-id row, so that org then has two rows with that
+`wavecnct_<id>`, one per account, neither touched by the other.
 
 The pure rules (org key, partition, verdict, reason) come first; `HoldStore` does the Table I/O.
 """
