@@ -24,6 +24,7 @@ CATEGORIES = {
     "throttled": "Dynamics asked us to slow down; the contact will be retried",
     "auth": "Microsoft no longer accepts the connection's sign-in; reconnect",
     "not_found": "the Dynamics record no longer exists",
+    "conflict": "another Wave account syncs this contact's row in the same Dynamics org; it was left unchanged",
     "transient": "Dynamics or the network failed temporarily",
     "source": "Wave's contacts API failed",
     "internal": "an unexpected error in the integration",

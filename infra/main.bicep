@@ -80,6 +80,7 @@ var tableNames = [
   'oauthsessions'
   'contactstate'
   'contactsnapshots'
+  'contactholders'
   'failures'
   'ownercache'
   'webhookevents'

@@ -37,6 +37,7 @@ from sync.context import SyncContext, sync_context
 from sync.dataverse import UpsertItem
 from sync.dataverse_errors import AuthExpired, DataverseError, Throttled, Transient
 from sync.events import CONTACT_ID_RE, SchemaError, validate_contact
+from sync.holds import CONFLICT, conflict_reason
 from sync.mapping import MappingError, external_id, map_contact, owner_email
 from sync.mapping import contact_id as new_contact_id
 from sync.messages import ContactMessage, PageMessage
@@ -214,9 +215,18 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
     unknown = [cid for cid in mapped if new_states[cid].dynamics_id is None]
     if unknown:  # one lookup for the page's contacts we have never written
         found = patience.call(lambda: dv.find_contacts([external_id(cid) for cid in unknown]))
+        claims: dict[str, str] = {}
         for cid in unknown:
             ref = found.get(external_id(cid))
-            new_states[cid].dynamics_id = ref.contactid if ref else new_contact_id(account, cid)
+            claims[cid] = new_states[cid].dynamics_id = ref.contactid if ref else new_contact_id(account, cid)
+        # claimed for the whole page before any write: a row another account of this org holds is left alone
+        for cid in ctx.holds.refused(conn, claims):
+            del mapped[cid]
+            report.failed += 1
+            failed[cid] = CONFLICT
+            ctx.failures.record(account, cid, CONFLICT, conflict_reason(cid), version=contacts[cid]["version"],
+                                generation=generation)
+            ctx.snapshots.put_if_newer(account, contacts[cid], deleted=False, event_id="backfill")
     items = [UpsertItem(key=cid, contact_id=new_states[cid].dynamics_id, payload=m.payload,
                         reactivate=bool(states.get(cid) and states[cid].deleted and conn.delete_policy == "deactivate"))
              for cid, m in mapped.items()]

@@ -10,6 +10,8 @@ from core.connections import Connection, ConnectionStore
 from core.failures import FailureStore
 from core.services import services
 from core.storage import QueueSender
+from sync.holds import TABLE as HOLDS
+from sync.holds import HoldStore
 from sync.owners import TABLE as OWNERS
 from sync.owners import OwnerCache
 from sync.state import SNAPSHOTS, STATE, ContactStateStore, SnapshotStore
@@ -24,6 +26,7 @@ class SyncContext:
     states: ContactStateStore
     owners: OwnerCache
     queues: QueueSender
+    holds: HoldStore  # which account holds which Dynamics row of an org (sync/holds.py)
     dataverse: Callable[[Connection], Any]  # -> DataverseClient; raises oauth.errors.ReauthRequired
     wave: WaveClient | None = None
 
@@ -39,7 +42,8 @@ def sync_context() -> SyncContext:
         _context = SyncContext(
             connections=svc.connections, failures=svc.failures,
             snapshots=SnapshotStore(svc.tables(SNAPSHOTS)), states=ContactStateStore(svc.tables(STATE)),
-            owners=OwnerCache(svc.tables(OWNERS)), queues=svc.queues, dataverse=svc.dataverse,
+            owners=OwnerCache(svc.tables(OWNERS)), queues=svc.queues, holds=HoldStore(svc.tables(HOLDS)),
+            dataverse=svc.dataverse,
             wave=WaveClient(svc.settings.wave_api_base_url, svc.settings.wave_api_token),
         )
     return _context

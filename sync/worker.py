@@ -32,6 +32,7 @@ from core.storage import CONTACT_EVENTS
 from oauth.errors import ReauthRequired, TokenUnavailable
 from sync.context import SyncContext, sync_context
 from sync.dataverse_errors import AuthExpired, DataverseError, NotFound, Throttled, Transient
+from sync.holds import Claim, HeldElsewhere
 from sync.mapping import MappingError, contact_id, external_id, map_contact, owner_email
 from sync.messages import ContactMessage
 from sync.rules import MAX_TRANSIENT_ATTEMPTS, Step, next_step, normalise_email, retry_delay, unchanged
@@ -55,7 +56,7 @@ def failure_category(error: Exception) -> str:
     if isinstance(error, MappingError):
         return "validation"
     category = getattr(error, "category", "")
-    if category in ("validation", "permission", "not_found", "throttled", "transient", "auth"):
+    if category in ("validation", "permission", "not_found", "throttled", "transient", "auth", "conflict"):
         return category
     return "validation" if isinstance(error, DataverseError) else "internal"
 
@@ -91,6 +92,8 @@ def _upsert(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactSt
         found = dv.find_contact(external_id(snap.contact_id))
         # A new row gets the deterministic id, so racing creates of one contact converge on one row.
         new.dynamics_id = found.contactid if found else contact_id(conn.account_id, snap.contact_id)
+        # claimed before the first write, so a row another account of this org holds is never touched
+        ctx.holds.refuse_elsewhere(conn, Claim(new.dynamics_id, snap.contact_id))
     try:
         dv.upsert_contact(new.dynamics_id, mapped.payload, reactivate=reactivate)
     except NotFound as exc:
@@ -114,6 +117,8 @@ def _delete(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactSt
         if new.dynamics_id is None:
             found = dv.find_contact(external_id(snap.contact_id))
             new.dynamics_id = found.contactid if found else None
+            if found:  # a row this account never wrote: it deletes it only if no other account holds it
+                ctx.holds.refuse_elsewhere(conn, Claim(found.contactid, snap.contact_id), deleting=True)
         if new.dynamics_id is not None:
             if conn.delete_policy == "deactivate":
                 dv.deactivate_contact(new.dynamics_id)
@@ -171,7 +176,7 @@ def process(ctx: SyncContext, message: ContactMessage) -> str:
                 _reschedule(ctx, message.retry(), retry_delay(message.attempt))
                 return "rescheduled:transient"
             return _record_failure(ctx, conn, message, snap.version, state, exc)
-        except (DataverseError, MappingError) as exc:
+        except (DataverseError, MappingError, HeldElsewhere) as exc:
             return _record_failure(ctx, conn, message, snap.version, state, exc)
         try:
             ctx.states.save(result.state)

@@ -18,6 +18,8 @@ from core.storage import BACKFILL_PAGES, CONTACT_EVENTS
 from devstack.dataverse_sim import Fault
 from sync import backfill, worker
 from sync.context import SyncContext
+from sync.holds import TABLE as HOLDS
+from sync.holds import HoldStore
 from sync.messages import ContactMessage, PageMessage
 from sync.owners import TABLE as OWNERS
 from sync.owners import OwnerCache
@@ -53,7 +55,7 @@ def ctx(tables, dataverse_client) -> SyncContext:
     c = SyncContext(connections=connections, failures=FailureStore(tables("failures")),
                     snapshots=SnapshotStore(tables(SNAPSHOTS)), states=ContactStateStore(tables(STATE)),
                     owners=OwnerCache(tables(OWNERS)), queues=RecordingQueues(),  # type: ignore[arg-type]
-                    dataverse=lambda conn: dataverse_client)
+                    holds=HoldStore(tables(HOLDS)), dataverse=lambda conn: dataverse_client)
     c.account = account  # type: ignore[attr-defined]
     return c
 
