@@ -78,6 +78,7 @@ var queueNames = [
 var tableNames = [
   'connections'
   'oauthsessions'
+  'pendingsignins'
   'contactstate'
   'contactsnapshots'
   'contactholders'
