@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         print_summary(summary)
         if args.keep_running:
             wave_populate(stack, TRY_ACCOUNT, 250, seed=2)
-            print(f"\nthe stack keeps running (Ctrl-C stops it):\n"
+            print(f"\nthe stack keeps running (Ctrl-C stops it); sign in to Wave's pages as admin@wave.test:\n"
                   f"  {stack.admin_page_url(ACCOUNT)}   the account the demo connected\n"
                   f"  {stack.admin_page_url(TRY_ACCOUNT)}   250 contacts, not connected: connect it yourself\n"
                   f"    (instance URL {stack.dataverse_url}; the browser will warn about the local test CA)\n"
