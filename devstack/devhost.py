@@ -1,11 +1,15 @@
-"""A local stand-in for the Azure Functions host (Core Tools cannot be installed here).
+"""A local stand-in for the Azure Functions host and its Python worker (Core Tools cannot be installed here).
 
 It discovers every function from `function_app.app` itself, serves the HTTP triggers under /api/
-(checking function keys for FUNCTION-level routes), and drives the queue triggers from Azurite with
-host.json semantics: base64 decoding, dequeue_count, a peek-lock lease renewed while the function
-runs, visibilityTimeout after a failure, a move to `<queue>-poison` after maxDequeueCount, and
-batchSize/newBatchThreshold concurrency per function. Non-HTTP functions (timers) run on demand
-through the host's admin API, `POST /admin/functions/<name>` with the master key, as in Azure.
+(checking function keys for FUNCTION-level routes), drives the queue triggers from Azurite with
+host.json semantics (base64 decoding, dequeue_count, a peek-lock lease renewed while the function
+runs, visibilityTimeout after a failure, a move to `<queue>-poison` after maxDequeueCount,
+batchSize/newBatchThreshold messages in flight per function) and fires timer functions on their
+NCRONTAB schedules; `POST /admin/functions/<name>` with the master key runs one on demand, as in Azure.
+
+Like Microsoft's Python worker, it runs every synchronous function (HTTP, queue, timer) on ONE thread
+pool of PYTHON_THREADPOOL_THREAD_COUNT threads (unset: min(32, cores + 4)), and `async def` functions on
+an event loop instead; so a local run is no more concurrent than the app in Azure.
 
     python -m devstack.devhost --port 7071 [--settings local.settings.json]
 """
@@ -13,21 +17,24 @@ through the host's admin API, `POST /admin/functions/<name>` with the master key
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import binascii
 import hmac
+import inspect
 import json
 import logging
 import os
 import re
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import azure.functions as func
 from azure.core.exceptions import HttpResponseError
@@ -38,9 +45,40 @@ from azure.storage.queue import QueueClient
 from core.log import Timer, outcome
 from core.storage import ensure_queue
 from devstack.http_server import make_server
+from devstack.ncrontab import Schedule, ScheduleError
 
 log = logging.getLogger("devhost")
 ROOT = Path(__file__).resolve().parent.parent
+THREAD_COUNT_SETTING = "PYTHON_THREADPOOL_THREAD_COUNT"
+# The settings the app is designed to run with; infra/app/function.bicep sets the same thread count
+# (tests/test_infra.py keeps the two equal), and the local stack and the tests' dev host read it from here.
+DESIGN_SETTINGS = ROOT / "local.settings.example.json"
+
+
+def worker_thread_count(environ: Mapping[str, str]) -> int:
+    """The size of the Python worker's pool for synchronous functions.
+
+    The worker reads PYTHON_THREADPOOL_THREAD_COUNT and, when it is unset, not an integer or below 1,
+    leaves max_workers to ThreadPoolExecutor's default, min(32, cores + 4)
+    (https://github.com/Azure/azure-functions-python-worker/blob/dev/azure_functions_worker/dispatcher.py,
+    _get_sync_tp_max_workers; https://docs.python.org/3.11/library/concurrent.futures.html#threadpoolexecutor).
+    """
+    raw = environ.get(THREAD_COUNT_SETTING, "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value >= 1:
+            return value
+        log.warning("devhost: %s=%r must be an integer of at least 1; using the default", THREAD_COUNT_SETTING, raw)
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+def design_thread_count() -> int:
+    """PYTHON_THREADPOOL_THREAD_COUNT as the app is deployed with it (local.settings.example.json)."""
+    values = json.loads(DESIGN_SETTINGS.read_text())["Values"]
+    return int(values[THREAD_COUNT_SETTING])
 
 
 def _timespan(value: str | None, default: float) -> float:
@@ -81,7 +119,7 @@ class HttpRoute:
     methods: frozenset[str] | None
     auth_level: str
     arg_name: str
-    handler: Callable[..., func.HttpResponse]
+    handler: Callable[..., Any]
 
 
 @dataclass(frozen=True)
@@ -99,6 +137,8 @@ class OtherFunction:
     trigger_type: str
     arg_name: str
     handler: Callable[..., Any]
+    schedule: Schedule | None = None  # timers only
+    run_on_startup: bool = False
 
 
 def _route_regex(template: str) -> re.Pattern[str]:
@@ -110,6 +150,12 @@ def _route_regex(template: str) -> re.Pattern[str]:
         else:
             parts.append(re.escape(segment))
     return re.compile("^" + "/".join(parts) + "/?$", re.IGNORECASE)
+
+
+def _unescape_path(path: str) -> str:
+    """The request path as the host's ASP.NET Core server hands it to routing: every escape decoded except
+    %2F, which would change where the segments split (https://github.com/dotnet/aspnetcore/issues/30655)."""
+    return unquote(re.sub(r"%(2[fF])", r"%25\1", path))
 
 
 def discover(app: func.FunctionApp) -> tuple[list[HttpRoute], list[QueueFunction], list[OtherFunction]]:
@@ -140,16 +186,56 @@ def discover(app: func.FunctionApp) -> tuple[list[HttpRoute], list[QueueFunction
             )
         elif spec["type"] == "queueTrigger":
             queues.append(QueueFunction(name, spec["queueName"], spec["connection"], trigger.name, handler))
+        elif spec["type"] == "timerTrigger":
+            try:
+                schedule = Schedule.parse(spec["schedule"])
+            except ScheduleError as exc:
+                raise RuntimeError(f"function {name}: {exc}") from None
+            others.append(OtherFunction(name, spec["type"], trigger.name, handler, schedule,
+                                        bool(spec.get("runOnStartup"))))
         else:
             others.append(OtherFunction(name, spec["type"], trigger.name, handler))
     return routes, queues, others
 
 
+class LanguageWorker:
+    """Where function code runs, as in Microsoft's Python worker: synchronous functions of every trigger
+    share one thread pool, `async def` functions run on one event loop and take no pool thread
+    (https://learn.microsoft.com/azure/azure-functions/python-scale-performance-reference#async).
+    The host side (HTTP server, queue pollers, timers) only waits here for the result."""
+
+    def __init__(self, thread_count: int, *, event_loop: bool) -> None:
+        self.thread_count = thread_count
+        self._pool = ThreadPoolExecutor(max_workers=thread_count, thread_name_prefix="worker")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        if event_loop:
+            self._loop = asyncio.new_event_loop()
+            self._loop_thread = threading.Thread(target=self._loop.run_forever, name="worker-loop", daemon=True)
+            self._loop_thread.start()
+
+    def invoke(self, handler: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        """Run one invocation and return its result (or raise its exception) once it has run."""
+        if inspect.iscoroutinefunction(handler):
+            if self._loop is None:
+                raise RuntimeError(f"{handler.__name__} is async but the worker has no event loop")
+            return asyncio.run_coroutine_threadsafe(handler(**kwargs), self._loop).result()
+        return self._pool.submit(handler, **kwargs).result()
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._loop is not None and self._loop_thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop_thread.join(10)
+            self._loop.close()
+
+
 class QueuePump:
     """Runs one queue-triggered function the way the host's QueueProcessor does."""
 
-    def __init__(self, fn: QueueFunction, connection_string: str, options: QueueOptions, lease_seconds: int):
-        self.fn, self.options, self.lease = fn, options, lease_seconds
+    def __init__(self, fn: QueueFunction, connection_string: str, options: QueueOptions, lease_seconds: int,
+                 worker: LanguageWorker):
+        self.fn, self.options, self.lease, self.worker = fn, options, lease_seconds, worker
         self.queue = QueueClient.from_connection_string(connection_string, fn.queue_name)
         self.poison = QueueClient.from_connection_string(connection_string, fn.queue_name + "-poison")
         for q in (self.queue, self.poison):
@@ -157,7 +243,9 @@ class QueuePump:
         self._stop = threading.Event()
         self._in_flight = 0
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(
+        # The host's side of each fetched message (lease renewal, settling); the function itself runs on
+        # the worker's shared pool, so a fetched message may wait there for a thread, as in Azure.
+        self._slots = ThreadPoolExecutor(
             max_workers=options.batch_size + options.new_batch_threshold, thread_name_prefix=f"q-{fn.name}"
         )
         self._thread = threading.Thread(target=self._poll, name=f"poll-{fn.name}", daemon=True)
@@ -168,7 +256,7 @@ class QueuePump:
     def stop(self, wait: float = 30.0) -> None:
         self._stop.set()
         self._thread.join(wait)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._slots.shutdown(wait=True, cancel_futures=True)
 
     def _poll(self) -> None:
         delay = 0.1
@@ -198,15 +286,19 @@ class QueuePump:
             for message in batch:
                 with self._lock:
                     self._in_flight += 1
-                self._pool.submit(self._run, message)
+                self._slots.submit(self._run, message)
 
     def _run(self, message: Any) -> None:
         timer = Timer()
-        lease = _LeaseKeeper(self.queue, message, self.lease)
         try:
-            body = self._decode(message.content)
-            self.fn.handler(
-                **{
+            try:
+                body = self._decode(message.content)
+            except ValueError as exc:
+                self._poison(message, message.pop_receipt, exc, timer)
+                return
+            lease = _LeaseKeeper(self.queue, message, self.lease)
+            try:
+                self.worker.invoke(self.fn.handler, {
                     self.fn.arg_name: QueueMessage(
                         id=message.id,
                         body=body,
@@ -216,16 +308,15 @@ class QueuePump:
                         time_next_visible=message.next_visible_on,
                         pop_receipt=message.pop_receipt,
                     )
-                }
-            )
-        except Exception as exc:
-            receipt = lease.stop()
-            self._fail(message, receipt, exc, timer)
-        else:
-            receipt = lease.stop()
-            self._settle(lambda: self.queue.delete_message(message.id, receipt))
-            outcome(log, "queue", "completed", function=self.fn.name, message_id=message.id,
-                    dequeue_count=message.dequeue_count, ms=timer.ms)
+                })
+            except Exception as exc:
+                receipt = lease.stop()
+                self._fail(message, receipt, exc, timer)
+            else:
+                receipt = lease.stop()
+                self._settle(lambda: self.queue.delete_message(message.id, receipt))
+                outcome(log, "queue", "completed", function=self.fn.name, message_id=message.id,
+                        dequeue_count=message.dequeue_count, ms=timer.ms)
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -239,17 +330,24 @@ class QueuePump:
             raise ValueError("message is not valid base64 (host.json messageEncoding is base64)") from exc
 
     def _fail(self, message: Any, receipt: str, exc: Exception, timer: Timer) -> None:
-        error = f"{type(exc).__name__}: {exc}"
         if message.dequeue_count >= self.options.max_dequeue_count:
-            self.poison.send_message(message.content)
-            self._settle(lambda: self.queue.delete_message(message.id, receipt))
-            outcome(log, "queue", "poisoned", level=logging.ERROR, function=self.fn.name,
-                    message_id=message.id, dequeue_count=message.dequeue_count, error=error, ms=timer.ms)
+            self._poison(message, receipt, exc, timer)
         else:
             self._settle(lambda: self.queue.update_message(
                 message.id, receipt, visibility_timeout=int(self.options.visibility_timeout)))
             outcome(log, "queue", "failed", level=logging.WARNING, function=self.fn.name,
-                    message_id=message.id, dequeue_count=message.dequeue_count, error=error, ms=timer.ms)
+                    message_id=message.id, dequeue_count=message.dequeue_count,
+                    error=f"{type(exc).__name__}: {exc}", ms=timer.ms)
+
+    def _poison(self, message: Any, receipt: str, exc: Exception, timer: Timer) -> None:
+        """Copy the message as it is on the wire to `<queue>-poison` and delete it. A message that does not
+        decode goes here at once, without an invocation: the Storage Queues extension moves it from the
+        queue client's MessageDecodingFailed handler (https://github.com/Azure/azure-sdk-for-net/blob/main/
+        sdk/storage/Microsoft.Azure.WebJobs.Extensions.Storage.Queues/src/QueueServiceClientProvider.cs)."""
+        self.poison.send_message(message.content)
+        self._settle(lambda: self.queue.delete_message(message.id, receipt))
+        outcome(log, "queue", "poisoned", level=logging.ERROR, function=self.fn.name, message_id=message.id,
+                dequeue_count=message.dequeue_count, error=f"{type(exc).__name__}: {exc}", ms=timer.ms)
 
     @staticmethod
     def _settle(action: Callable[[], Any]) -> None:
@@ -287,8 +385,64 @@ class _LeaseKeeper:
             return self.receipt
 
 
+NEVER = datetime(1, 1, 1, tzinfo=UTC).isoformat()  # ScheduleStatus.Last before a timer's first run
+
+
+class TimerRunner:
+    """Fires one timer function on its NCRONTAB schedule, like the timer extension's TimerListener
+    (https://github.com/Azure/azure-webjobs-sdk-extensions/blob/dev/src/WebJobs.Extensions/Extensions/Timers/
+    Listener/TimerListener.cs): one invocation at a time; the function gets ScheduleStatus with Last (the
+    previous run), Next (the occurrence now firing) and LastUpdated; the next occurrence is counted from the
+    start of this one, so a run longer than the period is followed at once by one catch-up run, not several.
+    Not modelled: the status blob that reports an occurrence missed while the host was down (IsPastDue)
+    and the blob lease that lets one instance of many fire."""
+
+    def __init__(self, fn: OtherFunction, worker: LanguageWorker,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        assert fn.schedule is not None
+        self.fn, self.schedule, self.worker, self.clock = fn, fn.schedule, worker, clock
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"timer-{fn.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        last = NEVER
+        due = self.schedule.next_after(self.clock())
+        if self.fn.run_on_startup:
+            self._fire(last, due, due)
+        while not self._stop.is_set():
+            wait = (due - self.clock()).total_seconds()
+            if wait > 0:
+                self._stop.wait(min(wait, 60.0))  # re-read the clock at least once a minute
+                continue
+            started = max(self.clock(), due)
+            self._fire(last, due, started)
+            last = started.isoformat()
+            due = self.schedule.next_after(started)
+
+    def _fire(self, last: str, due: datetime, started: datetime) -> None:
+        status = {"Last": last, "Next": due.isoformat(), "LastUpdated": last}
+        request = TimerRequest(past_due=False, schedule_status=status,
+                               schedule={"AdjustForDST": True})
+        timer = Timer()
+        try:
+            self.worker.invoke(self.fn.handler, {self.fn.arg_name: request})
+        except Exception as exc:  # a failed run never stops the schedule
+            outcome(log, "timer", "failed", level=logging.ERROR, function=self.fn.name, scheduled=due.isoformat(),
+                    error=f"{type(exc).__name__}: {exc}", ms=timer.ms)
+            return
+        outcome(log, "timer", "completed", function=self.fn.name, scheduled=due.isoformat(),
+                started=started.isoformat(), ms=timer.ms)
+
+
 class DevHost:
-    """Serves one FunctionApp: HTTP on a local port, queue triggers from Azurite."""
+    """Serves one FunctionApp: HTTP on a local port, queue triggers from Azurite, timers on schedule."""
 
     def __init__(
         self,
@@ -300,16 +454,23 @@ class DevHost:
         host_json: dict[str, Any] | None = None,
         port: int = 0,
         lease_seconds: int = 600,
+        thread_count: int | None = None,
     ) -> None:
         self.routes, self.queue_functions, self.other_functions = discover(app)
         self.options = QueueOptions.from_host_json(
             host_json if host_json is not None else json.loads((ROOT / "host.json").read_text())
         )
         self.function_key, self.master_key = function_key, master_key
+        handlers = [f.handler for f in (*self.routes, *self.queue_functions, *self.other_functions)]
+        self.worker = LanguageWorker(
+            thread_count if thread_count is not None else worker_thread_count(os.environ),
+            event_loop=any(inspect.iscoroutinefunction(h) for h in handlers),
+        )
         self.pumps = [
-            QueuePump(fn, connection_strings[fn.connection], self.options, lease_seconds)
+            QueuePump(fn, connection_strings[fn.connection], self.options, lease_seconds, self.worker)
             for fn in self.queue_functions
         ]
+        self.timers = [TimerRunner(fn, self.worker) for fn in self.other_functions if fn.schedule is not None]
         self.server = make_server(self.dispatch, "127.0.0.1", port)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, name="devhost-http", daemon=True)
@@ -318,13 +479,18 @@ class DevHost:
         self._thread.start()
         for pump in self.pumps:
             pump.start()
+        for runner in self.timers:
+            runner.start()
         return self
 
     def stop(self) -> None:
+        for runner in self.timers:
+            runner.stop()
         for pump in self.pumps:
             pump.stop()
         self.server.shutdown()
         self.server.server_close()
+        self.worker.stop()
 
     def __enter__(self) -> DevHost:
         return self.start()
@@ -344,20 +510,19 @@ class DevHost:
     def dispatch(self, method: str, raw_path: str, headers: dict[str, str], body: bytes
                  ) -> tuple[int, dict[str, str], bytes]:
         parts = urlsplit(raw_path)
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        path = parts.path
+        # The host leaves out query parameters without a value (`?a=&b=1` reaches the function as {"b": "1"}).
+        query = dict(parse_qsl(parts.query))
+        path = _unescape_path(parts.path)
         if path.startswith("/admin/functions/") and method == "POST":
             return self._admin_invoke(path.removeprefix("/admin/functions/"), headers, query, body)
         if not path.startswith("/api/"):
             return 404, {}, b""
         sub = path.removeprefix("/api/")
-        matched_path = False
         for route in self.routes:
             m = route.pattern.match(sub)
-            if not m:
-                continue
-            matched_path = True
-            if route.methods is not None and method not in route.methods:
+            # A known route with a method it does not take is a 404, not a 405, in the real host
+            # (https://github.com/Azure/azure-functions-host/issues/10098).
+            if not m or (route.methods is not None and method not in route.methods):
                 continue
             if not self._key_ok(route.auth_level, headers, query):
                 return 401, {}, b""
@@ -371,7 +536,7 @@ class DevHost:
             )
             timer = Timer()
             try:
-                response = route.handler(**{route.arg_name: request})
+                response = self.worker.invoke(route.handler, {route.arg_name: request})
             except Exception as exc:
                 log.exception("devhost: function %s raised", route.name)
                 outcome(log, "http", "error", level=logging.ERROR, function=route.name, method=method,
@@ -383,7 +548,7 @@ class DevHost:
             outcome(log, "http", "handled", function=route.name, method=method,
                     status=response.status_code, ms=timer.ms)
             return response.status_code, out_headers, response.get_body() or b""
-        return (405 if matched_path else 404), {}, b""
+        return 404, {}, b""
 
     def _admin_invoke(self, name: str, headers: dict[str, str], query: dict[str, str], body: bytes
                       ) -> tuple[int, dict[str, str], bytes]:
@@ -395,7 +560,7 @@ class DevHost:
         arg = TimerRequest(past_due=False) if fn.trigger_type == "timerTrigger" else body
         timer = Timer()
         try:
-            fn.handler(**{fn.arg_name: arg})
+            self.worker.invoke(fn.handler, {fn.arg_name: arg})
         except Exception:
             log.exception("devhost: function %s raised", fn.name)
             return 500, {}, b""
@@ -438,8 +603,9 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         lease_seconds=args.lease_seconds,
     ).start()
-    log.info("devhost: listening on %s (%d HTTP routes, %d queue triggers, %d other functions)",
-             host.url, len(host.routes), len(host.queue_functions), len(host.other_functions))
+    log.info("devhost: listening on %s (%d HTTP routes, %d queue triggers, %d other functions; "
+             "%d worker threads for sync functions)", host.url, len(host.routes), len(host.queue_functions),
+             len(host.other_functions), host.worker.thread_count)
     stop = threading.Event()
     try:
         import signal

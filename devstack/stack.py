@@ -26,6 +26,7 @@ from typing import IO
 import requests
 
 from devstack.certs import TestCerts, make_certs
+from devstack.devhost import THREAD_COUNT_SETTING, design_thread_count
 from devstack.entra import EntraStandIn, start_entra
 from devstack.processes import ROOT, Azurite, StackError, free_port, start_azurite, stop_process, wait_for_port
 
@@ -217,6 +218,8 @@ class Stack:
             "DEVHOST_FUNCTION_KEY": self.function_key,
             "DEVHOST_MASTER_KEY": self.master_key,
             "DEVHOST_LEASE_SECONDS": str(self.options.lease_seconds),
+            # The worker pool the app is deployed with, so a local run is no more concurrent than Azure.
+            THREAD_COUNT_SETTING: str(design_thread_count()),
             # The app's own HTTPS clients (requests, azure-core) trust the test CA through this bundle.
             "REQUESTS_CA_BUNDLE": str(self.certs.bundle),
             "SSL_CERT_FILE": str(self.certs.bundle),

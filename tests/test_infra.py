@@ -36,6 +36,8 @@ PLATFORM_SETTINGS = {
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
     # ...and the Entra identity they send it as: the component refuses key-only ingestion.
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    # The Python worker's thread pool for synchronous functions (see the test of its value below).
+    "PYTHON_THREADPOOL_THREAD_COUNT",
 }
 # Settings the code reads that Azure deliberately does not set: the connection-string form of storage is the
 # local (Azurite) alternative to the identity-based AzureWebJobsStorage__* settings, and would carry a key.
@@ -221,6 +223,21 @@ def test_app_settings_are_exactly_what_the_code_reads_plus_the_platform_ones():
         f"missing: {sorted(expected - set(settings))}, not read by anything: {sorted(set(settings) - expected)}"
     )
     assert not set(settings) & set(DEV_SETTINGS)
+
+
+def test_the_worker_pool_is_what_the_local_stack_runs_with_and_leaves_http_room_beside_the_queues():
+    from devstack.devhost import design_thread_count, discover
+    from function_app import app
+
+    _, settings = app_settings()
+    deployed = settings["PYTHON_THREADPOOL_THREAD_COUNT"]
+    assert isinstance(deployed, str) and deployed.isdigit(), "app settings are strings"
+    assert int(deployed) == design_thread_count(), "local.settings.example.json must hold the deployed value"
+    queues = json.loads((ROOT / "host.json").read_text())["extensions"]["queues"]
+    lanes = len(discover(app)[1])
+    # Every message the host may fetch for every queue function runs at once (the backfill sleeps through
+    # penalties on its thread), and HTTP still finds a free thread: at least 16, a batch's worth.
+    assert int(deployed) >= lanes * (queues["batchSize"] + queues["newBatchThreshold"]) + 16
 
 
 def test_secrets_come_from_key_vault_references_to_versioned_secret_uris():

@@ -125,6 +125,11 @@ resource appSettings 'Microsoft.Web/sites/config@2025-03-01' = {
     // Application Insights with Entra authentication (the component refuses instrumentation-key-only ingestion).
     APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
     APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.properties.clientId};Authorization=AAD'
+    // The Python worker runs every synchronous function on one pool of this many threads (unset: min(32, cores + 4)).
+    // 64 = both queue functions' batchSize 16 + newBatchThreshold 8 (host.json) in flight, which may sleep through a
+    // Dataverse penalty of up to 15 s, plus 16 so HTTP never waits behind them. local.settings.example.json holds the
+    // same value (tests/test_infra.py), and the local stack runs with it.
+    PYTHON_THREADPOOL_THREAD_COUNT: '64'
     // The app's own settings (core/settings.py).
     APP_ENV: 'production'
     AZURE_CLIENT_ID: identity.properties.clientId
