@@ -75,6 +75,15 @@ def worker_thread_count(environ: Mapping[str, str]) -> int:
     return min(32, (os.cpu_count() or 1) + 4)
 
 
+def disabled_functions(environ: Mapping[str, str]) -> set[str]:
+    """Functions whose trigger the host ignores: app setting `AzureWebJobs.<name>.Disabled` = true
+    (https://learn.microsoft.com/azure/azure-functions/disable-function). The master key still runs them
+    through `POST /admin/functions/<name>`, as in Azure."""
+    prefix, suffix = "AzureWebJobs.", ".Disabled"
+    return {key[len(prefix):-len(suffix)] for key, value in environ.items()
+            if key.startswith(prefix) and key.endswith(suffix) and value.strip().lower() in ("true", "1")}
+
+
 def design_thread_count() -> int:
     """PYTHON_THREADPOOL_THREAD_COUNT as the app is deployed with it (local.settings.example.json)."""
     values = json.loads(DESIGN_SETTINGS.read_text())["Values"]
@@ -466,11 +475,13 @@ class DevHost:
             thread_count if thread_count is not None else worker_thread_count(os.environ),
             event_loop=any(inspect.iscoroutinefunction(h) for h in handlers),
         )
+        off = disabled_functions(os.environ)
         self.pumps = [
             QueuePump(fn, connection_strings[fn.connection], self.options, lease_seconds, self.worker)
-            for fn in self.queue_functions
+            for fn in self.queue_functions if fn.name not in off
         ]
-        self.timers = [TimerRunner(fn, self.worker) for fn in self.other_functions if fn.schedule is not None]
+        self.timers = [TimerRunner(fn, self.worker) for fn in self.other_functions
+                       if fn.schedule is not None and fn.name not in off]
         self.server = make_server(self.dispatch, "127.0.0.1", port)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, name="devhost-http", daemon=True)

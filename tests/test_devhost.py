@@ -15,7 +15,7 @@ import requests
 from azure.storage.queue import QueueClient
 
 from core.storage import QueueSender
-from devstack.devhost import THREAD_COUNT_SETTING, DevHost, worker_thread_count
+from devstack.devhost import THREAD_COUNT_SETTING, DevHost, disabled_functions, worker_thread_count
 from devstack.ncrontab import Schedule, ScheduleError
 from tests.apps import hostprobe
 from tests.apps.hostprobe import PROBE_QUEUE, probe
@@ -268,6 +268,16 @@ def test_a_timer_fires_on_its_schedule_with_its_schedule_status(host):
     assert due[1] > due[0] and (due[1] - due[0]).total_seconds() % 2 == 0
     assert datetime.fromisoformat(first["Last"]).year == 1  # no run before the first
     assert datetime.fromisoformat(second["Last"]) >= due[0]
+
+
+def test_a_disabled_timer_does_not_fire_but_the_master_key_still_runs_it(azurite, monkeypatch):
+    monkeypatch.setenv("AzureWebJobs.every_two_seconds.Disabled", "true")
+    h = DevHost(hostprobe.app, connection_strings={"AzureWebJobsStorage": azurite.connection_string},
+                function_key="f", master_key="m", host_json=HOST_JSON)
+    assert "every_two_seconds" not in {runner.fn.name for runner in h.timers}
+    assert "nightly" in {runner.fn.name for runner in h.timers}
+    assert disabled_functions({"AzureWebJobs.a.Disabled": "True", "AzureWebJobs.b.Disabled": "false",
+                               "AzureWebJobs.c.Disabled": "1"}) == {"a", "c"}
 
 
 def test_a_timer_with_a_schedule_the_host_would_refuse_stops_the_start(azurite):
