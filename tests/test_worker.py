@@ -348,3 +348,25 @@ def test_an_owner_email_that_cannot_be_looked_up_costs_only_that_contact_its_own
     finally:
         dataverse_sim.clear_faults()
     assert list(ctx.failures.all(ctx.account)) == []
+
+
+def test_a_contact_that_fails_to_map_unexpectedly_is_recorded_alone(ctx, dataverse_sim, monkeypatch):
+    """Even a bug that hits one contact (here: mapping raising something unforeseen) costs only that
+    contact: it is recorded as `internal`, and the rest of its page lands."""
+    real = backfill.map_contact
+
+    def flaky(contact, owner_id):
+        if contact["id"] == "c_m2":
+            raise KeyError("something unforeseen")
+        return real(contact, owner_id)
+
+    monkeypatch.setattr(backfill, "map_contact", flaky)
+    run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+    ctx.wave = StubWave({None: Page([{"id": f"c_m{i}", "version": 2**40, "first_name": f"m{i}"}
+                                     for i in range(5)], None)})
+    result, report = backfill.run_page(ctx, PageMessage(ctx.account, "gen1", run_id, None, 1))
+    assert result == "done" and (report.written, report.failed) == (4, 1)
+    assert [bool(_rows(dataverse_sim, f"c_m{i}")) for i in range(5)] == [True, True, False, True, True]
+    [failure] = list(ctx.failures.all(ctx.account))
+    assert (failure.contact_id, failure.category, failure.version) == ("c_m2", "internal", 2**40)
+    assert "KeyError" in failure.reason and ctx.states.get(ctx.account, "c_m2").last_result == "failed:internal"
