@@ -13,6 +13,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 
 from core.connections import utcnow
+from core.storage import int64, read_int
 
 TABLE = "failures"
 
@@ -48,7 +49,7 @@ def _from_entity(e: dict) -> Failure:
     return Failure(
         account_id=e["PartitionKey"], contact_id=e["RowKey"], category=e["category"], reason=e["reason"],
         attempts=int(e.get("attempts", 1)), first_at=e.get("first_at", ""), last_at=e.get("last_at", ""),
-        version=e.get("version"), generation=e.get("generation"),
+        version=read_int(e.get("version")), generation=e.get("generation"),
     )
 
 
@@ -69,7 +70,7 @@ class FailureStore:
         entity = {"PartitionKey": account_id, "RowKey": contact_id, "category": category,
                   "reason": reason[:1000], "attempts": attempts, "first_at": first_at, "last_at": now}
         if version is not None:
-            entity["version"] = int(version)
+            entity["version"] = int64(version)
         if generation:
             entity["generation"] = generation
         self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)

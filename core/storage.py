@@ -14,7 +14,7 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
-from azure.data.tables import TableClient, TableServiceClient, TableTransactionError
+from azure.data.tables import EdmType, EntityProperty, TableClient, TableServiceClient, TableTransactionError
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
 from core.settings import StorageSettings
@@ -104,6 +104,26 @@ class Tables:
 def iso(moment: datetime) -> str:
     """A UTC time as the tables store it: text that sorts (and compares in a filter) like the time."""
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def int64(value: int) -> EntityProperty:
+    """An integer stored as Edm.Int64. The SDK writes a plain Python int as Edm.Int32 and refuses 2**31 and
+    above, while a Wave version may be anything up to 2**53 (a millisecond timestamp, say); see "Property
+    types" in https://learn.microsoft.com/en-us/rest/api/storageservices/understanding-the-table-service-data-model
+    """
+    return EntityProperty(int(value), EdmType.INT64)
+
+
+def read_int(value: object) -> int | None:
+    """An integer property as the SDK reads it back: a plain int for Edm.Int32 (rows written before
+    `int64`), an EntityProperty for Edm.Int64, or None when the row has no such property."""
+    if value is None:
+        return None
+    if isinstance(value, EntityProperty):
+        value = value.value
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"not an integer property: {type(value).__name__}")
+    return int(value)
 
 
 def delete_expired(table: TableClient, cutoff: str) -> int:

@@ -41,7 +41,14 @@ from sync.holds import CONFLICT, conflict_reason
 from sync.mapping import MappingError, external_id, map_contact, owner_email
 from sync.mapping import contact_id as new_contact_id
 from sync.messages import ContactMessage, PageMessage
-from sync.rules import MAX_TRANSIENT_ATTEMPTS, backfill_writes, normalise_email, retry_delay, throttle_delay, unchanged
+from sync.rules import (
+    MAX_TRANSIENT_ATTEMPTS,
+    backfill_writes,
+    retry_delay,
+    throttle_delay,
+    unchanged,
+    warning_text,
+)
 from sync.state import ContactState, StateConflict
 from sync.throttle import Patience, penalties
 from sync.wave_api import WaveError, WaveThrottled, WaveUnavailable
@@ -189,24 +196,31 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
     patience = Patience(account, longest=INLINE_WAIT_SECONDS, budget=PAGE_WAIT_SECONDS)
     dv = ctx.dataverse(conn)
     before = getattr(dv, "_requests_made", 0)
-    owners = patience.call(lambda: ctx.owners.resolve(dv, account, generation,
-                                                      [owner_email(c) for c in todo.values()]))
+    owners = patience.call(lambda: ctx.owners.lookup(dv, account, generation,
+                                                     [owner_email(c) for c in todo.values()]))
     new_states: dict[str, ContactState] = {}
     mapped = {}
     failed: dict[str, str] = {}  # contact id -> failure category
     for cid, contact in todo.items():
         old = states.get(cid)
+        email = owner_email(contact)
         try:
-            m = map_contact(contact, owners.get(normalise_email(owner_email(contact)) or ""))
-        except MappingError as exc:
+            m = map_contact(contact, owners.owner(email))
+        except Exception as exc:  # one contact's problem, even a bug, must not cost the page its other contacts
             report.failed += 1
-            failed[cid] = "validation"
-            ctx.failures.record(account, cid, "validation", f"Wave sent an invalid value: {exc}",
+            failed[cid] = failure_category(exc)
+            if not isinstance(exc, MappingError):
+                log.exception("backfill %s: contact %s could not be mapped", account, cid)
+            ctx.failures.record(account, cid, failed[cid], readable(exc) if isinstance(exc, MappingError)
+                                else f"an unexpected error while mapping the contact ({type(exc).__name__})",
                                 version=contact["version"], generation=generation)
             continue
+        if owners.warning(email):
+            log.info("backfill contact %s/%s: %s", account, cid, owners.warning(email))
         new_states[cid] = ContactState(account, cid, dynamics_id=old.dynamics_id if old else None,
                                        version=contact["version"], content_hash=m.content_hash,
-                                       last_result="synced", etag=old.etag if old else None)
+                                       last_result="synced", etag=old.etag if old else None,
+                                       warning=warning_text([*m.warnings, owners.warning(email)]))
         if unchanged(old.applied if old else None, m.content_hash):
             new_states[cid].last_result = "unchanged"
             report.unchanged += 1
@@ -237,8 +251,11 @@ def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str
             field = f" (column {f.field})" if f.field else ""
             ctx.failures.record(account, f.key, category, f"Dynamics rejected the contact{field}: {f.message}",
                                 version=contacts[f.key]["version"], generation=generation)
-            # keep the snapshot, so `failures/retry` can re-apply it through the live lane
-            ctx.snapshots.put_if_newer(account, contacts[f.key], deleted=False, event_id="backfill")
+            # keep the snapshot, so `failures/retry` can re-apply it through the live lane; one too large
+            # for a table row (a page's contact is not bounded by the webhook's 256 KiB) is read from Wave
+            # again by that retry instead
+            with contextlib.suppress(ValueError):
+                ctx.snapshots.put_if_newer(account, contacts[f.key], deleted=False, event_id="backfill")
         report.failed += len(result.failed)
         report.written += len(items) - len(result.failed)
     report.dataverse_requests += getattr(dv, "_requests_made", 0) - before

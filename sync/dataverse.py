@@ -14,7 +14,7 @@
     delete_contact(contact_id, *, etag=None) -> bool           False when it was already gone
     deactivate_contact(contact_id) / reactivate_contact(contact_id) -> bool
     find_user_by_email(email) -> str | None                    enabled users only
-    find_users_by_email(emails) -> dict[lower-case email, UserRef]
+    find_users_by_email(emails) -> dict[normalised email, UserRef]
     external_id_key_status() -> str | None                     EntityKeyIndexStatus of a key on externaluseridentifier
     bulk_upsert_supported() -> bool                            UpsertMultiple available for contact
     bulk_upsert(items, *, use_key=False, method=None) -> BulkResult
@@ -62,6 +62,7 @@ from sync.dataverse_errors import (
     error_for,
     retry_after_seconds,
 )
+from sync.rules import normalise_email
 from sync.throttle import Penalties
 
 log = logging.getLogger("sync.dataverse")
@@ -425,8 +426,8 @@ class DataverseClient:
                        row.get("fullname"))
 
     def find_users_by_email(self, emails: Iterable[str]) -> dict[str, UserRef]:
-        """Enabled systemusers by internal email (case-insensitive), keyed by the lower-cased email."""
-        wanted = list(dict.fromkeys(e.strip().lower() for e in emails if e and e.strip()))
+        """Enabled systemusers by internal email (ASCII case-insensitive), keyed by the normalised email."""
+        wanted = list(dict.fromkeys(e for e in (normalise_email(x) for x in emails) if e))
         wanted_set = set(wanted)
         by_email: dict[str, list[dict[str, Any]]] = {}
 
@@ -438,7 +439,7 @@ class DataverseClient:
                 "$select": "systemuserid,internalemailaddress,isdisabled,accessmode,fullname",
                 "$filter": make_filter(chunk)})
             for row in rows:
-                email = (row.get("internalemailaddress") or "").lower()
+                email = normalise_email(row.get("internalemailaddress")) or ""
                 if email in wanted_set and not row.get("isdisabled"):
                     by_email.setdefault(email, []).append(row)
         return {email: self._best_user(rows) for email, rows in by_email.items()}

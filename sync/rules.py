@@ -78,11 +78,49 @@ def choose_owner(users: Iterable[Mapping[str, Any]]) -> str | None:
     return str(eligible[0]["systemuserid"])
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def normalise_email(email: str | None) -> str | None:
-    """Dataverse compares strings case-insensitively; the cache key must do the same."""
+    """The form owner emails are matched and cached under: trimmed, ASCII letters lower-cased.
+
+    Only A-Z are folded, as DNS does for domains (https://www.rfc-editor.org/rfc/rfc4343) and as mail
+    systems do for local parts in practice (https://www.rfc-editor.org/rfc/rfc5321#section-2.4).
+    `str.lower()` would also fold characters such as the Kelvin sign U+212A into `k`, so a team member's
+    email spelt with that sign would take the Dynamics user whose email has a `k` instead.
+    """
     if not email or not email.strip():
         return None
-    return email.strip().lower()
+    return email.strip().translate(_ASCII_LOWER)
+
+
+# The longest address that can be used in a mail path (RFC 3696 erratum 1690,
+# https://www.rfc-editor.org/errata/eid1690). Longer text cannot be a Dynamics user's email, and looking it
+# up could only make the request URL too long.
+MAX_EMAIL_LENGTH = 254
+
+
+def owner_lookup_problem(email: str) -> str | None:
+    """Why an assigned team member's email is not looked up as an owner, or None when it is.
+
+    The reason never quotes the email: it ends up in logs and in the contact's state.
+    """
+    text = email.strip()
+    if len(text) > MAX_EMAIL_LENGTH:
+        return f"the team member's email is {len(text)} characters long (at most {MAX_EMAIL_LENGTH})"
+    local, at, domain = text.rpartition("@")
+    if not at or not local or not domain or any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        return "the team member's email is not shaped like an address (name@domain, no spaces)"
+    return None
+
+
+MAX_WARNING_LENGTH = 1000
+
+
+def warning_text(warnings: Iterable[str | None]) -> str | None:
+    """A contact's warnings as the one bounded text its sync state keeps, or None when there are none."""
+    text = "; ".join(w for w in warnings if w)
+    return text[:MAX_WARNING_LENGTH] if text else None
 
 
 # Transient failures are re-enqueued with a growing delay (the host's fixed visibilityTimeout cannot

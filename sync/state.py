@@ -24,11 +24,11 @@ from urllib.parse import quote
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.core.rest import HttpRequest
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import EdmType, EntityProperty, TableClient, UpdateMode
 
 from core.connections import utcnow
 from core.errors import AppError
-from core.storage import iso
+from core.storage import int64, iso, read_int
 from sync.rules import Applied, is_duplicate
 
 SNAPSHOTS, STATE, EVENTS = "contactsnapshots", "contactstate", "webhookevents"
@@ -109,12 +109,18 @@ class _ChangesetFailed(Exception):
 
 
 def _json_entity(entity: dict[str, Any]) -> str:
-    """Strings, booleans and ints as Edm.Int32, like the SDK (which refuses a larger int the same way)."""
+    """Strings, booleans, plain ints as Edm.Int32 and `int64` properties as Edm.Int64 (a string with its
+    type annotation), as the SDK writes them; a plain int beyond 32 bits is refused, as the SDK does."""
+    out: dict[str, Any] = {}
     for name, value in entity.items():
+        if isinstance(value, EntityProperty) and value.edm_type == EdmType.INT64:
+            out[f"{name}@odata.type"], out[name] = "Edm.Int64", str(int(value.value))
+            continue
         if not isinstance(value, (str, bool, int)) or (
                 isinstance(value, int) and not isinstance(value, bool) and not -2**31 <= value < 2**31):
-            raise TypeError(f"{name}: {value!r} is not a string, a boolean or a 32-bit int")
-    return json.dumps(entity, separators=(",", ":"), ensure_ascii=False)
+            raise TypeError(f"{name}: {value!r} is not a string, a boolean, a 32-bit int or an int64()")
+        out[name] = value
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
 
 
 def _key(value: str) -> str:
@@ -176,7 +182,7 @@ class SnapshotStore:
         chunks = [data[i:i + _CHUNK] for i in range(0, len(data), _CHUNK)] or [b""]
         if len(chunks) > _MAX_CHUNKS:
             raise ValueError("snapshot too large for a table row")
-        entity = {"PartitionKey": account_id, "RowKey": contact["id"], "version": int(contact["version"]),
+        entity = {"PartitionKey": account_id, "RowKey": contact["id"], "version": int64(contact["version"]),
                   "deleted": deleted, "event_id": event_id, "received_at": utcnow(), "chunks": len(chunks),
                   **{f"data{i}": chunk for i, chunk in enumerate(chunks)}}
         for _ in range(20):
@@ -188,7 +194,7 @@ class SnapshotStore:
                     return True
                 except ResourceExistsError:
                     continue
-            if int(old["version"]) >= int(contact["version"]):
+            if (read_int(old["version"]) or 0) >= int(contact["version"]):
                 return False
             try:
                 self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=_etag(old),
@@ -207,12 +213,13 @@ class SnapshotStore:
     def versions(self, account_id: str, contact_ids: Iterable[str], *, adjacent: bool = False) -> dict[str, int]:
         """Stored snapshot versions by contact id (`adjacent`: the ids are neighbours in id order)."""
         rows = query_keys(self.table, {account_id: contact_ids}, adjacent=adjacent, select=["RowKey", "version"])
-        return {key: int(row["version"]) for key, row in rows.items()}
+        return {key: read_int(row["version"]) or 0 for key, row in rows.items()}
 
     @staticmethod
     def _from_entity(e: Any) -> Snapshot:
         data = b"".join(bytes(e[f"data{i}"]) for i in range(int(e["chunks"])))
-        return Snapshot(e["PartitionKey"], e["RowKey"], int(e["version"]), bool(e["deleted"]), json.loads(data))
+        return Snapshot(e["PartitionKey"], e["RowKey"], read_int(e["version"]) or 0, bool(e["deleted"]),
+                        json.loads(data))
 
 
 # -- contact sync state ---------------------------------------------------------------------------
@@ -227,6 +234,9 @@ class ContactState:
     deleted: bool = False
     last_result: str | None = None  # synced | deleted | skipped | failed:<category>
     updated_at: str | None = None
+    # why the contact was written without something it asked for (e.g. an owner email that could not be
+    # looked up); never the value itself, since states outlive a disconnect
+    warning: str | None = None
     etag: str | None = field(default=None, compare=False)
 
     @property
@@ -237,10 +247,12 @@ class ContactState:
         e: dict[str, Any] = {"PartitionKey": state_partition(self.account_id, self.contact_id),
                              "RowKey": self.contact_id, "deleted": self.deleted,
                              "updated_at": self.updated_at or utcnow()}
-        for name in ("dynamics_id", "version", "content_hash", "last_result"):
+        for name in ("dynamics_id", "content_hash", "last_result", "warning"):
             value = getattr(self, name)
             if value is not None:
                 e[name] = value
+        if self.version is not None:
+            e["version"] = int64(self.version)
         return e
 
 
@@ -250,10 +262,9 @@ def state_partition(account_id: str, contact_id: str) -> str:
 
 
 def _state_from(e: Any) -> ContactState:
-    version = e.get("version")
     return ContactState(e["PartitionKey"].rsplit("~", 1)[0], e["RowKey"], e.get("dynamics_id"),
-                        int(version) if version is not None else None, e.get("content_hash"),
-                        bool(e.get("deleted", False)), e.get("last_result"), e.get("updated_at"), _etag(e))
+                        read_int(e.get("version")), e.get("content_hash"), bool(e.get("deleted", False)),
+                        e.get("last_result"), e.get("updated_at"), e.get("warning"), _etag(e))
 
 
 class ContactStateStore:

@@ -35,7 +35,7 @@ from sync.dataverse_errors import AuthExpired, DataverseError, NotFound, Throttl
 from sync.holds import Claim, HeldElsewhere
 from sync.mapping import MappingError, contact_id, external_id, map_contact, owner_email
 from sync.messages import ContactMessage
-from sync.rules import MAX_TRANSIENT_ATTEMPTS, Step, next_step, normalise_email, retry_delay, unchanged
+from sync.rules import MAX_TRANSIENT_ATTEMPTS, Step, next_step, retry_delay, unchanged, warning_text
 from sync.state import ContactState, Snapshot, StateConflict
 from sync.throttle import penalties
 
@@ -69,24 +69,27 @@ def readable(error: Exception) -> str:
     return str(error)
 
 
-def _resolve_owner(ctx: SyncContext, dv, conn: Connection, contact: dict) -> str | None:
+def _resolve_owner(ctx: SyncContext, dv, conn: Connection, contact: dict) -> tuple[str | None, str | None]:
+    """The owner's systemuserid (None: set no owner), and a warning when the email could not be looked up."""
     email = owner_email(contact)
     if not email:
-        return None
-    return ctx.owners.resolve(dv, conn.account_id, conn.generation, [email]).get(normalise_email(email))
+        return None, None
+    owners = ctx.owners.lookup(dv, conn.account_id, conn.generation, [email])
+    return owners.owner(email), owners.warning(email)
 
 
 def _upsert(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactState | None, force: bool
             ) -> Written:
     dv = ctx.dataverse(conn)
-    owner = _resolve_owner(ctx, dv, conn, snap.contact)
+    owner, owner_warning = _resolve_owner(ctx, dv, conn, snap.contact)
     mapped = map_contact(snap.contact, owner)
+    warnings = [*mapped.warnings, *([owner_warning] if owner_warning else [])]
     applied = state.applied if state else None
     new = ContactState(conn.account_id, snap.contact_id, etag=state.etag if state else None,
                        dynamics_id=state.dynamics_id if state else None, version=snap.version,
-                       content_hash=mapped.content_hash, last_result="unchanged")
+                       content_hash=mapped.content_hash, last_result="unchanged", warning=warning_text(warnings))
     if not force and unchanged(applied, mapped.content_hash):
-        return Written(new, "skipped", mapped.warnings)
+        return Written(new, "skipped", warnings)
     reactivate = bool(state and state.deleted and conn.delete_policy == "deactivate")
     if new.dynamics_id is None:
         found = dv.find_contact(external_id(snap.contact_id))
@@ -101,11 +104,13 @@ def _upsert(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactSt
             raise
         # The cached owner no longer exists in Dynamics: forget it and save the contact without it.
         ctx.owners.forget(conn.account_id, conn.generation, owner_email(snap.contact))
-        mapped = map_contact(snap.contact, _resolve_owner(ctx, dv, conn, snap.contact))
-        new.content_hash = mapped.content_hash
+        owner, owner_warning = _resolve_owner(ctx, dv, conn, snap.contact)
+        mapped = map_contact(snap.contact, owner)
+        warnings = [*mapped.warnings, *([owner_warning] if owner_warning else [])]
+        new.content_hash, new.warning = mapped.content_hash, warning_text(warnings)
         dv.upsert_contact(new.dynamics_id, mapped.payload, reactivate=reactivate)
     new.last_result = "synced"
-    return Written(new, "synced", mapped.warnings)
+    return Written(new, "synced", warnings)
 
 
 def _delete(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactState | None) -> Written:

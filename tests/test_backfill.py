@@ -3,6 +3,7 @@ Wave simulator's contacts API and bulk-writes the Dataverse simulator; status sh
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 
@@ -120,3 +121,57 @@ def test_retry_of_an_invalid_wave_contact_rereads_it_after_it_was_fixed(sync_acc
     wait_for(lambda: acct.row(bad_id), 30, what="the fixed contact in Dynamics")
     assert acct.row(bad_id)["firstname"] == "Fixed"
     assert wait_for(lambda: acct.status()["failures"] == [], 30, what="the failure to clear")
+
+
+def _webhook(acct: SyncAccount, contact: dict) -> dict:
+    return {"id": f"evt_{uuid.uuid4().hex}", "type": "contact.updated", "created": int(time.time()),
+            "account_id": acct.account_id, "data": {"contact": contact}}
+
+
+def test_versions_beyond_int32_are_backfilled_and_compared_exactly(sync_account: SyncAccount):
+    acct, wave = sync_account, sync_account.wave
+    versions = {"c_v1": 2**31 - 1, "c_v2": 2**31, "c_v3": 2**53}
+    for cid, version in versions.items():
+        wave.put_raw(acct.account_id, {"id": cid, "version": version, "first_name": "backfill"})
+    st = _done(acct, acct.api("POST", "/sync").json()["run_id"], 60)
+    assert st["counters"]["synced"] == 3 and st["failures"] == []
+    assert all(acct.row(cid)["firstname"] == "backfill" for cid in versions)
+    # live changes: one newer than the backfilled version (applied), one a single step older (not)
+    newer = _webhook(acct, {"id": "c_v1", "version": 2**31, "first_name": "live"})
+    older = _webhook(acct, {"id": "c_v3", "version": 2**53 - 1, "first_name": "stale"})
+    assert wave.send([newer, older]) == [202, 202]
+    wait_for(lambda: acct.row("c_v1")["firstname"] == "live", 60, what="the live update")
+    acct.drained()
+    # A second run reads Wave's older c_v1 and the unchanged others: nothing is written to Dynamics.
+    dv = acct.identity.dataverse
+    writes = len([r for r in dv.request_log() if r["method"] in ("POST", "PATCH", "DELETE")])
+    _done(acct, acct.api("POST", "/sync").json()["run_id"], 60)
+    assert len([r for r in dv.request_log() if r["method"] in ("POST", "PATCH", "DELETE")]) == writes
+    assert {cid: acct.row(cid)["firstname"] for cid in versions} == {"c_v1": "live", "c_v2": "backfill",
+                                                                      "c_v3": "backfill"}
+    assert acct.poison() == {"contact-events-poison": 0, "backfill-pages-poison": 0}
+
+
+def test_a_40000_character_team_member_email_costs_one_contact_its_owner_not_the_page(
+        sync_account: SyncAccount, tables):
+    from sync.state import STATE, ContactStateStore
+
+    acct, wave, dv = sync_account, sync_account.wave, sync_account.identity.dataverse
+    owner_email = f"owner.{uuid.uuid4().hex[:8]}@contoso.test"
+    owner = dv.add_user(owner_email)
+    long_email = "x" * 39_988 + "@contoso.com"  # 40,000 characters: the schema allows 100,000
+    ids = wave.seed(acct.account_id, 500, make=lambda i: {
+        "first_name": f"F{i}", "team_member": {"id": "tm_odd", "email": long_email} if i == 250
+        else {"id": "tm_1", "email": owner_email}})  # one page of 500
+    st = _done(acct, acct.api("POST", "/sync").json()["run_id"], 120)
+    assert (st["backfill"]["pages"], st["backfill"]["contacts"]) == (1, 500)
+    assert st["failures"] == [] and (st["counters"]["synced"], st["counters"]["failed"]) == (500, 0)
+    rows = {r["externaluseridentifier"][len("wavecnct_"):]: r for r in dv.rows()
+            if r.get("externaluseridentifier", "").startswith("wavecnct_")}
+    assert set(ids) <= rows.keys()
+    assert all(rows[cid]["_ownerid_value"] == owner["systemuserid"] for i, cid in enumerate(ids) if i != 250)
+    odd = rows[ids[250]]
+    assert odd["_ownerid_value"] == odd["_createdby_value"] != owner["systemuserid"]  # no owner set
+    state = ContactStateStore(tables(STATE)).get(acct.account_id, ids[250])
+    assert state.last_result == "synced" and "no owner set" in state.warning and "40000" in state.warning
+    assert acct.poison() == {"contact-events-poison": 0, "backfill-pages-poison": 0}

@@ -16,9 +16,11 @@ from sync.rules import (
     is_duplicate,
     next_step,
     normalise_email,
+    owner_lookup_problem,
     retry_delay,
     throttle_delay,
     unchanged,
+    warning_text,
 )
 from sync.signature import SignatureError, sign, signature_header, verify
 from sync.webhook import Answer, check_request
@@ -182,6 +184,43 @@ def test_owner_is_an_enabled_interactive_user_or_nobody():
     assert choose_owner(list(reversed(users))) == "u7"
     assert normalise_email("  Owner@Contoso.COM ") == "owner@contoso.com"
     assert normalise_email(" ") is None
+
+
+def test_owner_emails_fold_ascii_letters_only():
+    kelvin = "\u212aate@contoso.com"  # KELVIN SIGN, which str.lower() and casefold() turn into "k"
+    assert normalise_email(kelvin) != normalise_email("kate@contoso.com") == "kate@contoso.com"
+    assert normalise_email(kelvin) == kelvin
+    assert normalise_email("\u0130STANBUL@Contoso.com") == "\u0130stanbul@contoso.com"  # dotted I stays
+    assert normalise_email("\u00c9lodie@Contoso.com") == "\u00c9lodie@contoso.com"  # only A-Z fold
+    assert normalise_email("ÉLODIE@X.COM") != normalise_email("élodie@x.com")
+
+
+@pytest.mark.parametrize("email,problem", [
+    ("owner@contoso.com", None),
+    ("o'brien+sales@contoso.com", None),  # valid, odd characters are for the query builder to escape
+    ("\"quoted@local\"@contoso.com", None),
+    ("pel\u00e9@exemple.fr", None),
+    ("a" * 241 + "@contoso.com", None),  # 253 characters
+    ("a" * 242 + "@contoso.com", None),  # 254: the longest address
+    ("a" * 243 + "@contoso.com", "255 characters long (at most 254)"),
+    ("a" * 39_988 + "@contoso.com", "40000 characters long"),
+    ("no-at-sign.contoso.com", "not shaped like an address"),
+    ("@contoso.com", "not shaped like an address"),
+    ("owner@", "not shaped like an address"),
+    ("own er@contoso.com", "not shaped like an address"),
+    ("owner@contoso.com\nBcc: x@y", "not shaped like an address"),
+])
+def test_owner_emails_that_cannot_be_looked_up(email, problem):
+    found = owner_lookup_problem(email)
+    assert (found is None) if problem is None else (problem in found)
+    if found:
+        assert email[:20] not in found  # the reason never quotes the address
+
+
+def test_warning_text_is_bounded_and_absent_without_warnings():
+    assert warning_text([]) is None and warning_text([None]) is None
+    assert warning_text(["a", None, "b"]) == "a; b"
+    assert len(warning_text(["x" * 5000])) == 1000
 
 
 def test_retry_timing():

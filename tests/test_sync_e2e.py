@@ -201,3 +201,51 @@ def test_sync_routes_refuse_an_account_that_is_not_connected(devhost):
         res = api(devhost, "POST", f"/api/connections/acct_never_connected/{path}")
         assert res.status_code == 409 and res.json()["error"]["code"] == "not_connected"
         assert api(devhost, "POST", f"/api/connections/bad%20id/{path}").status_code == 400
+
+
+def _event_at(acct: SyncAccount, event: dict, version: int, **fields) -> dict:
+    """A copy of `event` as Wave would send it for a later (or earlier) version of the same contact."""
+    contact = {**event["data"]["contact"], "version": version, **fields}
+    return {**event, "id": f"evt_{uuid.uuid4().hex}", "type": "contact.updated", "data": {"contact": contact}}
+
+
+def test_versions_beyond_int32_sync_and_order_exactly(sync_account: SyncAccount):
+    """Millisecond timestamps as versions: 2^31 - 1, 2^31 and 2^53 are applied in order and compared
+    exactly (2^53 - 1 is older than 2^53)."""
+    acct, wave = sync_account, sync_account.wave
+    created = wave.create_contact(acct.account_id, first_name="v0")
+    cid = created["data"]["contact"]["id"]
+    for version, name in ((2**31 - 1, "a"), (2**31, "b")):
+        assert wave.send([_event_at(acct, created, version, first_name=name)]) == [202]
+        _synced(acct, cid, firstname=name)
+    newest, older = _event_at(acct, created, 2**53, first_name="c"), _event_at(acct, created, 2**53 - 1,
+                                                                              first_name="stale")
+    assert wave.send([newest, older]) == [202, 202]
+    _synced(acct, cid, firstname="c")
+    acct.drained()
+    assert acct.row(cid)["firstname"] == "c"
+    status = acct.status()
+    assert status["counters"]["failed"] == 0 and status["failures"] == []
+    assert acct.poison() == {"contact-events-poison": 0, "backfill-pages-poison": 0}
+
+
+def test_an_owner_email_that_cannot_be_looked_up_leaves_only_that_contact_without_owner(
+        sync_account: SyncAccount, tables):
+    from sync.state import STATE, ContactStateStore
+
+    acct, wave, dv = sync_account, sync_account.wave, sync_account.identity.dataverse
+    good = _email()
+    user = dv.add_user(good)
+    long_email = "x" * 39_988 + "@contoso.com"  # 40,000 characters: the schema allows 100,000
+    odd = wave.create_contact(acct.account_id, first_name="Odd", team_member={"id": "tm_odd", "email": long_email})
+    fine = wave.create_contact(acct.account_id, first_name="Fine", team_member={"id": "tm_ok", "email": good})
+    assert wave.send([odd, fine]) == [202, 202]
+    odd_row = _synced(acct, odd["data"]["contact"]["id"], firstname="Odd")
+    fine_row = _synced(acct, fine["data"]["contact"]["id"], firstname="Fine")
+    assert fine_row["_ownerid_value"] == user["systemuserid"]
+    assert odd_row["_ownerid_value"] == odd_row["_createdby_value"]  # no owner set: Dynamics' default
+    acct.drained()
+    status = acct.status()
+    assert status["failures"] == [] and status["counters"]["failed"] == 0 and status["counters"]["synced"] == 2
+    state = ContactStateStore(tables(STATE)).get(acct.account_id, odd["data"]["contact"]["id"])
+    assert state.last_result == "synced" and "40000 characters long" in state.warning

@@ -85,6 +85,24 @@ def test_account_without_active_connection_is_dropped(url, tables):
     assert rows(tables, EVENTS, acct) == [] and rows(tables, SNAPSHOTS, acct) == []
 
 
+@pytest.mark.parametrize("version", [2**31 - 1, 2**31, 2**53])
+def test_versions_up_to_2_53_are_accepted_stored_and_ordered_exactly(url, account, tables, version):
+    """Many systems use millisecond timestamps as versions: beyond Int32, up to the schema's 2**53."""
+    cid = f"c_v{version}"
+    res = post(url, event(account, cid, version, last_name="New"))
+    assert res.status_code == 202 and res.json() == {"status": "accepted"}, res.text
+    assert post(url, event(account, cid, version - 1, last_name="Old")).json() == {"status": "accepted"}
+    snap = SnapshotStore(tables(SNAPSHOTS)).get(account, cid)
+    assert (snap.version, snap.contact["last_name"]) == (version, "New")  # one less is older, exactly
+
+
+def test_a_version_above_2_53_is_refused_naming_the_field(url, account, tables):
+    res = post(url, event(account, "c_big", 2**53 + 1))
+    assert res.status_code == 400 and res.json()["error"]["field"] == "data.contact.version", res.text
+    assert str(2**53) in res.json()["error"]["message"]
+    assert rows(tables, EVENTS, account) == [] and rows(tables, SNAPSHOTS, account) == []
+
+
 @pytest.mark.parametrize("case,status,code", [
     ("no_header", 401, "invalid_signature"),
     ("wrong_secret", 401, "invalid_signature"),

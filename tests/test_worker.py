@@ -311,3 +311,64 @@ def test_a_cached_owner_that_no_longer_exists_is_forgotten_and_the_contact_saved
     assert _rows(dataverse_sim, "c_own2")[0]["_ownerid_value"] != user["systemuserid"]
     assert ctx.owners.resolve(dataverse_client, ctx.account, "gen1", ["leaver@contoso.test"]) == {
         "leaver@contoso.test": None}
+
+
+def test_an_owner_email_that_cannot_be_looked_up_costs_only_that_contact_its_owner(
+        ctx, dataverse_sim, dataverse_client):
+    """A page's owners are looked up together: an email too long to look up, and one whose lookup Dynamics
+    refuses (400), leave their contacts without an owner and with a warning; the rest of the page, owners
+    included, lands, and nothing is recorded as failed."""
+    users = {i: dataverse_sim.add_user(f"owner{i}.{uuid.uuid4().hex[:6]}@contoso.test") for i in range(12)}
+    refused = f"refused.{uuid.uuid4().hex[:6]}@contoso.test"
+    dataverse_sim.add_user(refused)  # exists, but the lookup naming it is refused
+    page = [{"id": f"c_o{i:02d}", "version": 1, "first_name": f"o{i}",
+             "assigned_team_member": {"id": f"tm{i}", "email": users[i]["internalemailaddress"]}} for i in range(12)]
+    page.insert(4, {"id": "c_o04a", "version": 1, "first_name": "long",
+                    "assigned_team_member": {"id": "tm_l", "email": "x" * 40_000 + "@contoso.test"}})
+    page.insert(9, {"id": "c_o08a", "version": 1, "first_name": "refused",
+                    "assigned_team_member": {"id": "tm_r", "email": refused}})
+    dataverse_sim.set_fault_rates([(Fault("status", status=400, match="refused.", method="GET"), 1.0)])
+    try:
+        run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+        ctx.wave = StubWave({None: Page(page, None)})
+        result, report = backfill.run_page(ctx, PageMessage(ctx.account, "gen1", run_id, None, 1))
+        assert result == "done" and (report.written, report.failed) == (14, 0)
+        for i in range(12):
+            assert _rows(dataverse_sim, f"c_o{i:02d}")[0]["_ownerid_value"] == users[i]["systemuserid"]
+        for cid, why in (("c_o04a", "40013 characters long"), ("c_o08a", "Dynamics refused the lookup")):
+            assert _rows(dataverse_sim, cid)[0]["_ownerid_value"] not in {u["systemuserid"] for u in users.values()}
+            state = ctx.states.get(ctx.account, cid)
+            assert state.last_result == "synced" and "no owner set" in state.warning and why in state.warning
+            assert "@contoso.test" not in state.warning
+        assert list(ctx.failures.all(ctx.account)) == []
+        assert ctx.states.get(ctx.account, "c_o00").warning is None
+
+        # the live worker: the same refusal gives the same outcome
+        msg = _put(ctx, "c_live_r", 1, first_name="live", assigned_team_member={"id": "tm_r", "email": refused})
+        assert worker.process(ctx, msg) == "synced"
+        assert "Dynamics refused the lookup" in ctx.states.get(ctx.account, "c_live_r").warning
+    finally:
+        dataverse_sim.clear_faults()
+    assert list(ctx.failures.all(ctx.account)) == []
+
+
+def test_a_contact_that_fails_to_map_unexpectedly_is_recorded_alone(ctx, dataverse_sim, monkeypatch):
+    """Even a bug that hits one contact (here: mapping raising something unforeseen) costs only that
+    contact: it is recorded as `internal`, and the rest of its page lands."""
+    real = backfill.map_contact
+
+    def flaky(contact, owner_id):
+        if contact["id"] == "c_m2":
+            raise KeyError("something unforeseen")
+        return real(contact, owner_id)
+
+    monkeypatch.setattr(backfill, "map_contact", flaky)
+    run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+    ctx.wave = StubWave({None: Page([{"id": f"c_m{i}", "version": 2**40, "first_name": f"m{i}"}
+                                     for i in range(5)], None)})
+    result, report = backfill.run_page(ctx, PageMessage(ctx.account, "gen1", run_id, None, 1))
+    assert result == "done" and (report.written, report.failed) == (4, 1)
+    assert [bool(_rows(dataverse_sim, f"c_m{i}")) for i in range(5)] == [True, True, False, True, True]
+    [failure] = list(ctx.failures.all(ctx.account))
+    assert (failure.contact_id, failure.category, failure.version) == ("c_m2", "internal", 2**40)
+    assert "KeyError" in failure.reason and ctx.states.get(ctx.account, "c_m2").last_result == "failed:internal"
