@@ -208,7 +208,8 @@ class WebApi:
         if unsupported:
             raise query_error(f"The query option '{sorted(unsupported)[0]}' is not supported by the simulator.")
         check = self._check_property(entity_set)
-        predicate = parse_filter(q["$filter"], check) if q.get("$filter") else (lambda row: True)
+        predicate = (parse_filter(q["$filter"], check, self.config.odata_lexer) if q.get("$filter")
+                     else (lambda row: True))
         select = self._select(req, entity_set)
         order: list[tuple[str, bool]] = []
         for item in filter(None, (s.strip() for s in q.get("$orderby", "").split(","))):
