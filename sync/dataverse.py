@@ -77,7 +77,8 @@ INACTIVE = {"statecode": 1, "statuscode": 2}
 __all__ = [
     "AuthExpired", "BulkResult", "Conflict", "ContactRef", "DataverseClient", "DataverseError", "NotFound",
     "PermissionDenied", "RecordFailure", "Throttled", "TokenProvider", "Transient", "UpsertItem", "UserRef",
-    "ValidationFailed", "WhoAmI", "WriteResult", "in_filter", "in_filter_chunks", "json_string", "odata_string",
+    "ValidationFailed", "WhoAmI", "WriteResult", "encode_query", "encoded_length", "in_filter", "in_filter_chunks",
+    "json_string", "odata_string",
 ]
 
 
@@ -182,12 +183,13 @@ def in_filter(prop: str, values: Sequence[str]) -> str:
 _QUERY_SAFE = "$'(),=/:@*"
 
 
-def _encode_query(params: dict[str, str]) -> str:
+def encode_query(params: dict[str, str]) -> str:
+    """A query string as the client sends it (percent-encoded UTF-8; `+` as %2B, never a space)."""
     return urlencode(params, quote_via=quote, safe=_QUERY_SAFE)
 
 
 def encoded_length(text: str) -> int:
-    """Length of `text` once percent-encoded in a query string, as _encode_query sends it."""
+    """Length of `text` once percent-encoded in a query string, as encode_query sends it."""
     return len(quote(text, safe=_QUERY_SAFE))
 
 
@@ -198,7 +200,7 @@ def in_filter_chunks(values: Sequence[str], make_filter: Callable[[list[str]], s
     The array's items are added up one by one (percent-encoding works per character, so the lengths add
     up exactly); a value too long on its own goes alone, as a request of its own.
     """
-    fixed = len(_encode_query({"$filter": make_filter([])}))
+    fixed = len(encode_query({"$filter": make_filter([])}))
     chunk: list[str] = []
     size = fixed
     for value in values:
@@ -302,7 +304,7 @@ class DataverseClient:
         else:
             url = self.api_url + path
         if params:
-            url += "?" + _encode_query(params)
+            url += "?" + encode_query(params)
         send_headers = dict(headers or {})
         if "If-Match" not in send_headers and "If-None-Match" not in send_headers:
             send_headers["If-None-Match"] = "null"

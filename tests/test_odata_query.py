@@ -10,7 +10,7 @@ import pytest
 
 from devstack.dataverse.errors import SimError
 from devstack.dataverse.odata import LEXERS, parse_filter, tokenize
-from sync.dataverse import _encode_query, encoded_length, in_filter, in_filter_chunks, json_string, odata_string
+from sync.dataverse import encode_query, encoded_length, in_filter, in_filter_chunks, json_string, odata_string
 
 HOSTILE = [
     "o'brien@contoso.com", "'", "''", "'''", "a''b", '"', '""', 'say "hi"', "`",
@@ -25,7 +25,7 @@ HOSTILE = [
 
 def url_round_trip(filter_text: str) -> str:
     """What the server sees: the query as sync.dataverse sends it, then decoded as a query string."""
-    return dict(parse_qsl(_encode_query({"$filter": filter_text}), keep_blank_values=True))["$filter"]
+    return dict(parse_qsl(encode_query({"$filter": filter_text}), keep_blank_values=True))["$filter"]
 
 
 def no_check(name: str) -> None:
@@ -81,7 +81,7 @@ def test_lexers_differ_where_odatalib_releases_differ() -> None:
 
 
 def filter_length(chunk: list[str], make_filter) -> int:
-    return len(_encode_query({"$filter": make_filter(chunk)}))
+    return len(encode_query({"$filter": make_filter(chunk)}))
 
 
 @pytest.mark.parametrize("budget", [300, 1_000, 16_000])
@@ -118,3 +118,21 @@ def test_a_value_longer_than_the_budget_goes_alone() -> None:
     long = "x" * 5_000
     assert list(in_filter_chunks(["a", long, "b"], make, 1_000)) == [["a"], [long], ["b"]]
     assert list(in_filter_chunks([], make, 1_000)) == []
+
+
+@pytest.mark.parametrize("lexer", LEXERS)
+def test_single_quoted_array_items_as_in_microsofts_example(lexer: str) -> None:
+    """https://learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/in writes
+    `['value','value']`: ODataLib's JsonReader takes single-quoted strings, and so does the simulator. An
+    apostrophe cannot be in one, though, not even as \\': the lexer skips from quote to quote first."""
+    text = "Microsoft.Dynamics.CRM.In(PropertyName='x',PropertyValues=['value','other'])"
+    assert [t.value for t in tokenize(text, lexer) if t.kind == "json"] == [["value", "other"]]
+    with pytest.raises(SimError):
+        tokenize("Microsoft.Dynamics.CRM.In(PropertyName='x',PropertyValues=['o\\'b'])", lexer)
+
+
+def test_lone_surrogates_travel_escaped() -> None:
+    """A Python string from JSON may hold half a surrogate pair: it has no UTF-8 form, \\uXXXX carries it."""
+    values = ["a\ud800b", "\udfff"]
+    text = url_round_trip(in_filter("x", values))
+    assert [t.value for t in tokenize(text) if t.kind == "json"] == [values]

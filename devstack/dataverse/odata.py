@@ -68,6 +68,71 @@ def bracket_end(text: str, start: int, double_quote_aware: bool, quoted: bool = 
     return i, quoted
 
 
+_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "'": "'", "/": "/"}
+_ATOM = re.compile(r"\s*(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null)")
+
+
+def read_array(text: str) -> list[Any]:
+    """An array of primitives as ODataLib's JsonReader reads it (src/Microsoft.OData.Core/Json/JsonReader.cs):
+    JSON, but strings may also be single-quoted (Microsoft's own example of the In function has
+    `['value','value']`) and `\\'` is an escape. ValueError when it is not one."""
+    i, n, values = 0, len(text), []
+
+    def skip(at: int) -> int:
+        while at < n and text[at].isspace():
+            at += 1
+        return at
+
+    def string(at: int) -> tuple[str, int]:
+        quote, at, units = text[at], at + 1, []
+        while True:
+            if at >= n:
+                raise ValueError("unterminated string")
+            ch = text[at]
+            if ch == quote:
+                # \uXXXX gives UTF-16 code units: a pair makes one character, a lone one stays as it is.
+                return "".join(units).encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass"), at + 1
+            if ch == "\\":
+                code = text[at + 1 : at + 2]
+                if code == "u" and re.fullmatch(r"[0-9A-Fa-f]{4}", text[at + 2 : at + 6]):
+                    units.append(chr(int(text[at + 2 : at + 6], 16)))
+                    at += 6
+                    continue
+                if code not in _ESCAPES:
+                    raise ValueError(f"unrecognized escape \\{code}")
+                units.append(_ESCAPES[code])
+                at += 2
+                continue
+            units.append(ch)
+            at += 1
+
+    i = skip(i)
+    if i >= n or text[i] != "[":
+        raise ValueError("not an array")
+    i = skip(i + 1)
+    if i < n and text[i] == "]":
+        if skip(i + 1) != n:
+            raise ValueError("text after the array")
+        return []
+    while True:
+        i = skip(i)
+        if i < n and text[i] in "\"'":
+            value, i = string(i)
+        elif match := _ATOM.match(text, i):
+            value = json.loads(match.group(1))
+            i = match.end()
+        else:
+            raise ValueError("not a primitive value")
+        values.append(value)
+        i = skip(i)
+        if i < n and text[i] == ",":
+            i += 1
+            continue
+        if i < n and text[i] == "]" and skip(i + 1) == n:
+            return values
+        raise ValueError("expected , or ]")
+
+
 def tokenize(text: str, lexer: str = "strict") -> list[Token]:
     if lexer not in LEXERS:
         raise ValueError(f"unknown lexer {lexer!r}; one of {LEXERS}")
@@ -103,8 +168,8 @@ def tokenize(text: str, lexer: str = "strict") -> list[Token]:
             end = ends.pop()
             # Then the bracketed text, and only it, is read as JSON (ODataUriUtils.ConvertFromUriLiteral).
             try:
-                value = json.loads(text[i:end])
-            except json.JSONDecodeError:
+                value = read_array(text[i:end])
+            except ValueError:
                 raise query_error(f"Syntax error: invalid array literal at position {i} in '{text}'.") from None
             tokens.append(Token("json", value, i))
             i = end
