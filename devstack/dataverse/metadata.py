@@ -46,8 +46,8 @@ class Table:
     choices: tuple[Choice, ...] = ()
 
 
-# ObjectTypeCode 2 (contact), 8 (systemuser), 9 (team): the codes in this repository's error messages
-# (devstack/dataverse/errors.py builds "OTC=2 for entity 'contact'"); accessmode's options from
+# ObjectTypeCode 2 (contact) and 8 (systemuser) as in devstack/dataverse/errors.py's messages, 9 (team) from
+# https://learn.microsoft.com/power-apps/developer/data-platform/reference/entities/team; accessmode's options from
 # https://learn.microsoft.com/power-apps/developer/data-platform/reference/entities/systemuser#BKMK_AccessMode
 TABLES = {t.logical: t for t in (
     Table("contact", "Contact", "contacts", "contactid", "fullname", 2, CONTACT_COLUMNS),
