@@ -41,7 +41,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import quote, urlencode, urlsplit
@@ -78,7 +78,8 @@ INACTIVE = {"statecode": 1, "statuscode": 2}
 __all__ = [
     "AuthExpired", "BulkResult", "Conflict", "ContactRef", "DataverseClient", "DataverseError", "NotFound",
     "PermissionDenied", "RecordFailure", "Throttled", "TokenProvider", "Transient", "UpsertItem", "UserRef",
-    "ValidationFailed", "WhoAmI", "WriteResult", "odata_string",
+    "ValidationFailed", "WhoAmI", "WriteResult", "encode_query", "encoded_length", "in_filter", "in_filter_chunks",
+    "json_string", "odata_string",
 ]
 
 
@@ -143,18 +144,75 @@ class BulkResult:
 
 
 def odata_string(value: str) -> str:
-    """An OData string literal: single quotes, embedded quotes doubled."""
+    """An OData string literal: single quotes, embedded quotes doubled.
+
+    https://learn.microsoft.com/power-apps/developer/data-platform/webapi/query/filter-rows#use-single-quotes-in-filter-values
+    """
     return "'" + value.replace("'", "''") + "'"
 
 
-def _in_filter(prop: str, values: Sequence[str]) -> str:
-    # Array parameters take JSON (double-quoted) strings, not OData literals.
-    values_json = json.dumps(list(values), separators=(",", ":"))
-    return f"Microsoft.Dynamics.CRM.In(PropertyName='{prop}',PropertyValues={values_json})"
+# Inside a `[...]` array literal ODataLib's lexer (ExpressionLexer.AdvanceThroughBalancedExpression in
+# github.com/OData/odata.net) counts every `[` and `]`, also inside JSON strings; skips from one `'` to the
+# next (before 7.7 also inside JSON strings); and takes a `"` after a backslash as escaped, so a value ending
+# in `\` turns its idea of what is quoted upside down. None of those characters may appear literally, then:
+# JSON's \uXXXX escapes say the same to the JSON reader that parses the array afterwards (RFC 8259 §7).
+_JSON_ESCAPED = frozenset("\"'\\[]{}")
 
 
-def _encode_query(params: dict[str, str]) -> str:
-    return urlencode(params, quote_via=quote, safe="$'(),=/:@*")
+def json_string(value: str) -> str:
+    """A JSON string for an OData array literal, with no character that ODataLib's lexer would act on."""
+    out = ['"']
+    for ch in value:
+        code = ord(ch)
+        if ch in _JSON_ESCAPED or code < 0x20 or code == 0x7F or 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")  # lone surrogates too: they have no UTF-8 form for the URL
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def in_filter(prop: str, values: Sequence[str]) -> str:
+    """`Microsoft.Dynamics.CRM.In` over string values.
+
+    https://learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/in
+    """
+    items = ",".join(json_string(v) for v in values)
+    return f"Microsoft.Dynamics.CRM.In(PropertyName={odata_string(prop)},PropertyValues=[{items}])"
+
+
+_QUERY_SAFE = "$'(),=/:@*"
+
+
+def encode_query(params: dict[str, str]) -> str:
+    """A query string as the client sends it (percent-encoded UTF-8; `+` as %2B, never a space)."""
+    return urlencode(params, quote_via=quote, safe=_QUERY_SAFE)
+
+
+def encoded_length(text: str) -> int:
+    """Length of `text` once percent-encoded in a query string, as encode_query sends it."""
+    return len(quote(text, safe=_QUERY_SAFE))
+
+
+def in_filter_chunks(values: Sequence[str], make_filter: Callable[[list[str]], str],
+                     budget: int) -> Iterator[list[str]]:
+    """Chunks of `values` whose `$filter=<make_filter(chunk)>`, escaped and URL-encoded, fits `budget`.
+
+    The array's items are added up one by one (percent-encoding works per character, so the lengths add
+    up exactly); a value too long on its own goes alone, as a request of its own.
+    """
+    fixed = len(encode_query({"$filter": make_filter([])}))
+    chunk: list[str] = []
+    size = fixed
+    for value in values:
+        item = encoded_length(json_string(value)) + (1 if chunk else 0)  # the comma before it
+        if chunk and size + item > budget:
+            yield chunk
+            chunk, size, item = [], fixed, item - 1
+        chunk.append(value)
+        size += item
+    if chunk:
+        yield chunk
 
 
 def _contact_ref(row: dict[str, Any]) -> ContactRef:
@@ -247,7 +305,7 @@ class DataverseClient:
         else:
             url = self.api_url + path
         if params:
-            url += "?" + _encode_query(params)
+            url += "?" + encode_query(params)
         send_headers = dict(headers or {})
         if "If-Match" not in send_headers and "If-None-Match" not in send_headers:
             send_headers["If-None-Match"] = "null"
@@ -313,21 +371,6 @@ class DataverseClient:
             rows += data.get("value", [])
         return rows
 
-    def _chunks(self, values: list[str], make_filter: Callable[[list[str]], str]) -> Iterable[list[str]]:
-        """Chunks whose encoded $filter stays within the URL budget (lengths add up: values are JSON items)."""
-        fixed = len(_encode_query({"$filter": make_filter([])}))
-        chunk: list[str] = []
-        size = fixed
-        for value in values:
-            item = len(_encode_query({"": json.dumps(value)})) + 1 - len("=")  # the item and its comma
-            if chunk and size + item > self.url_budget:
-                yield chunk
-                chunk, size = [], fixed
-            chunk.append(value)
-            size += item
-        if chunk:
-            yield chunk
-
     # -- identity and privileges -----------------------------------------------------------------
 
     def whoami(self) -> WhoAmI:
@@ -348,8 +391,8 @@ class DataverseClient:
     def find_contacts(self, external_ids: Iterable[str]) -> dict[str, ContactRef]:
         wanted = list(dict.fromkeys(external_ids))
         found: dict[str, list[dict[str, Any]]] = {}
-        for chunk in self._chunks(wanted, lambda c: _in_filter(EXTERNAL_ID, c)):
-            rows = self._get_all("contacts", {"$select": CONTACT_SELECT, "$filter": _in_filter(EXTERNAL_ID, chunk)})
+        for chunk in in_filter_chunks(wanted, lambda c: in_filter(EXTERNAL_ID, c), self.url_budget):
+            rows = self._get_all("contacts", {"$select": CONTACT_SELECT, "$filter": in_filter(EXTERNAL_ID, chunk)})
             exact = set(chunk)
             for row in rows:
                 # Dataverse compares strings case-insensitively; Wave ids are case-sensitive.
@@ -432,9 +475,9 @@ class DataverseClient:
         by_email: dict[str, list[dict[str, Any]]] = {}
 
         def make_filter(chunk: list[str]) -> str:
-            return f"isdisabled eq false and {_in_filter('internalemailaddress', chunk)}"
+            return f"isdisabled eq false and {in_filter('internalemailaddress', chunk)}"
 
-        for chunk in self._chunks(wanted, make_filter):
+        for chunk in in_filter_chunks(wanted, make_filter, self.url_budget):
             rows = self._get_all("systemusers", {
                 "$select": "systemuserid,internalemailaddress,isdisabled,accessmode,fullname",
                 "$filter": make_filter(chunk)})

@@ -108,6 +108,25 @@ def test_lookups_escape_quotes(dataverse_sim: DataverseSimulator, dataverse_clie
     assert set(dataverse_client.find_contacts([odd, "wavecnct_other"])) == {odd}
 
 
+def test_bulk_lookups_with_hostile_values(dataverse_sim: DataverseSimulator, sim_tokens: SimTokens) -> None:
+    """Apostrophes, brackets, a trailing backslash, % # & +, astral Unicode: each found, in chunks that fit.
+
+    The simulator lexes `[...]` as ODataLib does, so the plain JSON form of these arrays would get a 400."""
+    emails = ["o'brien@contoso.com", "a]b@contoso.com", "x\\@contoso.com", "q'x@contoso.com", "50%#&+@contoso.com",
+              "\U0001f600@contoso.com", '"quoted"@contoso.com']
+    users = {e: dataverse_sim.add_user(e)["systemuserid"] for e in emails}
+    client = DataverseClient(dataverse_sim.url, sim_tokens, url_budget=300)
+    before = len(dataverse_sim.request_log())
+    found = client.find_users_by_email([e.upper() for e in emails] + ["nobody'@contoso.com"])
+    assert {e: u.systemuserid for e, u in found.items()} == {e.lower(): users[e] for e in emails}
+    sent = dataverse_sim.request_log()[before:]
+    assert len(sent) > 1 and all(entry["status"] == 200 for entry in sent)
+    odd = [f"wavecnct_{v}" for v in ("o'b", "a]b", "[x", "x\\", "y'z")]
+    for i, ext in enumerate(odd):
+        client.upsert_contact(contact_id(ACCOUNT, f"odd{i}"), {"externaluseridentifier": ext, "lastname": "x"})
+    assert set(client.find_contacts([*odd, "wavecnct_absent'"])) == set(odd)
+
+
 def test_duplicate_rows_pick_the_active_oldest(dataverse_sim: DataverseSimulator,
                                                dataverse_client: DataverseClient) -> None:
     a = dataverse_client.upsert_contact(contact_id(ACCOUNT, "a"), {"externaluseridentifier": "wavecnct_dup"})

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
-from devstack.dataverse import bulk
+from devstack.dataverse import bulk, metadata
 from devstack.dataverse.errors import SimError, not_found, privilege_id
 from devstack.dataverse.odata import GUID_RE, format_key, index_hint, parse_filter, parse_key, query_error
 from devstack.dataverse.protocol import (
@@ -78,6 +78,8 @@ class WebApi:
                     return self._create(caller, req)
                 raise SimError(405, "0x80060888",
                                f"The HTTP method '{m}' is not allowed for the collection 'contacts'.")
+            if key is None and rest == [("$count", None)] and m == "GET":
+                return self._count(caller, req)
             if key is None and len(rest) == 1 and m == "POST":
                 return bulk.bulk_action(self, caller, req, rest[0][0])
             if key is not None and not rest:
@@ -98,6 +100,8 @@ class WebApi:
             return self._query(caller, req, "sdkmessagefilters")
         if name == "EntityDefinitions" and key is not None and rest == [("Keys", None)] and m == "GET":
             return self._keys(key, req)
+        if name == "EntityDefinitions" and m == "GET":
+            return Response.of_json(200, metadata.handle(key, rest, req.query, self.base))
         raise segment_not_found(name if not rest else rest[-1][0])
 
     # -- functions ------------------------------------------------------------------------------
@@ -208,7 +212,8 @@ class WebApi:
         if unsupported:
             raise query_error(f"The query option '{sorted(unsupported)[0]}' is not supported by the simulator.")
         check = self._check_property(entity_set)
-        predicate = parse_filter(q["$filter"], check) if q.get("$filter") else (lambda row: True)
+        predicate = (parse_filter(q["$filter"], check, self.config.odata_lexer) if q.get("$filter")
+                     else (lambda row: True))
         select = self._select(req, entity_set)
         order: list[tuple[str, bool]] = []
         for item in filter(None, (s.strip() for s in q.get("$orderby", "").split(","))):
@@ -270,6 +275,23 @@ class WebApi:
         resp = Response.of_json(200, body, reads=len(page))
         resp.headers.update(headers)
         return resp
+
+    def _count(self, caller: Caller, req: Request) -> Response:
+        """GET contacts/$count[?$filter=...]: the number as text/plain, at most 5,000 like $count=true.
+
+        https://learn.microsoft.com/power-apps/developer/data-platform/webapi/query/count-rows
+        """
+        caller.require("prvReadContact")
+        unsupported = {k for k in req.query if k.startswith("$")} - {"$filter"}
+        if unsupported:
+            raise query_error(f"The query option '{sorted(unsupported)[0]}' is not supported with $count.")
+        check = self._check_property("contacts")
+        predicate = (parse_filter(req.query["$filter"], check, self.config.odata_lexer) if req.query.get("$filter")
+                     else (lambda row: True))
+        with self.store.lock:
+            total = sum(1 for row in self.store.contacts.values() if predicate(row))
+        return Response(200, {"Content-Type": "text/plain; charset=utf-8", "OData-Version": "4.0"},
+                        str(min(total, 5000)).encode(), reads=1)
 
     @staticmethod
     def _after(key: list, after: list, order: list[tuple[str, bool]]) -> bool:

@@ -3,6 +3,12 @@
 $filter: eq ne gt ge lt le, and or not, parentheses, contains/startswith/endswith, the
 Microsoft.Dynamics.CRM.In function, string literals with '' escaping, numbers, GUIDs, true/false/null,
 and navigation paths such as sdkmessageid/name. String comparisons are case-insensitive, as in Dataverse.
+
+Array literals (`[...]`, the PropertyValues of Microsoft.Dynamics.CRM.In) are found the way ODataLib's
+ExpressionLexer finds them (src/Microsoft.OData.Core/UriParser/ExpressionLexer.cs in github.com/OData/odata.net,
+AdvanceThroughBalancedExpression) and only then read as JSON, so that a value which would end the
+array early, or leave it unbalanced, in Dataverse gets the same 400 here. Which ODataLib release Dataverse
+runs is not published: `LEXERS` has the two behaviours, and the default `strict` refuses what either refuses.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ GUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{
 _COMPARE = {"eq", "ne", "gt", "ge", "lt", "le"}
 _STRING_FUNCS = {"contains", "startswith", "endswith"}
 IN_FUNC = "Microsoft.Dynamics.CRM.In"
+# "7.6": ODataLib before 7.7.0 skips from one ' to the next anywhere inside brackets; "7.7": since 7.7.0
+# (odata.net commit 90cf738, May 2020) not inside a double-quoted string, where a " after a backslash
+# does not end the string. Both count every [ and ], quoted or not.
+LEXERS = ("strict", "7.6", "7.7")
 
 
 def query_error(message: str) -> SimError:
@@ -32,8 +42,102 @@ class Token:
     pos: int
 
 
-def tokenize(text: str) -> list[Token]:
+def bracket_end(text: str, start: int, double_quote_aware: bool, quoted: bool = False) -> tuple[int, bool]:
+    """(index after the `]` that closes the `[` at `start`, whether a double-quoted string is open then).
+
+    A transcription of ExpressionLexer.AdvanceThroughBalancedExpression('[', ']'): `quoted` is the lexer's
+    parsingDoubleQuotedString, which it keeps from one array to the next.
+    """
+    depth, i, n = 1, start + 1, len(text)
+    while depth > 0:
+        ch = text[i] if i < n else None
+        if ch == '"' and double_quote_aware and text[i - 1] != "\\":
+            quoted = not quoted
+        if ch == "'" and not quoted:
+            i += 1  # AdvanceToNextOccurenceOf('\''): on to the next quote or the end
+            while i < n and text[i] != "'":
+                i += 1
+            ch = text[i] if i < n else None
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        if ch is None:
+            raise query_error("Found an unbalanced bracket expression.")
+        i += 1
+    return i, quoted
+
+
+_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "\\": "\\", '"': '"', "'": "'", "/": "/"}
+_ATOM = re.compile(r"\s*(-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null)")
+
+
+def read_array(text: str) -> list[Any]:
+    """An array of primitives as ODataLib's JsonReader reads it (src/Microsoft.OData.Core/Json/JsonReader.cs):
+    JSON, but strings may also be single-quoted (Microsoft's own example of the In function has
+    `['value','value']`) and `\\'` is an escape. ValueError when it is not one."""
+    i, n, values = 0, len(text), []
+
+    def skip(at: int) -> int:
+        while at < n and text[at].isspace():
+            at += 1
+        return at
+
+    def string(at: int) -> tuple[str, int]:
+        quote, at, units = text[at], at + 1, []
+        while True:
+            if at >= n:
+                raise ValueError("unterminated string")
+            ch = text[at]
+            if ch == quote:
+                # \uXXXX gives UTF-16 code units: a pair makes one character, a lone one stays as it is.
+                return "".join(units).encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass"), at + 1
+            if ch == "\\":
+                code = text[at + 1 : at + 2]
+                if code == "u" and re.fullmatch(r"[0-9A-Fa-f]{4}", text[at + 2 : at + 6]):
+                    units.append(chr(int(text[at + 2 : at + 6], 16)))
+                    at += 6
+                    continue
+                if code not in _ESCAPES:
+                    raise ValueError(f"unrecognized escape \\{code}")
+                units.append(_ESCAPES[code])
+                at += 2
+                continue
+            units.append(ch)
+            at += 1
+
+    i = skip(i)
+    if i >= n or text[i] != "[":
+        raise ValueError("not an array")
+    i = skip(i + 1)
+    if i < n and text[i] == "]":
+        if skip(i + 1) != n:
+            raise ValueError("text after the array")
+        return []
+    while True:
+        i = skip(i)
+        if i < n and text[i] in "\"'":
+            value, i = string(i)
+        elif match := _ATOM.match(text, i):
+            value = json.loads(match.group(1))
+            i = match.end()
+        else:
+            raise ValueError("not a primitive value")
+        values.append(value)
+        i = skip(i)
+        if i < n and text[i] == ",":
+            i += 1
+            continue
+        if i < n and text[i] == "]" and skip(i + 1) == n:
+            return values
+        raise ValueError("expected , or ]")
+
+
+def tokenize(text: str, lexer: str = "strict") -> list[Token]:
+    if lexer not in LEXERS:
+        raise ValueError(f"unknown lexer {lexer!r}; one of {LEXERS}")
     tokens: list[Token] = []
+    quoted = {"7.6": False, "7.7": False}  # the 7.7 lexer's parsingDoubleQuotedString (7.6 has none)
     i, n = 0, len(text)
     while i < n:
         ch = text[i]
@@ -55,10 +159,17 @@ def tokenize(text: str) -> list[Token]:
                 i += 1
             tokens.append(Token("str", "".join(buf), start))
         elif ch == "[":
-            # JSON array literal (PropertyValues of Microsoft.Dynamics.CRM.In).
+            ends = set()
+            for version in (("7.6", "7.7") if lexer == "strict" else (lexer,)):
+                end, quoted[version] = bracket_end(text, i, version == "7.7", quoted[version])
+                ends.add(end)
+            if len(ends) != 1:  # the two releases would read different arrays: one of them fails
+                raise query_error(f"Syntax error: invalid array literal at position {i} in '{text}'.")
+            end = ends.pop()
+            # Then the bracketed text, and only it, is read as JSON (ODataUriUtils.ConvertFromUriLiteral).
             try:
-                value, end = json.JSONDecoder().raw_decode(text, i)
-            except json.JSONDecodeError:
+                value = read_array(text[i:end])
+            except ValueError:
                 raise query_error(f"Syntax error: invalid array literal at position {i} in '{text}'.") from None
             tokens.append(Token("json", value, i))
             i = end
@@ -115,9 +226,9 @@ def _compare(op: str, left: Any, right: Any) -> bool:
 class FilterParser:
     """Recursive descent over the token list; `resolve(row, path)` reads a property (validating names)."""
 
-    def __init__(self, text: str, check_property: Callable[[str], None]) -> None:
+    def __init__(self, text: str, check_property: Callable[[str], None], lexer: str = "strict") -> None:
         self.text = text
-        self.tokens = tokenize(text)
+        self.tokens = tokenize(text, lexer)
         self.i = 0
         self.check_property = check_property
 
@@ -261,8 +372,8 @@ def resolve(row: dict[str, Any], path: str) -> Any:
     return value
 
 
-def parse_filter(text: str, check_property: Callable[[str], None]) -> Predicate:
-    return FilterParser(text, check_property).parse()
+def parse_filter(text: str, check_property: Callable[[str], None], lexer: str = "strict") -> Predicate:
+    return FilterParser(text, check_property, lexer).parse()
 
 
 def parse_key(segment: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ class SimConfig:
     max_batch_requests: int = 1000
     max_url_length: int = 32768
     max_page_size: int = 5000
+    odata_lexer: str = "strict"  # how `[...]` in $filter is lexed: odata.LEXERS ("7.6", "7.7", or what both accept)
     check_audience: bool = False
     auto_create_users: bool = True
     authorization_uri: str = "https://login.microsoftonline.com/common/oauth2/authorize"
