@@ -11,7 +11,7 @@ import logging
 import azure.functions as func
 
 from core.connections import valid_account_id
-from core.http import error_response, json_response
+from core.http import Blueprint, error_response, json_response
 from core.log import outcome
 from core.services import services
 from oauth import connect as flow
@@ -25,7 +25,7 @@ from oauth.status import connection_status
 from sync.backfill import start_backfill
 
 log = logging.getLogger(__name__)
-bp = func.Blueprint()
+bp = Blueprint()
 
 
 def _sessions() -> SessionStore:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import azure.functions as func
 
 from core.connections import valid_account_id
-from core.http import error_response, json_response
+from core.http import Blueprint, error_response, json_response
 from core.log import outcome
 from core.storage import CONTACT_EVENTS
 from sync.backfill import start_backfill
@@ -22,7 +22,7 @@ from sync.context import SyncContext, sync_context
 from sync.messages import ContactMessage
 
 log = logging.getLogger(__name__)
-bp = func.Blueprint()
+bp = Blueprint()
 
 
 @dataclass(frozen=True)
