@@ -36,6 +36,8 @@ PLATFORM_SETTINGS = {
     "APPLICATIONINSIGHTS_CONNECTION_STRING",
     # ...and the Entra identity they send it as: the component refuses key-only ingestion.
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
+    # The largest request body the host buffers before a function runs.
+    "FUNCTIONS_REQUEST_BODY_SIZE_LIMIT",
 }
 # Settings the code reads that Azure deliberately does not set: the connection-string form of storage is the
 # local (Azurite) alternative to the identity-based AzureWebJobsStorage__* settings, and would carry a key.
@@ -221,6 +223,19 @@ def test_app_settings_are_exactly_what_the_code_reads_plus_the_platform_ones():
         f"missing: {sorted(expected - set(settings))}, not read by anything: {sorted(set(settings) - expected)}"
     )
     assert not set(settings) & set(DEV_SETTINGS)
+
+
+def test_the_host_buffers_no_body_much_larger_than_the_webhook_accepts():
+    from sync.events import MAX_BODY_BYTES
+
+    limit = app_settings()[1]["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"]
+    assert isinstance(limit, str) and limit.isdigit(), f"the limit must be a number of bytes as text: {limit!r}"
+    # Above the webhook's limit, so a body just over it still gets the webhook's JSON 413; at most 16 KiB
+    # above, so an anonymous caller can never make the host buffer the default 100 MB.
+    assert MAX_BODY_BYTES < int(limit) <= MAX_BODY_BYTES + 16 * 1024
+    example = json.loads((ROOT / "local.settings.example.json").read_text())
+    assert example["Values"]["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"] == limit
+    assert "FUNCTIONS_REQUEST_BODY_SIZE_LIMIT" in example["Comments"]
 
 
 def test_secrets_come_from_key_vault_references_to_versioned_secret_uris():

@@ -125,6 +125,11 @@ resource appSettings 'Microsoft.Web/sites/config@2025-03-01' = {
     // Application Insights with Entra authentication (the component refuses instrumentation-key-only ingestion).
     APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
     APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.properties.clientId};Authorization=AAD'
+    // The host reads a whole request body before the function runs (default limit 100 MB), also on the
+    // anonymous webhook route: 260 KiB is just above the webhook's own 256 KiB (sync/events.py
+    // MAX_BODY_BYTES, answered with a JSON 413), and far above any other route's body
+    // (https://learn.microsoft.com/azure/azure-functions/functions-app-settings#functions_request_body_size_limit).
+    FUNCTIONS_REQUEST_BODY_SIZE_LIMIT: '266240'
     // The app's own settings (core/settings.py).
     APP_ENV: 'production'
     AZURE_CLIENT_ID: identity.properties.clientId
