@@ -171,7 +171,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     _refuse_unresolved_references(env)  # first, so that no other check quotes the reference
     app_env = env.get("APP_ENV", "production").strip().lower() or "production"
     if app_env not in ("production", "development"):
-        raise SettingsError("APP_ENV", f"must be 'production' or 'development', got {app_env!r}")
+        raise SettingsError("APP_ENV", "must be 'production' or 'development'", got=app_env)
     development = app_env == "development"
     return Settings(
         storage=_storage(env),

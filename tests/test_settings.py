@@ -49,6 +49,7 @@ def test_a_bad_setting_is_named(name, value, problem):
     assert err.value.name == name
     assert problem in str(err.value)
     assert str(err.value).startswith(f"setting {name}: ")
+    assert not value.strip() or value not in err.value.problem  # the part GET /api/health shows
 
 
 def test_identity_based_storage_needs_both_service_uris():
