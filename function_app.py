@@ -2,7 +2,7 @@
 
 import azure.functions as func
 
-from core.bootstrap import configure_logging
+from core.bootstrap import configure_logging, report_settings
 from core.health import bp as health_bp
 from oauth.api import bp as oauth_bp
 from sync.backfill import bp as backfill_bp
@@ -12,6 +12,7 @@ from sync.webhook import bp as webhook_bp
 from sync.worker import bp as worker_bp
 
 configure_logging()
+report_settings()
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(health_bp)

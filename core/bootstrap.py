@@ -1,9 +1,11 @@
-"""Process start-up: logging with redaction, and secrets registered before anything logs."""
+"""Process start-up: logging with redaction, secrets registered before anything logs, and the settings
+checked once so that an unusable one is named in the log at start-up."""
 
 import logging
 import os
 
 from core.log import install_redaction, register_secret
+from core.settings import settings_problem
 
 _SECRET_SETTINGS = ("DYNAMICS_CLIENT_SECRET", "WAVE_API_TOKEN")
 
@@ -16,3 +18,11 @@ def configure_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     for noisy in ("azure.core.pipeline.policies.http_logging_policy", "azure.identity", "urllib3", "msal"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def report_settings() -> None:
+    """Name an unusable setting at start-up. The Functions host starts whatever the app's settings say, so
+    the app cannot refuse to run: every HTTP route answers 503 instead (core.http.Blueprint)."""
+    problem = settings_problem()
+    if problem is not None:
+        logging.getLogger(__name__).error("error: %s; every HTTP route answers 503 until it is fixed", problem)

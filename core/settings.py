@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -101,7 +102,7 @@ def _url(name: str, value: str, *, allow_loopback_http: bool) -> str:
     if allow_loopback_http and parts.scheme == "http" and parts.hostname in ("localhost", "127.0.0.1", "::1"):
         return value
     expected = "an https URL (or http on localhost)" if allow_loopback_http else "an https URL"
-    raise SettingsError(name, f"must be {expected}, got {value!r}")
+    raise SettingsError(name, f"must be {expected}", got=value)
 
 
 def _csv(env: Mapping[str, str], name: str) -> tuple[str, ...]:
@@ -144,17 +145,33 @@ def _dev_overrides(env: Mapping[str, str], development: bool) -> DevOverrides:
     hosts = tuple(h.strip().lower() for h in env.get("DEV_ALLOWED_INSTANCE_HOSTS", "").split(",") if h.strip())
     ca_bundle = env.get("DEV_CA_BUNDLE", "").strip() or None
     if ca_bundle and not os.path.isfile(ca_bundle):
-        raise SettingsError("DEV_CA_BUNDLE", f"file {ca_bundle!r} does not exist")
+        raise SettingsError("DEV_CA_BUNDLE", "names a file that does not exist", got=ca_bundle)
     log.warning("development mode: honouring local overrides %s", ", ".join(present))
     return DevOverrides(entra_authority=authority, allowed_instance_hosts=hosts, ca_bundle=ca_bundle)
+
+
+# App Service hands the app a setting whose Key Vault reference it could not resolve (no access yet, a
+# role assignment still propagating, a wrong secret URI) as the reference's own text
+# (https://learn.microsoft.com/azure/app-service/app-service-key-vault-references, "Troubleshoot").
+# Taken as a value, that text would become, say, the webhook signing secret.
+_KEY_VAULT_REFERENCE = re.compile(r"@Microsoft\.KeyVault\(", re.IGNORECASE)
+
+
+def _refuse_unresolved_references(env: Mapping[str, str]) -> None:
+    for name in (*APP_SETTINGS, *DEV_SETTINGS):
+        if _KEY_VAULT_REFERENCE.search(env.get(name, "")):
+            raise SettingsError(name, "is a Key Vault reference that App Service could not resolve (check that the "
+                                      "app's identity may read the secret, the vault's network rules and the "
+                                      "reference's secret URI, then restart the app)")
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every setting; raise SettingsError naming the first bad one."""
     env = os.environ if env is None else env
+    _refuse_unresolved_references(env)  # first, so that no other check quotes the reference
     app_env = env.get("APP_ENV", "production").strip().lower() or "production"
     if app_env not in ("production", "development"):
-        raise SettingsError("APP_ENV", f"must be 'production' or 'development', got {app_env!r}")
+        raise SettingsError("APP_ENV", "must be 'production' or 'development'", got=app_env)
     development = app_env == "development"
     return Settings(
         storage=_storage(env),
@@ -185,3 +202,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 def get_settings() -> Settings:
     """The process-wide settings, validated on first use."""
     return load_settings()
+
+
+def settings_problem() -> SettingsError | None:
+    """The first bad setting of this process, or None when the settings are usable.
+
+    Not cached when bad (get_settings caches only success), so a test that repairs the environment and
+    clears get_settings sees the repair."""
+    try:
+        get_settings()
+    except SettingsError as exc:
+        return exc
+    return None

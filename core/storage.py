@@ -127,14 +127,24 @@ def read_int(value: object) -> int | None:
 
 
 def delete_expired(table: TableClient, cutoff: str) -> int:
-    """Delete the rows whose `expires_at` (ISO-8601 UTC text) is at or before `cutoff`; returns how many.
+    """Delete the rows whose `expires_at` (ISO-8601 UTC text) is at or before `cutoff`; returns how many."""
+    return delete_rows(table, "expires_at le @cutoff", {"cutoff": cutoff})[0]
+
+
+def delete_rows(table: TableClient, query: str, parameters: dict[str, str], *, limit: int | None = None
+                ) -> tuple[int, bool]:
+    """Delete the rows `query` matches, at most `limit` of them; returns (how many, whether all were seen).
 
     Each delete is conditional on the row being as it was read, so a row renewed meanwhile stays. They go
     in transactions of up to 100 rows of one partition; a transaction refused because one of its rows
     changed or went is done again row by row."""
     by_partition: dict[str, list[Any]] = {}
-    for entity in table.query_entities("expires_at le @cutoff", parameters={"cutoff": cutoff},
-                                       select=["PartitionKey", "RowKey"]):
+    complete = True
+    rows_read = table.query_entities(query, parameters=parameters, select=["PartitionKey", "RowKey"])
+    for seen, entity in enumerate(rows_read):
+        if limit is not None and seen >= limit:
+            complete = False
+            break
         by_partition.setdefault(entity["PartitionKey"], []).append(entity)
     removed = 0
     for rows in by_partition.values():
@@ -153,4 +163,4 @@ def delete_expired(table: TableClient, cutoff: str) -> int:
                     table.delete_entity(e["PartitionKey"], e["RowKey"], etag=e.metadata["etag"],
                                         match_condition=MatchConditions.IfNotModified)
                     removed += 1
-    return removed
+    return removed, complete

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 
 import azure.functions as func
+from azure.core.exceptions import AzureError
 
-from core.connections import valid_account_id
-from core.http import error_response, json_response
+from core.connections import utcnow, valid_account_id
+from core.http import Blueprint, error_response, json_response
 from core.log import outcome
 from core.services import services
 from oauth import connect as flow
@@ -26,9 +27,10 @@ from oauth.sessions import TABLE as SESSIONS_TABLE
 from oauth.sessions import SessionStore
 from oauth.status import connection_status
 from sync.backfill import start_backfill
+from sync.upkeep import DISCONNECT_ROWS, forget_contact_data
 
 log = logging.getLogger(__name__)
-bp = func.Blueprint()
+bp = Blueprint()
 
 
 def _sessions() -> SessionStore:
@@ -152,8 +154,10 @@ def disconnect(req: func.HttpRequest) -> func.HttpResponse:
         return error_response(400, "invalid_request", "disconnected_by must be a string of at most 256 characters",
                               field="disconnected_by")
     s = services()
-    if flow.disconnect(account_id, who, connections=s.connections, tokens=s.tokens) is None:
+    conn = flow.disconnect(account_id, who, connections=s.connections, tokens=s.tokens)
+    if conn is None:
         return error_response(404, "not_found", f"account {account_id} has no Dynamics 365 connection")
+    _forget_contact_data(account_id, conn.disconnected_at or utcnow())
     return _status(account_id)
 
 
@@ -162,6 +166,19 @@ def disconnect(req: func.HttpRequest) -> func.HttpResponse:
 def purge_expired_sign_ins(timer: func.TimerRequest) -> None:
     # Every 5 minutes, so tokens of a sign-in nobody confirmed outlive its 10 minutes by little.
     flow.purge_expired_sign_ins(_pending(), services().tokens)
+
+
+def _forget_contact_data(account_id: str, before: str) -> None:
+    """The disconnected account's contact content goes now, as far as DISCONNECT_ROWS per table; the daily
+    purge_expired_sync_rows finishes what is left (or what a storage error here left)."""
+    try:
+        forgotten = forget_contact_data(services().tables, account_id, before, limit=DISCONNECT_ROWS)
+    except AzureError as exc:
+        outcome(log, "connect", "contact_data_left_for_upkeep", level=logging.WARNING, account_id=account_id,
+                error=type(exc).__name__)
+        return
+    outcome(log, "connect", "contact_data_deleted", account_id=account_id, complete=forgotten.complete,
+            **forgotten.rows)
 
 
 @bp.function_name("refresh_idle_tokens")

@@ -61,6 +61,19 @@ def is_duplicate(expires_at: str | None, now_iso: str) -> bool:
     return expires_at is not None and expires_at > now_iso
 
 
+# A failure that `failures/retry` queued counts as queued for this long unless the worker settles it first
+# (a success deletes it, a new failure replaces it). Longer than a message can take through throttling
+# and the transient backoff (8 attempts, at most 5 minutes apart); should the message be dropped without
+# settling it (the contact was meanwhile applied at a newer version), a retry after that re-queues it.
+REQUEUE_PENDING_SECONDS = 3600
+
+
+def requeue_pending(requeued_at: str | None, stale_before: str) -> bool:
+    """A failure marked as queued at `requeued_at` (ISO UTC text) is still waiting for the worker, so a
+    retry must not queue it again; `stale_before` is now minus REQUEUE_PENDING_SECONDS, as the same text."""
+    return requeued_at is not None and requeued_at > stale_before
+
+
 def choose_owner(users: Iterable[Mapping[str, Any]]) -> str | None:
     """The systemuserid to own a contact among the users whose email matched, or None (no owner).
 

@@ -1,26 +1,50 @@
-"""Daily upkeep of the sync tables: rows that have expired are deleted, so the tables do not grow forever.
+"""Upkeep of the sync tables, so that they do not grow forever and contact data leaves with a connection.
 
-`webhookevents` keeps every accepted event id for DEDUPE_DAYS and `ownercache` every looked-up email
-for its TTL; both are only ignored once expired, and a busy account adds thousands of event ids a day.
+- `webhookevents` keeps every accepted event id for DEDUPE_DAYS and `ownercache` every looked-up email
+  for its TTL; both are only ignored once expired, and a busy account adds thousands of event ids a day.
+- A disconnect deletes the account's contact content: the stored snapshots (`contactsnapshots`), the
+  failure records (whose reasons may quote a value) and the owner cache (team members' emails). What
+  stays, `contactstate`, holds ids, versions and a content hash only, so that a reconnect finds the
+  Dynamics rows it wrote instead of creating them again. The disconnect route deletes a bounded number
+  of rows; the daily timer finishes for every account that is still disconnected (a large account, or a
+  process that stopped half-way).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import azure.functions as func
 
+from core.connections import DISCONNECTED, ConnectionStore
+from core.failures import TABLE as FAILURES
 from core.log import outcome
 from core.services import services
-from core.storage import Tables, delete_expired, iso
+from core.storage import Tables, delete_expired, delete_rows, iso
 from sync.owners import TABLE as OWNERS
-from sync.state import EVENTS
+from sync.state import EVENTS, SNAPSHOTS
 
 log = logging.getLogger(__name__)
 bp = func.Blueprint()
 
 EXPIRING = (EVENTS, OWNERS)
+# Per table, the rows of an account that a disconnect deletes: those written up to the moment given
+# (a reconnect's own rows come later and stay); the owner cache is only a cache, all of it goes.
+CONTACT_DATA = {
+    SNAPSHOTS: "PartitionKey eq @pk and received_at le @before",
+    FAILURES: "PartitionKey eq @pk and last_at le @before",
+    OWNERS: "PartitionKey eq @pk",
+}
+# What the disconnect route deletes per table before answering; the daily timer does the rest.
+DISCONNECT_ROWS = 1000
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    rows: dict[str, int]  # deleted per table
+    complete: bool  # False: rows remain for the daily timer
 
 
 def purge_expired_rows(tables: Tables, now: datetime | None = None) -> dict[str, int]:
@@ -29,8 +53,31 @@ def purge_expired_rows(tables: Tables, now: datetime | None = None) -> dict[str,
     return {name: delete_expired(tables(name), cutoff) for name in EXPIRING}
 
 
+def forget_contact_data(tables: Tables, account_id: str, before: str, limit: int | None = None) -> Forgotten:
+    """Delete the account's contact content written up to `before` (ISO UTC text), at most `limit` rows
+    per table."""
+    rows, complete = {}, True
+    for name, query in CONTACT_DATA.items():
+        rows[name], done = delete_rows(tables(name), query, {"pk": account_id, "before": before}, limit=limit)
+        complete = complete and done
+    return Forgotten(rows, complete)
+
+
+def forget_disconnected(tables: Tables, connections: ConnectionStore, now: datetime | None = None) -> int:
+    """Finish deleting the contact data of every account that is disconnected; returns the rows deleted.
+    Only rows written before this run started go, so an account reconnecting meanwhile keeps its new ones."""
+    before = iso(now or datetime.now(UTC))
+    removed = 0
+    for conn in connections.all():
+        if conn.state == DISCONNECTED:
+            removed += sum(forget_contact_data(tables, conn.account_id, before).rows.values())
+    return removed
+
+
 @bp.function_name("purge_expired_sync_rows")
 @bp.timer_trigger(schedule="0 47 3 * * *", arg_name="timer", run_on_startup=False)
 def purge_expired_sync_rows(timer: func.TimerRequest) -> None:
-    removed = purge_expired_rows(services().tables)
-    outcome(log, "sync_upkeep", "done", **removed)
+    s = services()
+    removed = purge_expired_rows(s.tables)
+    forgotten = forget_disconnected(s.tables, s.connections)
+    outcome(log, "sync_upkeep", "done", disconnected_rows=forgotten, **removed)

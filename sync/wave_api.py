@@ -4,14 +4,15 @@
     -> 200 {"data": [Contact...], "next_cursor": "..." | null}; 429 with Retry-After; 5xx
 
 Raises WaveThrottled(retry_after) or WaveUnavailable (5xx, network) for the caller to reschedule, and
-WaveError for answers that retrying will not fix. The token never appears in an error.
+WaveError for answers that retrying will not fix (a 3xx among them: no redirect is followed and no proxy
+from the environment is used). The token never appears in an error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import requests
 
@@ -46,6 +47,10 @@ class WaveClient:
         self._token = token
         self.timeout = timeout
         self._session = requests.Session()
+        # The bearer token goes to WAVE_API_BASE_URL and nowhere else: not through a proxy named by
+        # HTTP(S)_PROXY in the environment, nor (with ~/.netrc or REQUESTS_CA_BUNDLE) changed by it
+        # (https://requests.readthedocs.io/en/latest/api/#requests.Session.trust_env).
+        self._session.trust_env = False
 
     def contacts_page(self, account_id: str, cursor: str | None, limit: int = MAX_PAGE) -> Page:
         params: dict[str, Any] = {"limit": max(1, min(MAX_PAGE, limit))}
@@ -53,14 +58,19 @@ class WaveClient:
             params["cursor"] = cursor
         url = f"{self.base_url}/v1/accounts/{quote(account_id, safe='')}/contacts"
         try:
+            # A redirect is not followed: the page must come from the configured API itself (requests
+            # would follow one anywhere, and keep the token on a redirect within the same host and port).
             res = self._session.get(url, params=params, headers={"Authorization": f"Bearer {self._token}"},
-                                    timeout=self.timeout)
+                                    timeout=self.timeout, allow_redirects=False)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise WaveUnavailable(f"Wave's contacts API did not answer ({type(exc).__name__})") from None
         if res.status_code == 429:
             raise WaveThrottled(_retry_after(res.headers.get("Retry-After")))
         if res.status_code >= 500:
             raise WaveUnavailable(f"Wave's contacts API answered {res.status_code}")
+        if 300 <= res.status_code < 400:
+            raise WaveError(f"Wave's contacts API answered {res.status_code}, a redirect{_target(res)}, which is not "
+                            f"followed: WAVE_API_BASE_URL must name the API itself")
         if res.status_code != 200:
             raise WaveError(f"Wave's contacts API answered {res.status_code}: {res.text[:200]}")
         try:
@@ -78,3 +88,9 @@ def _retry_after(value: str | None) -> float:
         return max(0.0, float(value)) if value else 5.0
     except ValueError:
         return 5.0
+
+
+def _target(res: requests.Response) -> str:
+    """Where a redirect points, scheme and host only (its userinfo, path or query could carry anything)."""
+    location = urlsplit(res.headers.get("Location") or "")
+    return f" to {location.scheme}://{location.hostname}" if location.scheme and location.hostname else ""

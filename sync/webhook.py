@@ -16,7 +16,7 @@ from typing import Any
 import azure.functions as func
 
 from core.connections import ConnectionStore
-from core.http import error_response, json_response
+from core.http import Blueprint, error_response, json_response
 from core.log import Timer, outcome
 from core.services import services
 from core.storage import CONTACT_EVENTS, QueueSender
@@ -26,7 +26,7 @@ from sync.signature import HEADER, SignatureError, verify
 from sync.state import EVENTS, SNAPSHOTS, EventLog, SnapshotStore
 
 log = logging.getLogger(__name__)
-bp = func.Blueprint()
+bp = Blueprint()
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ PLATFORM_SETTINGS = {
     "APPLICATIONINSIGHTS_AUTHENTICATION_STRING",
     # The Python worker's thread pool for synchronous functions (see the test of its value below).
     "PYTHON_THREADPOOL_THREAD_COUNT",
+    # The largest request body the host buffers before a function runs.
+    "FUNCTIONS_REQUEST_BODY_SIZE_LIMIT",
 }
 # Settings the code reads that Azure deliberately does not set: the connection-string form of storage is the
 # local (Azurite) alternative to the identity-based AzureWebJobsStorage__* settings, and would carry a key.
@@ -238,6 +240,19 @@ def test_the_worker_pool_is_what_the_local_stack_runs_with_and_leaves_http_room_
     # Every message the host may fetch for every queue function runs at once (the backfill sleeps through
     # penalties on its thread), and HTTP still finds a free thread: at least 16, a batch's worth.
     assert int(deployed) >= lanes * (queues["batchSize"] + queues["newBatchThreshold"]) + 16
+
+
+def test_the_host_buffers_no_body_much_larger_than_the_webhook_accepts():
+    from sync.events import MAX_BODY_BYTES
+
+    limit = app_settings()[1]["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"]
+    assert isinstance(limit, str) and limit.isdigit(), f"the limit must be a number of bytes as text: {limit!r}"
+    # Above the webhook's limit, so a body just over it still gets the webhook's JSON 413; at most 16 KiB
+    # above, so an anonymous caller can never make the host buffer the default 100 MB.
+    assert MAX_BODY_BYTES < int(limit) <= MAX_BODY_BYTES + 16 * 1024
+    example = json.loads((ROOT / "local.settings.example.json").read_text())
+    assert example["Values"]["FUNCTIONS_REQUEST_BODY_SIZE_LIMIT"] == limit
+    assert "FUNCTIONS_REQUEST_BODY_SIZE_LIMIT" in example["Comments"]
 
 
 def test_secrets_come_from_key_vault_references_to_versioned_secret_uris():

@@ -17,6 +17,7 @@ from sync.rules import (
     next_step,
     normalise_email,
     owner_lookup_problem,
+    requeue_pending,
     retry_delay,
     throttle_delay,
     unchanged,
@@ -169,6 +170,15 @@ def test_dedupe_expiry():
     assert is_duplicate("2026-11-30T00:00:00Z", "2026-11-27T00:00:00Z")
     assert not is_duplicate("2026-11-20T00:00:00Z", "2026-11-27T00:00:00Z")
     assert not is_duplicate(None, "2026-11-27T00:00:00Z")
+
+
+def test_a_retried_failure_counts_as_queued_until_its_mark_is_stale():
+    stale_before = "2026-11-27T09:00:00Z"  # now minus REQUEUE_PENDING_SECONDS
+    assert requeue_pending("2026-11-27T09:59:59Z", stale_before)
+    assert requeue_pending("2026-11-27T09:00:01Z", stale_before)
+    assert not requeue_pending("2026-11-27T09:00:00Z", stale_before)
+    assert not requeue_pending("2026-11-27T08:00:00Z", stale_before)
+    assert not requeue_pending(None, stale_before)  # never queued, or settled by the worker
 
 
 # -- owners ---------------------------------------------------------------------------------------

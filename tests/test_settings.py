@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from core.errors import SettingsError
 from core.settings import APP_SETTINGS, DEV_SETTINGS, load_settings
@@ -45,6 +49,7 @@ def test_a_bad_setting_is_named(name, value, problem):
     assert err.value.name == name
     assert problem in str(err.value)
     assert str(err.value).startswith(f"setting {name}: ")
+    assert not value.strip() or value not in err.value.problem  # the part GET /api/health shows
 
 
 def test_identity_based_storage_needs_both_service_uris():
@@ -97,3 +102,88 @@ def test_dev_host_exits_with_a_one_line_error_naming_the_setting():
     lines = result.stderr.strip().splitlines()
     assert lines == ["error: setting WAVE_API_BASE_URL: must be an https URL (or http on localhost), "
                      "got 'not a url'"]
+
+
+# -- unresolved Key Vault references ---------------------------------------------------------------
+
+REFERENCES = ("@Microsoft.KeyVault(SecretUri=https://kv-wave.vault.azure.net/secrets/wave-webhook-secrets/0a1b2c)",
+              "@Microsoft.KeyVault(VaultName=kv-wave;SecretName=wave-api-token)")
+
+
+@pytest.mark.parametrize("reference", REFERENCES)
+@pytest.mark.parametrize("name", ["WAVE_WEBHOOK_SECRETS", "WAVE_API_TOKEN", "DYNAMICS_CLIENT_SECRET",
+                                  "KEY_VAULT_URL", "AzureWebJobsStorage", "WAVE_RETURN_URL_PREFIXES"])
+def test_an_unresolved_key_vault_reference_is_refused_and_never_quoted(name, reference):
+    with pytest.raises(SettingsError) as err:
+        load_settings({**GOOD, name: reference})
+    assert err.value.name == name
+    assert "Key Vault reference" in err.value.problem
+    assert "kv-wave" not in str(err.value) and "SecretUri" not in str(err.value)
+
+
+def test_a_reference_in_a_list_entry_or_in_other_letter_case_is_refused_too():
+    with pytest.raises(SettingsError) as err:
+        load_settings({**GOOD, "WAVE_WEBHOOK_SECRETS": f"whsec_current_0123456789, {REFERENCES[1].lower()}"})
+    assert err.value.name == "WAVE_WEBHOOK_SECRETS"
+
+
+def test_a_value_that_merely_mentions_key_vault_is_served():
+    settings = load_settings({**GOOD, "WAVE_API_TOKEN": "Microsoft.KeyVault-token-0123"})
+    assert settings.wave_api_token == "Microsoft.KeyVault-token-0123"
+
+
+def _sample_path(pattern: str) -> str:
+    """A concrete path for one of the dev host's route patterns (route parameters filled in)."""
+    path = re.sub(r"\(\?P<\w+>\[\^/\]\+\)\??", "acct_guard", pattern.removeprefix("^").removesuffix("$"))
+    return "/api/" + re.sub(r"\\(.)", r"\1", path.removesuffix("/?"))
+
+
+@pytest.fixture
+def unresolved_webhook_secret(devhost, app_env):
+    """The session's app with WAVE_WEBHOOK_SECRETS as App Service passes an unresolved reference on."""
+    from core.services import reset_services
+    from core.settings import get_settings
+
+    def reload() -> None:
+        get_settings.cache_clear()
+        reset_services()
+
+    good = os.environ["WAVE_WEBHOOK_SECRETS"]
+    os.environ["WAVE_WEBHOOK_SECRETS"] = REFERENCES[0]
+    reload()
+    try:
+        yield REFERENCES[0]
+    finally:
+        os.environ["WAVE_WEBHOOK_SECRETS"] = good
+        reload()
+
+
+def test_with_an_unresolved_reference_health_and_every_route_answer_503_naming_the_setting(
+        devhost, unresolved_webhook_secret):
+    from tests.fixtures.stack import FUNCTION_KEY
+
+    assert len(devhost.routes) >= 8
+    for route in devhost.routes:
+        method = sorted(route.methods or {"GET"})[0]
+        res = requests.request(method, devhost.url + _sample_path(route.pattern.pattern), data=b"{}", timeout=30,
+                               headers={"x-functions-key": FUNCTION_KEY, "Content-Type": "application/json"})
+        assert res.status_code == 503, (route.name, res.status_code, res.text)
+        error = res.json()["error"]
+        assert error["code"] == "settings_invalid" and error["setting"] == "WAVE_WEBHOOK_SECRETS", route.name
+        assert "Key Vault reference" in error["message"]
+        assert "kv-wave" not in res.text and "SecretUri" not in res.text
+
+
+def test_a_webhook_signed_with_the_reference_text_is_not_accepted(devhost, unresolved_webhook_secret):
+    from sync.signature import HEADER, signature_header
+
+    body = json.dumps({"id": "evt_kvref", "type": "contact.updated", "account_id": "acct_kvref",
+                       "data": {"contact": {"id": "c_1", "version": 1}}}).encode()
+    res = requests.post(f"{devhost.url}/api/webhooks/wave", data=body, timeout=30, headers={
+        HEADER: signature_header(body, [unresolved_webhook_secret], int(time.time()))})
+    assert res.status_code == 503 and res.json()["error"]["setting"] == "WAVE_WEBHOOK_SECRETS"
+
+
+def test_health_is_200_again_once_the_setting_is_fixed(devhost):
+    res = requests.get(f"{devhost.url}/api/health", timeout=30)
+    assert res.status_code == 200 and res.json() == {"status": "ok"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import uuid
 
+from devstack.dataverse.faults import Fault
 from devstack.dataverse_sim import ADMIN_PRIVILEGES
 from tests.fixtures.sync import SyncAccount, wait_for
 
@@ -192,6 +193,43 @@ def test_rejected_record_is_recorded_with_a_reason_then_retried(sync_account: Sy
     assert res.status_code == 202 and res.json()["requeued"] == 1
     _synced(acct, cid, firstname="Perm")
     wait_for(lambda: acct.status()["failures"] == [], 30, what="the failure to clear")
+
+
+def test_two_retries_in_a_row_queue_each_failure_once(sync_account: SyncAccount):
+    acct, wave, dv = sync_account, sync_account.wave, sync_account.identity.dataverse
+    ok = wave.create_contact(acct.account_id, first_name="Allowed")
+    wave.send([ok])
+    admin = _synced(acct, ok["data"]["contact"]["id"])["_createdby_value"]
+    events = [wave.create_contact(acct.account_id, first_name=f"Twice{i}") for i in range(3)]
+    ids = sorted(e["data"]["contact"]["id"] for e in events)
+    dv.set_privileges(admin, ADMIN_PRIVILEGES - {"prvCreateContact"})
+    try:
+        assert wave.send(events) == [202] * 3
+        wait_for(lambda: len(acct.status()["failures"]) == 3, 60, what="three recorded failures")
+        acct.drained()
+    finally:
+        dv.set_privileges(admin, ADMIN_PRIVILEGES)
+    # The worker's first Dataverse request for a retried contact (its lookup) waits until released, so
+    # neither retry below can be settled by the worker before the other has run.
+    dv.script_faults(*[Fault("hold", delay=30, match="contacts", method="GET") for _ in range(2 * len(ids))])
+    try:
+        first = acct.api("POST", "/failures/retry")
+        second = acct.api("POST", "/failures/retry")
+    finally:
+        dv.clear_faults()  # lets the held lookups go and drops the holds nobody used
+    assert first.status_code == second.status_code == 202
+    assert (first.json()["requeued"], first.json()["already_queued"]) == (3, 0)
+    assert (second.json()["requeued"], second.json()["already_queued"]) == (0, 3)
+    rows = {cid: _synced(acct, cid) for cid in ids}
+    wait_for(lambda: acct.status()["failures"] == [], 30, what="the failures to clear")
+    acct.drained()
+    for cid, row in rows.items():  # one message each: one write each
+        writes = [r for r in dv.request_log() if r["method"] == "PATCH" and row["contactid"] in r["path"]
+                  and r["status"] < 300]
+        assert len(writes) == 1, (cid, writes)
+    assert acct.poison()["contact-events-poison"] == 0
+    # Settled: the rows are gone, so a retry now finds nothing to queue.
+    assert acct.api("POST", "/failures/retry").json()["requeued"] == 0
 
 
 def test_sync_routes_refuse_an_account_that_is_not_connected(devhost):

@@ -130,6 +130,11 @@ resource appSettings 'Microsoft.Web/sites/config@2025-03-01' = {
     // Dataverse penalty of up to 15 s, plus 16 so HTTP never waits behind them. local.settings.example.json holds the
     // same value (tests/test_infra.py), and the local stack runs with it.
     PYTHON_THREADPOOL_THREAD_COUNT: '64'
+    // The host reads a whole request body before the function runs (default limit 100 MB), also on the
+    // anonymous webhook route: 260 KiB is just above the webhook's own 256 KiB (sync/events.py
+    // MAX_BODY_BYTES, answered with a JSON 413), and far above any other route's body
+    // (https://learn.microsoft.com/azure/azure-functions/functions-app-settings#functions_request_body_size_limit).
+    FUNCTIONS_REQUEST_BODY_SIZE_LIMIT: '266240'
     // The app's own settings (core/settings.py).
     APP_ENV: 'production'
     AZURE_CLIENT_ID: identity.properties.clientId
