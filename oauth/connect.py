@@ -71,13 +71,19 @@ class ConnectRequest:
     delete_policy: str
 
 
-def parse_connect_request(account_id: str, body: object, settings: Settings) -> ConnectRequest:
-    """Validate every field of a connect call; InvalidInput names the first bad one."""
+def _object_for(account_id: str, body: object) -> dict[str, Any]:
+    """The body of a call on `account_id`, once both are well formed."""
     if not valid_account_id(account_id):
         raise InvalidInput("account_id must be 1-64 letters, digits, '_' or '-'", field="account_id",
                            code="invalid_account_id")
     if not isinstance(body, dict):
         raise InvalidInput("the body must be a JSON object", field="body", code="invalid_json")
+    return body
+
+
+def parse_connect_request(account_id: str, body: object, settings: Settings) -> ConnectRequest:
+    """Validate every field of a connect call; InvalidInput names the first bad one."""
+    body = _object_for(account_id, body)
     plan = body.get("plan")
     if not isinstance(plan, str) or not plan.strip():
         raise InvalidInput("plan is required (pro, teams or enterprise)", field="plan")
@@ -308,11 +314,7 @@ class ConfirmRequest:
 
 
 def parse_confirm_request(account_id: str, body: object) -> ConfirmRequest:
-    if not valid_account_id(account_id):
-        raise InvalidInput("account_id must be 1-64 letters, digits, '_' or '-'", field="account_id",
-                           code="invalid_account_id")
-    if not isinstance(body, dict):
-        raise InvalidInput("the body must be a JSON object", field="body", code="invalid_json")
+    body = _object_for(account_id, body)
     completion = body.get("completion")
     if not isinstance(completion, str) or not well_formed(completion):
         raise InvalidInput("completion must be the code Wave's return page received after sign-in",

@@ -20,6 +20,9 @@ from tests.fixtures.identity import (
     confirm,
     connect_account,
     connect_body,
+    new_account,
+    pending_of,
+    secrets_of,
     sign_in,
     signed_in,
     status,
@@ -27,25 +30,13 @@ from tests.fixtures.identity import (
 from tests.test_instance_url import HOSTILE_INSTANCE_URLS
 
 
-def _account() -> str:
-    return f"acct_{uuid.uuid4().hex[:12]}"
-
-
-def _secrets_of(identity, account_id: str) -> set[str]:
-    prefix = f"dyn-{account_id.replace('_', '-')}-"
-    return {n for n in identity.keyvault.names() if n.startswith(prefix)}
-
-
 def _sessions_of(tables, account_id: str) -> list:
     return list(tables("oauthsessions").query_entities("account_id eq @a", parameters={"a": account_id}))
 
 
-def _pending_of(tables, account_id: str) -> list:
-    return list(tables("pendingsignins").query_entities("PartitionKey eq @a", parameters={"a": account_id}))
-
 
 def test_happy_path_connects_and_keeps_tokens_in_key_vault(devhost, identity, fresh_entra, store, tables):
-    acct = _account()
+    acct = new_account()
     started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
     assert started.status_code == 200, started.text
     body = started.json()
@@ -85,14 +76,14 @@ def test_happy_path_connects_and_keeps_tokens_in_key_vault(devhost, identity, fr
     row = store.get(acct)
     assert row.generation and row.tenant_id == identity.entra.tenant_id and row.dataverse_user_id
     assert row.secret_name == f"dyn-{acct.replace('_', '-')}-{row.generation}"
-    assert _secrets_of(identity, acct) == {row.secret_name}
+    assert secrets_of(identity, acct) == {row.secret_name}
     cache = json.loads(identity.keyvault.value(row.secret_name))
     assert cache["RefreshToken"] and cache["AccessToken"]
     assert _sessions_of(tables, acct) == []  # the sign-in session is gone once used
 
 
 def test_auto_sync_opens_a_backfill_run(devhost, identity, fresh_entra, store):
-    acct = _account()
+    acct = new_account()
     assert connect_account(devhost, identity, acct, auto_sync=True).status_code == 200
     st = status(devhost, acct)
     assert st["auto_sync"] is True and st["backfill"]["started_at"]
@@ -102,7 +93,7 @@ def test_auto_sync_opens_a_backfill_run(devhost, identity, fresh_entra, store):
 def test_the_connected_client_calls_dataverse_with_the_stored_tokens(devhost, identity, fresh_entra, store):
     from core.services import services
 
-    acct = _account()
+    acct = new_account()
     connect_account(devhost, identity, acct)
     conn = store.get(acct)
     client = services().dataverse(conn)
@@ -114,7 +105,7 @@ def test_the_connected_client_calls_dataverse_with_the_stored_tokens(devhost, id
 
 @pytest.mark.parametrize("plan", ["free", "starter", "PRO-trial"])
 def test_plan_not_eligible_is_refused_and_nothing_is_stored(devhost, identity, tables, plan):
-    acct = _account()
+    acct = new_account()
     resp = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity, plan=plan))
     assert resp.status_code == 403
     assert resp.json()["error"]["code"] == "plan_not_eligible" and resp.json()["error"]["field"] == "plan"
@@ -124,7 +115,7 @@ def test_plan_not_eligible_is_refused_and_nothing_is_stored(devhost, identity, t
 
 def test_hostile_instance_urls_are_refused_before_any_network_call(devhost, identity, tables):
     assert len(HOSTILE_INSTANCE_URLS) >= 20
-    acct = _account()
+    acct = new_account()
     entra_before = identity.entra.request_count()
     vault_before = len(identity.keyvault.requests)
     dataverse_before = len(identity.dataverse.request_log())
@@ -152,7 +143,7 @@ def test_hostile_instance_urls_are_refused_before_any_network_call(devhost, iden
 ])
 def test_bad_connect_fields_are_named_and_nothing_is_stored(devhost, identity, tables, override, status_code, code,
                                                             field):
-    acct = _account()
+    acct = new_account()
     resp = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity, **override))
     assert resp.status_code == status_code
     assert (resp.json()["error"]["code"], resp.json()["error"]["field"]) == (code, field)
@@ -161,7 +152,7 @@ def test_bad_connect_fields_are_named_and_nothing_is_stored(devhost, identity, t
 
 
 def test_bad_body_and_account_id_are_refused(devhost, identity):
-    acct = _account()
+    acct = new_account()
     resp = api(devhost, "POST", f"/api/connections/{acct}/connect", data=b"{not json")
     assert resp.status_code == 400 and resp.json()["error"]["field"] == "body"
     resp = api(devhost, "POST", f"/api/connections/{'a' * 65}/connect", json=connect_body(identity))
@@ -172,19 +163,20 @@ def test_bad_body_and_account_id_are_refused(devhost, identity):
 def test_connect_needs_the_function_key(devhost, identity):
     import requests
 
-    resp = requests.post(f"{devhost.url}/api/connections/{_account()}/connect", json=connect_body(identity), timeout=30)
+    resp = requests.post(f"{devhost.url}/api/connections/{new_account()}/connect", json=connect_body(identity),
+                         timeout=30)
     assert resp.status_code == 401
 
 
 def test_a_state_is_single_use(devhost, identity, fresh_entra, store, tables):
-    acct = _account()
+    acct = new_account()
     started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
     query = sign_in(identity, started.json()["authorize_url"])
     assert callback(devhost, query).status_code == 302
     replay = callback(devhost, query)
     assert replay.status_code == 400 and "already completed" in replay.text
-    assert store.get(acct).generation is None and len(_secrets_of(identity, acct)) == 1
-    assert len(_pending_of(tables, acct)) == 1
+    assert store.get(acct).generation is None and len(secrets_of(identity, acct)) == 1
+    assert len(pending_of(tables, acct)) == 1
 
 
 @pytest.mark.parametrize("query", ["state=unknown-state&code=abc", "code=abc", "state=a%2Fb&code=x", ""])
@@ -195,18 +187,18 @@ def test_unknown_or_missing_state_is_a_clear_error_page(devhost, query):
 
 
 def test_an_expired_state_is_refused(devhost, identity, fresh_entra, tables):
-    acct = _account()
+    acct = new_account()
     started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
     (session,) = _sessions_of(tables, acct)
     session["expires_at"] = (datetime.now(UTC) - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
     tables("oauthsessions").upsert_entity(session)  # ten minutes pass
     resp = callback(devhost, sign_in(identity, started.json()["authorize_url"]))
     assert resp.status_code == 400 and "expired" in resp.text
-    assert status(devhost, acct)["state"] == "pending" and _secrets_of(identity, acct) == set()
+    assert status(devhost, acct)["state"] == "pending" and secrets_of(identity, acct) == set()
 
 
 def test_consent_denied_comes_back_as_a_reason(devhost, identity, fresh_entra):
-    acct = _account()
+    acct = new_account()
     fresh_entra.deny_next_consent()
     done = signed_in(devhost, identity, acct)
     assert done.status_code == 302
@@ -214,11 +206,11 @@ def test_consent_denied_comes_back_as_a_reason(devhost, identity, fresh_entra):
     st = status(devhost, acct)
     assert st["state"] == "pending" and st["reason"]["category"] == "consent"
     assert "AADSTS65004" in st["reason"]["message"]
-    assert _secrets_of(identity, acct) == set()
+    assert secrets_of(identity, acct) == set()
 
 
 def test_a_missing_privilege_fails_the_connect_naming_it(devhost, identity, fresh_entra):
-    acct = _account()
+    acct = new_account()
     oid = str(uuid.uuid4())
     identity.dataverse.add_user("limited@contoso.test", oid=oid,
                                 privileges=set(ADMIN_PRIVILEGES) - {"prvAssignContact"})
@@ -228,11 +220,11 @@ def test_a_missing_privilege_fails_the_connect_naming_it(devhost, identity, fres
     st = status(devhost, acct)
     assert st["state"] == "pending" and st["reason"]["category"] == "permission"
     assert "prvAssignContact" in st["reason"]["message"] and "limited@contoso.test" in st["reason"]["message"]
-    assert _secrets_of(identity, acct) == set()
+    assert secrets_of(identity, acct) == set()
 
 
 def test_a_failed_reconnect_leaves_the_live_connection_alone(devhost, identity, fresh_entra, store):
-    acct = _account()
+    acct = new_account()
     connect_account(devhost, identity, acct)
     before = store.get(acct)
     started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity, auto_sync=True))
@@ -249,7 +241,7 @@ def test_disconnect_deletes_the_secret_and_reconnect_uses_a_new_one(devhost, ide
     from core.services import services
     from oauth.errors import ReauthRequired
 
-    acct = _account()
+    acct = new_account()
     connect_account(devhost, identity, acct)
     live = store.get(acct)
     resp = api(devhost, "POST", f"/api/connections/{acct}/disconnect", json={"disconnected_by": "wave-user-9"})
@@ -269,14 +261,14 @@ def test_disconnect_deletes_the_secret_and_reconnect_uses_a_new_one(devhost, ide
     assert connect_account(devhost, identity, acct).json()["state"] == "connected"
     again = store.get(acct)
     assert again.state == "connected" and again.generation != live.generation
-    assert again.secret_name != live.secret_name and _secrets_of(identity, acct) == {again.secret_name}
+    assert again.secret_name != live.secret_name and secrets_of(identity, acct) == {again.secret_name}
     rows = list(store.table.query_entities("PartitionKey eq @a and RowKey eq 'connection'", parameters={"a": acct}))
     assert len(rows) == 1
-    assert api(devhost, "POST", f"/api/connections/{_account()}/disconnect").status_code == 404
+    assert api(devhost, "POST", f"/api/connections/{new_account()}/disconnect").status_code == 404
 
 
 def test_accounts_are_isolated(devhost, identity, fresh_entra, store):
-    a, b = _account(), _account()
+    a, b = new_account(), new_account()
     connect_account(devhost, identity, a)
     assert api(devhost, "GET", f"/api/connections/{b}").status_code == 404
     assert api(devhost, "POST", f"/api/connections/{b}/disconnect").status_code == 404
@@ -296,17 +288,17 @@ def test_accounts_are_isolated(devhost, identity, fresh_entra, store):
 def test_racing_callbacks_with_one_state_connect_once(devhost, identity, fresh_entra, store):
     from concurrent.futures import ThreadPoolExecutor
 
-    acct = _account()
+    acct = new_account()
     started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
     query = sign_in(identity, started.json()["authorize_url"])
     with ThreadPoolExecutor(4) as pool:
         answers = sorted(r.status_code for r in pool.map(lambda _: callback(devhost, query), range(4)))
     assert answers == [302, 400, 400, 400]
-    assert store.get(acct).state == "pending" and len(_secrets_of(identity, acct)) == 1
+    assert store.get(acct).state == "pending" and len(secrets_of(identity, acct)) == 1
 
 
 def test_a_vault_that_refuses_the_write_fails_the_connect_cleanly(devhost, identity, fresh_entra):
-    acct = _account()
+    acct = new_account()
     identity.keyvault.forbidden = True
     try:
         done = signed_in(devhost, identity, acct)
@@ -315,18 +307,18 @@ def test_a_vault_that_refuses_the_write_fails_the_connect_cleanly(devhost, ident
     assert done.headers["Location"] == f"{RETURN_URL}?dynamics=error&reason=internal"
     st = status(devhost, acct)
     assert st["state"] == "pending" and "Key Vault" in st["reason"]["message"]
-    assert _secrets_of(identity, acct) == set()
+    assert secrets_of(identity, acct) == set()
 
 
 def test_a_disabled_dynamics_user_cannot_connect(devhost, identity, fresh_entra):
-    acct = _account()
+    acct = new_account()
     oid = str(uuid.uuid4())
     identity.dataverse.add_user("gone@contoso.test", oid=oid, enabled=False)
     fresh_entra.sign_in_as("gone@contoso.test", oid)
     assert signed_in(devhost, identity, acct).headers["Location"].endswith("reason=permission")
     reason = status(devhost, acct)["reason"]
     assert reason["category"] == "permission" and "cannot use this Dynamics 365 environment" in reason["message"]
-    assert _secrets_of(identity, acct) == set()
+    assert secrets_of(identity, acct) == set()
 
 
 def test_queued_work_of_a_disconnected_generation_is_a_no_op(devhost, identity, fresh_entra, store, wave, azurite):
@@ -334,7 +326,7 @@ def test_queued_work_of_a_disconnected_generation_is_a_no_op(devhost, identity, 
     from sync.messages import ContactMessage, PageMessage
     from tests.fixtures.sync import wait_for
 
-    acct = _account()
+    acct = new_account()
     connect_account(devhost, identity, acct)
     created = wave.create_contact(acct, first_name="Live", last_name="One")
     cid = created["data"]["contact"]["id"]
@@ -368,7 +360,7 @@ def test_status_reports_counters_of_the_live_generation_and_recent_failures(devh
                                                                             tables):
     from core.failures import FailureStore
 
-    acct = _account()
+    acct = new_account()
     connect_account(devhost, identity, acct)
     generation = store.get(acct).generation
     store.add_counts(acct, generation, synced=3, deleted=1)

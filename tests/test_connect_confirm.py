@@ -21,6 +21,9 @@ from tests.fixtures.identity import (
     confirm,
     connect_account,
     connect_body,
+    new_account,
+    pending_of,
+    secrets_of,
     sign_in,
     signed_in,
     status,
@@ -28,30 +31,17 @@ from tests.fixtures.identity import (
 from tests.fixtures.stack import MASTER_KEY
 
 
-def _account() -> str:
-    return f"acct_{uuid.uuid4().hex[:12]}"
-
-
-def _pending_of(tables, account_id: str) -> list:
-    return list(tables("pendingsignins").query_entities("PartitionKey eq @a", parameters={"a": account_id}))
-
-
-def _secrets_of(identity, account_id: str) -> set[str]:
-    prefix = f"dyn-{account_id.replace('_', '-')}-"
-    return {n for n in identity.keyvault.names() if n.startswith(prefix)}
-
-
 def _snapshot(devhost, store, tables, identity, account_id: str) -> tuple:
     """Everything a refused confirm must leave as it was."""
     row = store.get(account_id)
-    pending = sorted((p["RowKey"], bool(p.get("used"))) for p in _pending_of(tables, account_id))
+    pending = sorted((p["RowKey"], bool(p.get("used"))) for p in pending_of(tables, account_id))
     return (row.state, row.generation, row.secret_name, row.backfill.run_id, pending,
-            sorted(_secrets_of(identity, account_id)), status(devhost, account_id)["state"])
+            sorted(secrets_of(identity, account_id)), status(devhost, account_id)["state"])
 
 
 def _expire(tables, account_id: str) -> None:
     past = (datetime.now(UTC) - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    for row in _pending_of(tables, account_id):
+    for row in pending_of(tables, account_id):
         row["expires_at"] = past  # ten minutes pass
         tables("pendingsignins").upsert_entity(row)
 
@@ -63,7 +53,7 @@ def _run_timer(devhost, name: str) -> None:
 
 def test_a_forwarded_authorize_url_connects_nothing(devhost, identity, fresh_entra, store, tables, wave):
     """An admin of Wave account A forwards A's authorize URL to the admin of another company's Dynamics."""
-    acct = _account()
+    acct = new_account()
     wave.seed(acct, 25)  # A's contacts, which must never reach the victim's Dynamics
     victim = "it-admin@fabrikam.test"
     oid = str(uuid.uuid4())
@@ -94,11 +84,11 @@ def test_a_forwarded_authorize_url_connects_nothing(devhost, identity, fresh_ent
 
     _expire(tables, acct)  # nobody confirmed: the sign-in and the victim's tokens go
     _run_timer(devhost, "purge_expired_sign_ins")
-    assert _pending_of(tables, acct) == [] and _secrets_of(identity, acct) == set()
+    assert pending_of(tables, acct) == [] and secrets_of(identity, acct) == set()
 
 
 def test_the_initiator_confirms_and_the_backfill_starts(devhost, identity, fresh_entra, store, wave):
-    acct = _account()
+    acct = new_account()
     wave.seed(acct, 30)
     landed = signed_in(devhost, identity, acct, auto_sync=True, initiated_by="ada@wave.test")
     assert store.get(acct).backfill.run_id is None  # nothing starts before the confirm
@@ -116,7 +106,7 @@ def test_the_initiator_confirms_and_the_backfill_starts(devhost, identity, fresh
 
 
 def test_refused_confirms_name_the_reason_and_change_nothing(devhost, identity, fresh_entra, store, tables):
-    acct, other = _account(), _account()
+    acct, other = new_account(), new_account()
     completion = completion_of(signed_in(devhost, identity, acct))
     foreign = completion_of(signed_in(devhost, identity, other))
     before = _snapshot(devhost, store, tables, identity, acct)
@@ -153,7 +143,7 @@ def test_refused_confirms_name_the_reason_and_change_nothing(devhost, identity, 
 
 
 def test_a_live_connection_stays_until_the_new_sign_in_is_confirmed(devhost, identity, fresh_entra, store):
-    acct = _account()
+    acct = new_account()
     assert connect_account(devhost, identity, acct).status_code == 200
     live = store.get(acct)
     completion = completion_of(signed_in(devhost, identity, acct, auto_sync=True))
@@ -167,31 +157,31 @@ def test_a_live_connection_stays_until_the_new_sign_in_is_confirmed(devhost, ide
     now = store.get(acct)
     assert now.state == "connected" and now.generation != live.generation and now.auto_sync is True
     assert live.secret_name in identity.keyvault.deleted_names()
-    assert _secrets_of(identity, acct) == {now.secret_name}
+    assert secrets_of(identity, acct) == {now.secret_name}
 
 
 def test_racing_confirms_activate_once(devhost, identity, fresh_entra, store):
-    acct = _account()
+    acct = new_account()
     completion = completion_of(signed_in(devhost, identity, acct))
     with ThreadPoolExecutor(4) as pool:
         answers = sorted(r.status_code for r in pool.map(lambda _: confirm(devhost, acct, completion), range(4)))
     assert answers == [200, 409, 409, 409]
-    assert store.get(acct).state == "connected" and len(_secrets_of(identity, acct)) == 1
+    assert store.get(acct).state == "connected" and len(secrets_of(identity, acct)) == 1
 
 
 def test_expired_sign_ins_are_purged_but_a_confirmed_ones_tokens_stay(devhost, identity, fresh_entra, store, tables):
-    acct = _account()
+    acct = new_account()
     abandoned = signed_in(devhost, identity, acct)
     assert abandoned.status_code == 302
     kept = completion_of(signed_in(devhost, identity, acct))
     assert confirm(devhost, acct, kept).status_code == 200
     live = store.get(acct)
-    assert len(_secrets_of(identity, acct)) == 2  # the live one and the abandoned sign-in's
+    assert len(secrets_of(identity, acct)) == 2  # the live one and the abandoned sign-in's
 
     _expire(tables, acct)
     _run_timer(devhost, "purge_expired_sign_ins")
-    assert _pending_of(tables, acct) == []
-    assert _secrets_of(identity, acct) == {live.secret_name} and identity.keyvault.value(live.secret_name)
+    assert pending_of(tables, acct) == []
+    assert secrets_of(identity, acct) == {live.secret_name} and identity.keyvault.value(live.secret_name)
     assert status(devhost, acct)["state"] == "connected"
 
 
@@ -200,7 +190,7 @@ def _state_of(authorize_url: str) -> str:
 
 
 def test_the_callbacks_error_text_is_bounded_and_never_shown_verbatim(devhost, identity, fresh_entra):
-    acct = _account()
+    acct = new_account()
     started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
     forged = {"state": _state_of(started.json()["authorize_url"]), "error": "access_denied",
               "error_description": "<script>alert(1)</script> AADSTS65004: " + "x" * 3000}
@@ -218,7 +208,7 @@ def test_the_callbacks_error_text_is_bounded_and_never_shown_verbatim(devhost, i
 
 
 def test_an_oversized_callback_is_refused_before_it_touches_the_sign_in(devhost, identity, fresh_entra, tables):
-    acct = _account()
+    acct = new_account()
     started = api(devhost, "POST", f"/api/connections/{acct}/connect", json=connect_body(identity))
     state = _state_of(started.json()["authorize_url"])
     resp = callback(devhost, urlencode({"state": state, "code": "c" * 9000}))
