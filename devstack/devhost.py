@@ -301,6 +301,12 @@ class QueuePump:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def in_flight(self) -> int:
+        """Messages fetched and not yet settled (running, or waiting for a worker thread)."""
+        with self._lock:
+            return self._in_flight
+
     def stop(self, wait: float = 30.0) -> None:
         self._stop.set()
         self._thread.join(wait)
@@ -616,7 +622,8 @@ class DevHost:
     def _host_status(self, headers: dict[str, str], query: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         """`GET /admin/host/status` (master key), as the real host answers it (state, processUptime in ms),
         plus what only a local run needs: every function's scale group and the ones this instance serves,
-        so devstack/stack.py can start one set of instances per group."""
+        so devstack/stack.py can start one set of instances per group, and the messages each queue function
+        has in flight here, so a test can kill the instance that is running a given piece of work."""
         if not self._key_ok("ADMIN", headers, query):
             return 401, {}, b""
         body = {
@@ -625,6 +632,7 @@ class DevHost:
             "functions": {name: {"trigger": trigger, "group": scale_group(name, trigger)}
                           for name, trigger in sorted(self.triggers.items())},
             "serving": sorted(self.serving),
+            "inFlight": {pump.fn.name: pump.in_flight for pump in self.pumps},
         }
         return 200, {"Content-Type": "application/json; charset=utf-8"}, json.dumps(body).encode()
 

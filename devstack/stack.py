@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import requests
 
@@ -328,6 +328,13 @@ class Stack:
                             port, env=self.devhost_env)
         entry.functions = functions
         self._wait_ready(entry)
+
+    def instance_status(self, name: str) -> dict[str, Any]:
+        """An instance's `/admin/host/status`: what it serves and the queue messages it has in flight."""
+        res = requests.get(f"http://127.0.0.1:{self.procs[name].port}/admin/host/status",
+                           headers={"x-functions-key": self.master_key}, timeout=10)
+        res.raise_for_status()
+        return res.json()
 
     def _wait_ready(self, entry: Proc) -> None:
         """Until the instance answers its status (`/admin/host/status`, master key), which says what it serves."""
