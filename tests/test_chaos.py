@@ -7,10 +7,10 @@ create/update/delete webhooks flow:
 - 30% of the webhooks are delivered twice, and every batch is shuffled (older versions arrive late);
 - the app runs as several instances grouped as Flex Consumption scales it (devstack/stack.py: two HTTP
   instances behind a round-robin front, a contact worker, two backfill workers), and instances are
-  SIGKILLed mid-run:
-  the backfill instance whose page write is inside Dataverse (its leased page comes back to another
-  instance after the lease; it rejoins later), then, mid-traffic, an HTTP instance and a contact worker
-  instance with live events in flight (restarted at once).
+  SIGKILLed mid-run: a backfill instance running a page while the backfill's first bulk write is held
+  inside Dataverse (at the default scale the run has one page, so it is that write's instance; its leased
+  page comes back to another instance after the lease, and it rejoins later), then, mid-traffic, an HTTP
+  instance and a contact worker instance with live events in flight (restarted at once).
 At the end every live Wave contact is in Dynamics exactly once with every mapped field of its newest
 version (no lost updates, no stale overwrites), no deleted contact is there (no resurrected deletes),
 and the poison queues are empty.

@@ -47,7 +47,12 @@ def test_the_app_runs_as_instances_grouped_as_flex_consumption_scales_it(stack: 
     assert all(p.alive() for p in stack.procs.values())
     assert set(stack.instance_names()) == app
 
-    serving = {name: set(host_status(stack, name).json()["serving"]) for name in app}
+    statuses = {name: host_status(stack, name).json() for name in app}
+    serving = {name: set(status["serving"]) for name, status in statuses.items()}
+    # The queue triggers each instance polls: only its own function's.
+    assert {name: set(status["inFlight"]) for name, status in statuses.items()} == {
+        "http-1": set(), "http-2": set(), "contact_worker-1": {"contact_worker"},
+        "backfill_worker-1": {"backfill_worker"}}
     functions = stack.functions
     http = {n for n, f in functions.items() if f["group"] == "http"}
     timers = {n for n, f in functions.items() if f["trigger"] == "timerTrigger"}
