@@ -620,10 +620,11 @@ class DevHost:
         return 404, {}, b""
 
     def _host_status(self, headers: dict[str, str], query: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-        """`GET /admin/host/status` (master key), as the real host answers it (state, processUptime in ms),
-        plus what only a local run needs: every function's scale group and the ones this instance serves,
-        so devstack/stack.py can start one set of instances per group, and the messages each queue function
-        has in flight here, so a test can kill the instance that is running a given piece of work."""
+        """`GET /admin/host/status` (master key), as the real host answers it (state, processUptime in ms:
+        https://github.com/Azure/azure-functions-host/blob/dev/src/WebJobs.Script.WebHost/Controllers/
+        HostController.cs), plus what only a local run needs: every function's scale group and the ones this
+        instance serves, so devstack/stack.py can start one set of instances per group, and the messages each
+        queue function has in flight here, so a test can kill the instance that is running a given piece of work."""
         if not self._key_ok("ADMIN", headers, query):
             return 401, {}, b""
         body = {
