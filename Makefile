@@ -6,6 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
+# App instances of the local stack (devstack/stack.py): N per queue function, or http=N,queue=N,<function>=N.
+# `make dev INSTANCES=3`; for `make test` it sets the chaos test's layout (CHAOS_INSTANCES).
+INSTANCES ?=
+INSTANCE_ARGS := $(if $(INSTANCES),--instances $(INSTANCES))
 
 .PHONY: help deps test lint demo dev bench clean
 
@@ -27,16 +31,16 @@ lint: $(PY_STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
 test: deps lint ## ruff plus the whole pytest suite (Azurite and the stand-ins start on their own)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(if $(INSTANCES),CHAOS_INSTANCES=$(INSTANCES)) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: deps ## the main job end to end on the local stack, then a summary
-	$(PY) -m devstack.demo $(DEMO_ARGS)
+	$(PY) -m devstack.demo $(INSTANCE_ARGS) $(DEMO_ARGS)
 
-dev: deps ## start the local stack and leave it running (Ctrl-C stops it)
-	$(PY) -m devstack.demo --keep-running $(DEMO_ARGS)
+dev: deps ## start the local stack and leave it running (Ctrl-C stops it); INSTANCES=N for N per queue function
+	$(PY) -m devstack.demo --keep-running $(INSTANCE_ARGS) $(DEMO_ARGS)
 
 bench: deps ## benchmark scripts; figures go to stdout
-	$(PY) -m bench.run $(BENCH_ARGS)
+	$(PY) -m bench.run $(INSTANCE_ARGS) $(BENCH_ARGS)
 
 clean: ## remove the venv, npm packages and local state
 	rm -rf $(VENV) node_modules .devstack .pytest_cache .ruff_cache test-output

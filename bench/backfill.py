@@ -131,7 +131,8 @@ class PageBreakdown:
 
 def page_breakdown(stack: Stack, seconds: float, started_at: float) -> PageBreakdown:
     times = []
-    for line in stack.procs["devhost"].log.read_text(errors="replace").splitlines():
+    logs = stack.instance_logs("backfill_worker")
+    for line in (line for log in logs for line in log.read_text(errors="replace").splitlines()):
         if '"backfill_page"' in line:
             times.append(float(json.loads(line[line.index("{"):])["ms"]))
     log: list[dict[str, Any]] = dataverse_control(stack, "GET", "log")  # type: ignore[assignment]

@@ -1,7 +1,7 @@
 """`make bench`: every benchmark in one run on one local stack; figures to stdout and BENCHMARKS.md.
 
     python -m bench.run [--contacts 20000] [--window 10] [--baseline-seconds 40] [--live 300]
-                        [--intake 3000] [--no-write]
+                        [--intake 3000] [--instances N | http=N,queue=N,<function>=N] [--no-write]
 
 (a) backfill of N contacts against the Dataverse simulator's scaled service-protection limits, with a
     naive and a $batch-of-10 baseline in the same run; (b) webhook intake; (c) live latency
@@ -23,8 +23,8 @@ from pathlib import Path
 
 from bench.backfill import Ceiling, LimitSettings, Run, ceiling, run_batch10, run_naive, run_pipeline
 from bench.intake import IntakeResult, run_intake
-from devstack.demo import Burst, percentile, watch_latencies, wave_change
-from devstack.stack import ROOT, Stack, StackOptions
+from devstack.demo import Burst, instances_arg, percentile, watch_latencies, wave_change
+from devstack.stack import ROOT, Instances, Stack, StackOptions
 from devstack.wave_sim import WebhookSender
 
 ACCOUNT = "acct_bench"
@@ -99,18 +99,19 @@ def live_latency(stack: Stack, events: int, rate: float) -> tuple[float | None, 
     return cold_latency, list(latencies.values())
 
 
-def longest_log_silence(log: Path, since: datetime) -> tuple[float, str]:
-    """The longest gap between consecutive dev host log lines after `since` (seconds, and when it began):
-    with webhooks arriving ten times a second, a long one means the whole host, or the storage it waits on,
-    stood still."""
+def longest_log_silence(logs: list[Path], since: datetime) -> tuple[float, str]:
+    """The longest gap between consecutive log lines of the app's instances (merged) after `since` (seconds,
+    and when it began): with webhooks arriving ten times a second, a long one means the app, or the storage
+    it waits on, stood still."""
     stamps = []
-    for line in log.read_text(errors="replace").splitlines():
+    for line in itertools.chain.from_iterable(log.read_text(errors="replace").splitlines() for log in logs):
         try:
             stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")  # local time, as logging writes it
         except ValueError:
             continue
         if stamp >= since:
             stamps.append(stamp)
+    stamps.sort()
     gaps = [((b - a).total_seconds(), f"{a:%H:%M:%S}") for a, b in itertools.pairwise(stamps)]
     return max(gaps, default=(0.0, "-"))
 
@@ -132,7 +133,8 @@ def report(args: argparse.Namespace, ceil: Ceiling, runs: list[Run],
         f"({platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}), everything on one "
         "machine: Azurite, the simulators, the dev host and the benchmark client share the cores "
         f"(1-minute load average {args.load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
-        "other work on the machine depresses the figures).",
+        "other work on the machine depresses the figures). "
+        f"App instances (devstack/stack.py, grouped as Flex Consumption scales the app): {args.instances}.",
         "These figures measure this code against the local simulators; they are not Dynamics 365's.",
         "",
         "## (a) Backfill against service-protection limits",
@@ -213,7 +215,7 @@ def report(args: argparse.Namespace, ceil: Ceiling, runs: list[Run],
             f"| {percentile(latencies, 50) * 1000:,.0f} ms | {percentile(latencies, 95) * 1000:,.0f} ms | "
             f"{percentile(latencies, 99) * 1000:,.0f} ms | {max(latencies) * 1000:,.0f} ms |",
             "",
-            f"Longest silence in the dev host's log meanwhile: {args.silence[0]:.1f} s (from {args.silence[1]}). "
+            f"Longest silence in the app instances' logs meanwhile: {args.silence[0]:.1f} s (from {args.silence[1]}). "
             "With a webhook arriving every 100 ms, a silence of seconds means the host, or the Azurite it "
             "waits on, stood still, and the events in flight then make the max.",
         ]
@@ -228,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intake", type=int, default=3000, help="webhooks for the intake benchmark")
     parser.add_argument("--live", type=int, default=300, help="webhooks for the latency benchmark")
     parser.add_argument("--live-rate", type=float, default=10.0, help="webhooks per second (latency)")
+    parser.add_argument("--instances", type=instances_arg, default=Instances(), metavar="SPEC",
+                        help="app instances: N per queue function (default 1, one HTTP instance), or "
+                             "http=N,queue=N,<function>=N")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
     argv = sys.argv[1:] if argv is None else argv
@@ -236,9 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     args.load_before = os.getloadavg()[0]
 
     limits = LimitSettings(args.window)
-    print(f"starting the local stack (limits scaled to a {args.window:g} s window)")
-    with Stack(StackOptions(name="bench", dataverse_args=limits.simulator_args())) as stack:
-        print(f"logs in {stack.dir.relative_to(ROOT)}/")
+    print(f"starting the local stack (limits scaled to a {args.window:g} s window; instances {args.instances})")
+    with Stack(StackOptions(name="bench", dataverse_args=limits.simulator_args(), instances=args.instances)) as stack:
+        print(f"logs in {stack.dir.relative_to(ROOT)}/; app instances {', '.join(stack.instance_names())}")
         ceil = ceiling(stack)
         print(f"ceiling the limits allow: {ceil.per_second:,.0f} contacts/s sustained")
         print(f"(a) baselines, {args.baseline_seconds:g} s each")
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.window)
         live_start = datetime.now()
         cold, latencies = live_latency(stack, args.live, args.live_rate)
-        args.silence = longest_log_silence(stack.procs["devhost"].log, live_start)
+        args.silence = longest_log_silence(stack.instance_logs(), live_start)
         print(f"  first event after the host restart: {cold * 1000 if cold else float('nan'):.0f} ms")
         print(f"  p50 {percentile(latencies, 50) * 1000:.0f} ms, p95 {percentile(latencies, 95) * 1000:.0f} ms, "
               f"p99 {percentile(latencies, 99) * 1000:.0f} ms")

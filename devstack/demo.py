@@ -10,7 +10,7 @@
 5. sends a burst of live create/update/delete webhooks (signed by the Wave simulator's sender);
 6. compares every mapped field of every contact, owners and deletions, and prints a summary table.
 
-    python -m devstack.demo [--contacts N] [--burst N] [--keep-running]
+    python -m devstack.demo [--contacts N] [--burst N] [--instances N | http=N,queue=N,<function>=N] [--keep-running]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import requests
 
 from devstack.stack import (
     ROOT,
+    Instances,
     Stack,
     StackOptions,
     dataverse_add_user,
@@ -467,17 +468,28 @@ def key_file(stack: Stack) -> Path:
     return path
 
 
+def instances_arg(text: str) -> Instances:
+    """--instances for argparse: a malformed spec is a usage error naming the part."""
+    try:
+        return Instances.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run the Wave -> Dynamics 365 sync on the local stack.")
     parser.add_argument("--contacts", type=int, default=5000, help="contacts seeded in Wave (default 5000)")
     parser.add_argument("--burst", type=int, default=200, help="live webhooks sent after the backfill")
+    parser.add_argument("--instances", type=instances_arg, default=Instances(), metavar="SPEC",
+                        help="app instances: N per queue function (default 1, one HTTP instance), or "
+                             "http=N,queue=N,<function>=N")
     parser.add_argument("--keep-running", action="store_true", help="leave the stack running until Ctrl-C")
     args = parser.parse_args(argv)
 
-    print("starting the local stack")
-    with Stack(StackOptions(name="demo")) as stack:
+    print(f"starting the local stack ({args.instances})")
+    with Stack(StackOptions(name="demo", instances=args.instances)) as stack:
         print(f"  logs       {stack.dir.relative_to(ROOT)}/")
-        print(f"  dev host   {stack.devhost_url}/api/")
+        print(f"  dev host   {stack.devhost_url}/api/   instances: {', '.join(stack.instance_names())}")
         print(f"  admin page {stack.admin_page_url(ACCOUNT)}")
         print(f"  Dataverse  {stack.dataverse_url}   Wave {stack.wave_url}   Entra {stack.entra_authority}")
         try:

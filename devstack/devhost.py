@@ -7,11 +7,15 @@ runs, visibilityTimeout after a failure, a move to `<queue>-poison` after maxDeq
 batchSize/newBatchThreshold messages in flight per function) and fires timer functions on their
 NCRONTAB schedules; `POST /admin/functions/<name>` with the master key runs one on demand, as in Azure.
 
+`--functions` makes it one instance of a Flex Consumption scale group instead of the whole app: `http`
+(every HTTP trigger), a function's name (a queue function scales on its own instances), `timers` (every
+timer function), comma-separated; devstack/stack.py runs the app as several such processes.
+
 Like Microsoft's Python worker, it runs every synchronous function (HTTP, queue, timer) on ONE thread
 pool of PYTHON_THREADPOOL_THREAD_COUNT threads (unset: min(32, cores + 4)), and `async def` functions on
 an event loop instead; so a local run is no more concurrent than the app in Azure.
 
-    python -m devstack.devhost --port 7071 [--settings local.settings.json]
+    python -m devstack.devhost --port 7071 [--settings local.settings.json] [--functions http,timers]
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -88,6 +93,40 @@ def design_thread_count() -> int:
     """PYTHON_THREADPOOL_THREAD_COUNT as the app is deployed with it (local.settings.example.json)."""
     values = json.loads(DESIGN_SETTINGS.read_text())["Values"]
     return int(values[THREAD_COUNT_SETTING])
+
+
+HTTP_GROUP = "http"
+TIMERS = "timers"
+ALL = "all"
+
+
+def scale_group(name: str, trigger_type: str) -> str:
+    """The Flex Consumption scale group a function belongs to: HTTP triggers scale together as `http`,
+    every other function on its own instances as `function:<name>`
+    (https://learn.microsoft.com/azure/azure-functions/flex-consumption-plan#per-function-scaling)."""
+    return HTTP_GROUP if trigger_type == "httpTrigger" else f"function:{name}"
+
+
+def select_functions(functions: Mapping[str, str], selectors: Collection[str]) -> set[str]:
+    """The names of the functions an instance serves, from `{name: trigger type}` and selectors: `all`,
+    `http` (the HTTP group), `timers` (every timer function: in Azure a timer fires on one instance only,
+    so locally one instance runs them all) or a function's name. An unknown selector is a ValueError
+    naming it and what would have been valid."""
+    chosen: set[str] = set()
+    for raw in selectors:
+        selector = raw.strip()
+        if selector == ALL:
+            chosen.update(functions)
+        elif selector == HTTP_GROUP:
+            chosen.update(n for n, t in functions.items() if t == "httpTrigger")
+        elif selector == TIMERS:
+            chosen.update(n for n, t in functions.items() if t == "timerTrigger")
+        elif selector in functions:
+            chosen.add(selector)
+        else:
+            valid = ", ".join([ALL, HTTP_GROUP, TIMERS, *sorted(functions)])
+            raise ValueError(f"--functions: no function or group {selector!r} (valid: {valid})")
+    return chosen
 
 
 def _timespan(value: str | None, default: float) -> float:
@@ -261,6 +300,12 @@ class QueuePump:
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        """Messages fetched and not yet settled (running, or waiting for a worker thread)."""
+        with self._lock:
+            return self._in_flight
 
     def stop(self, wait: float = 30.0) -> None:
         self._stop.set()
@@ -464,8 +509,17 @@ class DevHost:
         port: int = 0,
         lease_seconds: int = 600,
         thread_count: int | None = None,
+        functions: Collection[str] = (ALL,),
     ) -> None:
         self.routes, self.queue_functions, self.other_functions = discover(app)
+        self.triggers: dict[str, str] = {
+            **{r.name: "httpTrigger" for r in self.routes},
+            **{q.name: "queueTrigger" for q in self.queue_functions},
+            **{o.name: o.trigger_type for o in self.other_functions},
+        }
+        # What this instance serves; the rest of the app is loaded (as on every instance in Azure) but its
+        # triggers are left to other instances.
+        self.serving = select_functions(self.triggers, functions)
         self.options = QueueOptions.from_host_json(
             host_json if host_json is not None else json.loads((ROOT / "host.json").read_text())
         )
@@ -478,10 +532,11 @@ class DevHost:
         off = disabled_functions(os.environ)
         self.pumps = [
             QueuePump(fn, connection_strings[fn.connection], self.options, lease_seconds, self.worker)
-            for fn in self.queue_functions if fn.name not in off
+            for fn in self.queue_functions if fn.name in self.serving and fn.name not in off
         ]
         self.timers = [TimerRunner(fn, self.worker) for fn in self.other_functions
-                       if fn.schedule is not None and fn.name not in off]
+                       if fn.schedule is not None and fn.name in self.serving and fn.name not in off]
+        self._started = time.monotonic()
         self.server = make_server(self.dispatch, "127.0.0.1", port)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, name="devhost-http", daemon=True)
@@ -526,10 +581,13 @@ class DevHost:
         path = _unescape_path(parts.path)
         if path.startswith("/admin/functions/") and method == "POST":
             return self._admin_invoke(path.removeprefix("/admin/functions/"), headers, query, body)
+        if path.rstrip("/") == "/admin/host/status" and method == "GET":
+            return self._host_status(headers, query)
         if not path.startswith("/api/"):
             return 404, {}, b""
         sub = path.removeprefix("/api/")
-        for route in self.routes:
+        # An instance outside the HTTP group has no routes: in Azure no request is sent to it.
+        for route in (r for r in self.routes if r.name in self.serving):
             m = route.pattern.match(sub)
             # A known route with a method it does not take is a 404, not a 405, in the real host
             # (https://github.com/Azure/azure-functions-host/issues/10098).
@@ -561,6 +619,24 @@ class DevHost:
             return response.status_code, out_headers, response.get_body() or b""
         return 404, {}, b""
 
+    def _host_status(self, headers: dict[str, str], query: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        """`GET /admin/host/status` (master key), as the real host answers it (state, processUptime in ms:
+        https://github.com/Azure/azure-functions-host/blob/dev/src/WebJobs.Script.WebHost/Controllers/
+        HostController.cs), plus what only a local run needs: every function's scale group and the ones this
+        instance serves, so devstack/stack.py can start one set of instances per group, and the messages each
+        queue function has in flight here, so a test can kill the instance that is running a given piece of work."""
+        if not self._key_ok("ADMIN", headers, query):
+            return 401, {}, b""
+        body = {
+            "state": "Running",
+            "processUptime": int((time.monotonic() - self._started) * 1000),
+            "functions": {name: {"trigger": trigger, "group": scale_group(name, trigger)}
+                          for name, trigger in sorted(self.triggers.items())},
+            "serving": sorted(self.serving),
+            "inFlight": {pump.fn.name: pump.in_flight for pump in self.pumps},
+        }
+        return 200, {"Content-Type": "application/json; charset=utf-8"}, json.dumps(body).encode()
+
     def _admin_invoke(self, name: str, headers: dict[str, str], query: dict[str, str], body: bytes
                       ) -> tuple[int, dict[str, str], bytes]:
         if not self._key_ok("ADMIN", headers, query):
@@ -591,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=7071)
     parser.add_argument("--settings", type=Path, help="a local.settings.json to read Values from")
     parser.add_argument("--lease-seconds", type=int, default=int(os.environ.get("DEVHOST_LEASE_SECONDS", "600")))
+    parser.add_argument("--functions", default=ALL, metavar="SELECTORS",
+                        help="what this instance serves, comma-separated: all (default), http (the HTTP group), "
+                             "timers, or a function's name (e.g. contact_worker)")
     args = parser.parse_args(argv)
     if args.settings:
         load_local_settings(args.settings)
@@ -606,17 +685,22 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     from function_app import app
 
-    host = DevHost(
-        app,
-        connection_strings={"AzureWebJobsStorage": os.environ["AzureWebJobsStorage"]},
-        function_key=os.environ.get("DEVHOST_FUNCTION_KEY", "dev-function-key"),
-        master_key=os.environ.get("DEVHOST_MASTER_KEY", "dev-master-key"),
-        port=args.port,
-        lease_seconds=args.lease_seconds,
-    ).start()
-    log.info("devhost: listening on %s (%d HTTP routes, %d queue triggers, %d other functions; "
+    try:
+        host = DevHost(
+            app,
+            connection_strings={"AzureWebJobsStorage": os.environ["AzureWebJobsStorage"]},
+            function_key=os.environ.get("DEVHOST_FUNCTION_KEY", "dev-function-key"),
+            master_key=os.environ.get("DEVHOST_MASTER_KEY", "dev-master-key"),
+            port=args.port,
+            lease_seconds=args.lease_seconds,
+            functions=args.functions.split(","),
+        ).start()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info("devhost: listening on %s (%d HTTP routes, %d queue triggers, %d other functions; serving %s; "
              "%d worker threads for sync functions)", host.url, len(host.routes), len(host.queue_functions),
-             len(host.other_functions), host.worker.thread_count)
+             len(host.other_functions), ", ".join(sorted(host.serving)) or "nothing", host.worker.thread_count)
     stop = threading.Event()
     try:
         import signal

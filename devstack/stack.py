@@ -1,19 +1,25 @@
 """The whole local stack as separate processes on free loopback ports.
 
 Azurite, the Entra stand-in (oauth2-mock-server), the Key Vault, Dataverse and Wave simulators, and the
-dev host serving function_app.py (`python -m devstack.devhost`) with the environment the app reads in
-Azure plus the development overrides. Each process logs to .devstack/<run>/<name>.log (or
-.devstack/<run>-<pid>/ while another live process uses that folder). The dev host
-can be killed (SIGKILL) and restarted on demand, which is what the chaos test does.
+app as several dev host processes (`python -m devstack.devhost --functions ...`), grouped as Flex
+Consumption scales it (https://learn.microsoft.com/azure/azure-functions/flex-consumption-plan#per-function-scaling):
+the HTTP functions together on the `http` instances behind one front port (devstack/front.py, round robin),
+each queue function on its own instances; one HTTP instance also runs the timers, since in Azure a timer
+fires on one instance only. Every instance shares Azurite and the simulators and gets the environment the
+app reads in Azure plus the development overrides. Each process logs to .devstack/<run>/<name>.log (or
+.devstack/<run>-<pid>/ while another live process uses that folder). Any instance can be killed (SIGKILL)
+and restarted on its port, which is what the chaos test does.
 
-    with Stack(StackOptions(...)) as stack:
+    with Stack(StackOptions(instances=Instances.parse("http=2,queue=2"))) as stack:
         stack.devhost_url, stack.wave_url, stack.dataverse_url, stack.admin_page_url(account)
-        stack.restart_devhost(kill=True)
+        stack.kill_instance("backfill_worker-1"); stack.restart_instance("backfill_worker-1")
+        stack.restart_devhost(kill=True)  # every instance
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -21,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import requests
 
@@ -34,6 +40,52 @@ STATE_DIR = ROOT / ".devstack"
 CLIENT_ID = "11111111-2222-3333-4444-555555555555"
 
 
+MAX_INSTANCES = 16  # per group: each instance is a process with its own worker pool
+
+
+@dataclass(frozen=True)
+class Instances:
+    """How many instances of each scale group the stack runs: `http` for the HTTP group, `queue` for each
+    queue (non-HTTP, non-timer) function unless `per_function` names it."""
+
+    http: int = 1
+    queue: int = 1
+    per_function: tuple[tuple[str, int], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Instances:
+        """`N` (N instances of each queue function, one HTTP instance) or comma-separated `group=N` with
+        group `http`, `queue` (every queue function) or a function's name: `http=2,queue=1,backfill_worker=3`.
+        A malformed spec is a ValueError naming the part."""
+        text = text.strip()
+        if not text:
+            raise ValueError("instances: empty (give N or group=N,...)")
+        if "=" not in text and "," not in text:
+            return cls(queue=_count("queue", text))
+        counts: dict[str, int] = {}
+        for part in text.split(","):
+            key, sep, value = (x.strip() for x in part.partition("="))
+            if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key):
+                raise ValueError(f"instances: {part.strip()!r} is not group=N (group: http, queue or a function name)")
+            if key in counts:
+                raise ValueError(f"instances: {key} is given twice")
+            counts[key] = _count(key, value)
+        http, queue = counts.pop("http", 1), counts.pop("queue", 1)
+        return cls(http=http, queue=queue, per_function=tuple(sorted(counts.items())))
+
+    def count(self, function: str) -> int:
+        return dict(self.per_function).get(function, self.queue)
+
+    def __str__(self) -> str:
+        return ",".join([f"http={self.http}", f"queue={self.queue}", *(f"{k}={v}" for k, v in self.per_function)])
+
+
+def _count(key: str, value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= MAX_INSTANCES:
+        raise ValueError(f"instances: {key}={value!r} must be a whole number from 1 to {MAX_INSTANCES}")
+    return int(value)
+
+
 @dataclass
 class StackOptions:
     """What differs between the demo, the browser test, the benchmarks and the chaos run."""
@@ -42,7 +94,8 @@ class StackOptions:
     lease_seconds: int = 600  # the dev host's peek-lock lease (short for chaos: a killed worker's lease expires)
     dataverse_args: list[str] = field(default_factory=list)  # extra flags for devstack.dataverse_sim
     wave_args: list[str] = field(default_factory=list)  # extra flags for devstack.wave_sim
-    devhost_env: dict[str, str] = field(default_factory=dict)  # extra environment for the dev host
+    devhost_env: dict[str, str] = field(default_factory=dict)  # extra environment for every app instance
+    instances: Instances = Instances()  # how many app instances per scale group
     webhook_secret: str = "whsec_local_" + "0123456789abcdef"
     wave_api_token: str = "wave-api-token-local"
 
@@ -55,6 +108,8 @@ class Proc:
     log: Path
     argv: list[str]
     env: dict[str, str] | None = None
+    functions: str = ""  # an app instance: the dev host's --functions; empty for the other processes
+    serving: frozenset[str] = frozenset()  # an app instance: the functions it runs, as it reports them
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -71,7 +126,9 @@ class Stack:
         self.master_key = "mk-" + secrets.token_hex(16)
         self.client_secret = "cs-" + secrets.token_hex(16)
         self.devhost_env: dict[str, str] = {}
-        self.devhost_port = free_port()
+        self.devhost_port = free_port()  # the front of the HTTP group: every caller's URL for the app
+        self.functions: dict[str, dict[str, str]] = {}  # name -> {"trigger", "group"}, as the app declares them
+        self._down: set[str] = set()  # instances killed on purpose and not restarted (yet)
         self.entra: EntraStandIn | None = None
         self._logs: list[IO[bytes]] = []
 
@@ -123,7 +180,7 @@ class Stack:
             self._start_keyvault()
             self._start_dataverse()
             self._start_wave()
-            self._start_devhost()
+            self._start_app()
         except BaseException:
             self.stop()
             raise
@@ -226,38 +283,110 @@ class Stack:
             **self.options.devhost_env,
         }
 
-    def _start_devhost(self) -> None:
-        self.devhost_env = self._devhost_environment()
-        port = self.devhost_port
-        self._spawn("devhost", self._python("devstack.devhost", "--port", str(port)), port, env=self.devhost_env)
-        wait_http(f"http://127.0.0.1:{port}/api/health", timeout=30, proc=self.procs["devhost"])
+    # -- the app's instances --------------------------------------------------------------------------
 
-    def kill_devhost(self) -> None:
-        """SIGKILL: no clean shutdown, leases stay taken until they expire (what a crashed worker leaves)."""
-        entry = self.procs["devhost"]
+    @property
+    def instances(self) -> list[Proc]:
+        """Every app instance (dev host process), HTTP group first."""
+        return [p for p in self.procs.values() if p.functions]
+
+    def instance_names(self, function: str | None = None) -> list[str]:
+        """The app instances, or those serving `function` (a function's name, or `http` for the HTTP group)."""
+        if function == "http":
+            return [p.name for p in self.instances
+                    if any(self.functions[f]["group"] == "http" for f in p.serving)]
+        return [p.name for p in self.instances if function is None or function in p.serving]
+
+    def instance_logs(self, function: str | None = None) -> list[Path]:
+        return [self.procs[name].log for name in self.instance_names(function)]
+
+    def _start_app(self) -> None:
+        """The HTTP group first (its first instance also runs the timers), then, from the function groups it
+        reports, the instances of every other function, then the front that spreads requests over the HTTP
+        instances."""
+        self.devhost_env = self._devhost_environment()
+        layout = self.options.instances
+        for i in range(1, layout.http + 1):
+            self._start_instance(f"http-{i}", "http,timers" if i == 1 else "http")
+        own = sorted(name for name, fn in self.functions.items()
+                     if fn["group"] != "http" and fn["trigger"] != "timerTrigger")
+        unknown = sorted({name for name, _ in layout.per_function} - set(own))
+        if unknown:
+            raise StackError(f"instances: no queue function {', '.join(unknown)} in the app (it has {', '.join(own)})")
+        for name in own:
+            for i in range(1, layout.count(name) + 1):
+                self._start_instance(f"{name}-{i}", name)
+        port = self.devhost_port
+        http_ports = [self.procs[n].port for n in self.instance_names("http")]
+        self._spawn("front", self._python("devstack.front", "--port", str(port),
+                                          *(a for p in http_ports for a in ("--backend", f"127.0.0.1:{p}"))), port)
+        wait_http(f"{self.devhost_url}/api/health", timeout=30, proc=self.procs["front"])
+
+    def _start_instance(self, name: str, functions: str) -> None:
+        port = free_port()
+        entry = self._spawn(name, self._python("devstack.devhost", "--port", str(port), "--functions", functions),
+                            port, env=self.devhost_env)
+        entry.functions = functions
+        self._wait_ready(entry)
+
+    def instance_status(self, name: str) -> dict[str, Any]:
+        """An instance's `/admin/host/status`: what it serves and the queue messages it has in flight."""
+        res = requests.get(f"http://127.0.0.1:{self.procs[name].port}/admin/host/status",
+                           headers={"x-functions-key": self.master_key}, timeout=10)
+        res.raise_for_status()
+        return res.json()
+
+    def _wait_ready(self, entry: Proc) -> None:
+        """Until the instance answers its status (`/admin/host/status`, master key), which says what it serves."""
+        status = wait_http(f"http://127.0.0.1:{entry.port}/admin/host/status", timeout=30, proc=entry,
+                           headers={"x-functions-key": self.master_key}).json()
+        self.functions = status["functions"]
+        entry.serving = frozenset(status["serving"])
+
+    def kill_instance(self, name: str) -> None:
+        """SIGKILL one instance: no clean shutdown, the messages it had leased stay invisible until their
+        lease runs out and another instance (or this one, restarted) takes them (what a crashed worker leaves)."""
+        entry = self.procs[name]
         entry.proc.kill()
         entry.proc.wait(10)
+        self._down.add(name)
 
-    def restart_devhost(self, kill: bool = True) -> None:
-        """Kill (SIGKILL) or stop (SIGTERM) the dev host and start it again on the same port."""
-        entry = self.procs["devhost"]
-        if kill:
-            self.kill_devhost()
-        else:
-            stop_process(entry.proc, grace=10.0)
+    def restart_instance(self, name: str, kill: bool = True) -> None:
+        """Kill (SIGKILL) or stop (SIGTERM) one instance, if it runs, and start it again on its port."""
+        entry = self.procs[name]
+        if entry.alive():
+            if kill:
+                entry.proc.kill()
+                entry.proc.wait(10)
+            else:
+                stop_process(entry.proc, grace=10.0)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # the port is free again once the dead process's socket is gone
+        while True:  # the port is free again once the dead process's socket is gone
             try:
-                self._spawn("devhost", entry.argv, entry.port, env=entry.env)
+                restarted = self._spawn(name, entry.argv, entry.port, env=entry.env)
                 break
             except StackError:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.2)
-        wait_http(f"{self.devhost_url}/api/health", timeout=30, proc=self.procs["devhost"])
+        restarted.functions = entry.functions
+        self._wait_ready(restarted)
+        self._down.discard(name)
+
+    def kill_devhost(self) -> None:
+        """SIGKILL every app instance: the whole app down at once (the front answers 503 meanwhile)."""
+        for name in self.instance_names():
+            self.kill_instance(name)
+
+    def restart_devhost(self, kill: bool = True) -> None:
+        """Kill (SIGKILL) or stop (SIGTERM) every app instance and start each again on its port."""
+        for name in self.instance_names():
+            self.restart_instance(name, kill=kill)
+        wait_http(f"{self.devhost_url}/api/health", timeout=30, proc=self.procs["front"])
 
     def check_alive(self) -> None:
-        dead = [f"{p.name} (exit {p.proc.returncode}, log {p.log})" for p in self.procs.values() if not p.alive()]
+        dead = [f"{p.name} (exit {p.proc.returncode}, log {p.log})" for p in self.procs.values()
+                if not p.alive() and p.name not in self._down]
         if dead:
             raise StackError("stack processes died: " + ", ".join(dead))
 

@@ -5,12 +5,18 @@ create/update/delete webhooks flow:
 - the Dataverse simulator turns 20% of Web API requests into faults (429 with Retry-After, 5xx, timeouts,
   dropped connections), on top of service-protection limits scaled down to a 5 s window;
 - 30% of the webhooks are delivered twice, and every batch is shuffled (older versions arrive late);
-- the dev host (the Functions host: HTTP and queue workers) is killed with SIGKILL mid-run and restarted.
+- the app runs as several instances grouped as Flex Consumption scales it (devstack/stack.py: two HTTP
+  instances behind a round-robin front, a contact worker, two backfill workers), and instances are
+  SIGKILLed mid-run: a backfill instance running a page while the backfill's first bulk write is held
+  inside Dataverse (at the default scale the run has one page, so it is that write's instance; its leased
+  page comes back to another instance after the lease, and it rejoins later), then, mid-traffic, an HTTP
+  instance and a contact worker instance with live events in flight (restarted at once).
 At the end every live Wave contact is in Dynamics exactly once with every mapped field of its newest
 version (no lost updates, no stale overwrites), no deleted contact is there (no resurrected deletes),
 and the poison queues are empty.
 
-`make test` runs a small instance; CHAOS_SCALE=10 (or more) makes it bigger.
+`make test` runs a small instance; CHAOS_SCALE=10 (or more) makes it bigger, and CHAOS_INSTANCES
+(`N` per queue function, or `http=N,queue=N,<function>=N`; at least three instances in all) changes the layout.
 """
 
 from __future__ import annotations
@@ -27,11 +33,15 @@ import requests
 from azure.storage.queue import QueueClient
 
 from devstack.demo import TEAM, compare, connect, seed_dynamics_users, wave_change, wave_delete, wave_state
-from devstack.stack import Stack, StackOptions, dataverse_control, dataverse_rows, dataverse_users
+from devstack.stack import Instances, Stack, StackOptions, dataverse_control, dataverse_rows, dataverse_users
 from devstack.wave_sim import WebhookSender
 from tests.fixtures.sync import wait_for
 
 SCALE = max(1, int(os.environ.get("CHAOS_SCALE", "1")))
+# Five instances: two HTTP (behind the front), one contact worker, two backfill workers. Two contact worker
+# instances also pass, in about four times the time: each learns Dataverse's penalties on its own
+# (sync/throttle.py keeps them in process memory), so together they keep the user's budget spent.
+INSTANCES = Instances.parse(os.environ.get("CHAOS_INSTANCES", "http=2,contact_worker=1,backfill_worker=2"))
 ACCOUNT = "acct_chaos"
 CONTACTS = 200 * SCALE
 LIVE_EVENTS = 120 * SCALE
@@ -51,8 +61,8 @@ POISON_QUEUES = ("contact-events-poison", "backfill-pages-poison")
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    # A short lease: work a killed host had taken becomes visible again within seconds.
-    with Stack(StackOptions(name="chaos", lease_seconds=5)) as s:
+    # A short lease: work a killed instance had taken becomes visible again within seconds.
+    with Stack(StackOptions(name="chaos", lease_seconds=5, instances=INSTANCES)) as s:
         yield s
 
 
@@ -107,7 +117,7 @@ class ChaoticWave:
             try:
                 status = self.sender.deliver(event).status_code
             except requests.RequestException:
-                status = None  # the host is down (killed) or restarting
+                status = None  # the connection broke (the front or an instance went away)
             self.deliveries += 1
             if status == 202:
                 return
@@ -136,9 +146,16 @@ def backfill_state(stack: Stack) -> dict[str, Any]:
     return res.json()["backfill"]
 
 
+def busy_instance(stack: Stack, function: str, timeout: float = 10.0) -> str:
+    """An instance of `function` with messages of it in flight (the one to kill mid-work)."""
+    def busy() -> str | None:
+        return next((name for name in stack.instance_names(function)
+                     if stack.instance_status(name)["inFlight"].get(function, 0) > 0), None)
+    return wait_for(busy, timeout=timeout, what=f"an instance of {function} with work in flight", interval=0.02)
 
 
-def test_dynamics_equals_wave_after_faults_duplicates_shuffles_and_a_killed_host(stack: Stack) -> None:
+def test_dynamics_equals_wave_after_faults_duplicates_shuffles_and_killed_instances(stack: Stack) -> None:
+    assert len(stack.instance_names()) >= 3, stack.instance_names()
     rng = random.Random(20261127)
     seed_dynamics_users(stack)
     res = requests.post(f"{stack.wave_url}/_control/accounts/{ACCOUNT}/populate", timeout=60, json={
@@ -146,13 +163,22 @@ def test_dynamics_equals_wave_after_faults_duplicates_shuffles_and_a_killed_host
     res.raise_for_status()
 
     dataverse_control(stack, "POST", "config", LIMITS)
+    # The backfill's first bulk write is held inside Dataverse, so that the instance running its page can be
+    # killed while the write is in flight (then it lands, and nobody records it).
+    dataverse_control(stack, "POST", "faults", {"script": [{"kind": "hold", "match": "CRM.UpsertMultiple",
+                                                            "delay": 60}]})
     connect(stack, ACCOUNT)  # auto-sync on: the backfill starts now
     dataverse_control(stack, "POST", "faults", {"rates": [{"fault": f, "rate": r} for f, r in FAULT_RATES]})
-    # First kill: as soon as the backfill's first contacts land, before its page is recorded as done.
-    wait_for(lambda: dataverse_control(stack, "GET", "counters").get("writes", 0) > 0, timeout=60,
-             what="the backfill's first write", interval=0.02)
-    stack.kill_devhost()
-    stack.restart_devhost()
+    wait_for(lambda: dataverse_control(stack, "GET", "counters")["in_flight"] >= 1
+             and not dataverse_control(stack, "POST", "faults", {})["pending"], timeout=60,
+             what="the backfill's first bulk write to be held in Dataverse", interval=0.02)
+    # First kill: the backfill instance running a page, mid-write; it stays down for a while, so its
+    # leased page comes back after the lease to another instance (or to it, once restarted).
+    page_victim = busy_instance(stack, "backfill_worker")
+    stack.kill_instance(page_victim)
+    assert stack.procs[page_victim].proc.returncode == -9
+    dataverse_control(stack, "POST", "faults/release")
+    assert backfill_state(stack)["state"] == "running"  # the killed page was not recorded
 
     wave = ChaoticWave(stack, rng)
     errors: list[BaseException] = []
@@ -171,11 +197,17 @@ def test_dynamics_equals_wave_after_faults_duplicates_shuffles_and_a_killed_host
 
     traffic = threading.Thread(target=live_traffic, daemon=True)
     traffic.start()
-    # Second kill: mid-traffic, with live events (and maybe backfill pages) queued or in flight.
+    # Second kill, mid-traffic: an HTTP instance (the front sends webhooks to the other meanwhile) and a
+    # contact worker instance with live events in flight; both restarted at once. The backfill instance
+    # killed first rejoins now.
     assert first_round_done.wait(120), "the first round of live events was never accepted"
-    stack.kill_devhost()
-    time.sleep(0.5)  # webhooks meanwhile fail and are retried by the sender, as Wave would
-    stack.restart_devhost()
+    live_victim = busy_instance(stack, "contact_worker", timeout=30)
+    stack.kill_instance(live_victim)
+    stack.kill_instance("http-1")
+    time.sleep(0.5)  # webhooks meanwhile go to the other HTTP instance, or fail and are retried as Wave would
+    stack.restart_instance("http-1")
+    stack.restart_instance(live_victim)
+    stack.restart_instance(page_victim)
     traffic.join(300)
     assert not traffic.is_alive(), "live traffic did not finish"
     assert not errors, errors

@@ -1,44 +1,159 @@
 """devstack/stack.py and the Wave admin page's backend, through their HTTP surfaces.
 
-The stack is separate processes on free ports; the dev host survives a SIGKILL by being restarted on the
-same port; the admin page's backend forwards to the connections API with the function key, which never
-reaches the browser, and only for a signed-in Wave user who administers the account, from Wave's own origin.
+The stack is separate processes on free ports; the app runs as several dev host instances grouped as Flex
+Consumption scales it (the HTTP functions together behind one front, each queue function on its own), and
+any instance survives a SIGKILL by being restarted on its port; the admin page's backend forwards to the
+connections API with the function key, which never reaches the browser, and only for a signed-in Wave user
+who administers the account, from Wave's own origin.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import pytest
 import requests
 
-from devstack.stack import Stack, StackOptions
+from devstack.devhost import scale_group, select_functions
+from devstack.stack import MAX_INSTANCES, Instances, Stack, StackOptions
 
 ACCOUNT = "acct_stack_test"
+LAYOUT = Instances(http=2, queue=1)
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with Stack(StackOptions(name="test-stack")) as s:
+    with Stack(StackOptions(name="test-stack", instances=LAYOUT)) as s:
         yield s
 
 
-def test_every_process_runs_and_the_host_comes_back_after_sigkill(stack: Stack) -> None:
-    assert set(stack.procs) == {"entra", "keyvault", "dataverse", "wave", "devhost"}
-    assert all(p.alive() for p in stack.procs.values())
-    assert requests.get(f"{stack.devhost_url}/api/health", timeout=5).status_code == 200
-    old_pid = stack.procs["devhost"].proc.pid
+def host_status(stack: Stack, name: str) -> requests.Response:
+    return requests.get(f"http://127.0.0.1:{stack.procs[name].port}/admin/host/status",
+                        headers={"x-functions-key": stack.master_key}, timeout=5)
 
+
+def handled(stack: Stack, name: str, function: str) -> int:
+    """How many HTTP invocations of `function` an instance has logged."""
+    needle = json.dumps({"function": function})[1:-1]
+    return sum(needle in line and '"kind": "http"' in line
+               for line in stack.procs[name].log.read_text(errors="replace").splitlines())
+
+
+def test_the_app_runs_as_instances_grouped_as_flex_consumption_scales_it(stack: Stack) -> None:
+    app = {"http-1", "http-2", "contact_worker-1", "backfill_worker-1"}
+    assert set(stack.procs) == {"entra", "keyvault", "dataverse", "wave", "front", *app}
+    assert all(p.alive() for p in stack.procs.values())
+    assert set(stack.instance_names()) == app
+
+    statuses = {name: host_status(stack, name).json() for name in app}
+    serving = {name: set(status["serving"]) for name, status in statuses.items()}
+    # The queue triggers each instance polls: only its own function's.
+    assert {name: set(status["inFlight"]) for name, status in statuses.items()} == {
+        "http-1": set(), "http-2": set(), "contact_worker-1": {"contact_worker"},
+        "backfill_worker-1": {"backfill_worker"}}
+    functions = stack.functions
+    http = {n for n, f in functions.items() if f["group"] == "http"}
+    timers = {n for n, f in functions.items() if f["trigger"] == "timerTrigger"}
+    assert {"health", "wave_webhook", "contact_worker", "backfill_worker"} <= set(functions)
+    assert functions["contact_worker"]["group"] == "function:contact_worker"
+    assert serving["http-1"] == http | timers  # the timers fire on one instance only
+    assert serving["http-2"] == http
+    assert serving["contact_worker-1"] == {"contact_worker"}
+    assert serving["backfill_worker-1"] == {"backfill_worker"}
+    assert stack.instance_names("http") == ["http-1", "http-2"]
+    assert stack.instance_names("backfill_worker") == ["backfill_worker-1"]
+
+    # A queue function's instance serves no route: nobody's requests go to it.
+    queue_instance = f"http://127.0.0.1:{stack.procs['contact_worker-1'].port}"
+    assert requests.get(f"{queue_instance}/api/health", timeout=5).status_code == 404
+    assert host_status(stack, "contact_worker-1").status_code == 200
+    assert requests.get(f"{queue_instance}/admin/host/status", timeout=5).status_code == 401
+
+
+def test_the_front_spreads_requests_over_the_http_instances_and_skips_a_dead_one(stack: Stack) -> None:
+    before = {name: handled(stack, name, "health") for name in ("http-1", "http-2")}
+    for _ in range(6):
+        assert requests.get(f"{stack.devhost_url}/api/health", timeout=5).status_code == 200
+    after = {name: handled(stack, name, "health") for name in ("http-1", "http-2")}
+    assert {name: after[name] - before[name] for name in after} == {"http-1": 3, "http-2": 3}
+
+    old_pid = stack.procs["http-1"].proc.pid
+    stack.kill_instance("http-1")
+    assert stack.procs["http-1"].proc.returncode == -9
+    stack.check_alive()  # killed on purpose: not a crash
+    for _ in range(4):  # every request lands on the instance still running
+        assert requests.get(f"{stack.devhost_url}/api/health", timeout=5).status_code == 200
+
+    stack.kill_instance("http-2")
+    down = requests.get(f"{stack.devhost_url}/api/health", timeout=5)
+    assert down.status_code == 503 and down.json()["error"]["code"] == "no_instance"
+
+    stack.restart_instance("http-1")
+    stack.restart_instance("http-2")
+    assert stack.procs["http-1"].proc.pid != old_pid
+    assert set(host_status(stack, "http-1").json()["serving"]) >= {"health", "purge_expired_sign_ins"}
+    assert requests.get(f"{stack.devhost_url}/api/health", timeout=5).status_code == 200
+
+
+def test_every_instance_comes_back_after_the_whole_app_is_killed(stack: Stack) -> None:
+    pids = {name: stack.procs[name].proc.pid for name in stack.instance_names()}
     stack.kill_devhost()
-    assert stack.procs["devhost"].proc.returncode == -9
-    with pytest.raises(requests.ConnectionError):
-        requests.get(f"{stack.devhost_url}/api/health", timeout=5)
+    assert all(stack.procs[name].proc.returncode == -9 for name in pids)
+    assert requests.get(f"{stack.devhost_url}/api/health", timeout=5).status_code == 503
 
     stack.restart_devhost()
-    assert stack.procs["devhost"].proc.pid != old_pid
+    assert all(stack.procs[name].proc.pid != pid and stack.procs[name].alive() for name, pid in pids.items())
     assert requests.get(f"{stack.devhost_url}/api/health", timeout=5).status_code == 200
-    assert stack.procs["devhost"].log.exists()
+    stack.check_alive()
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ("1", Instances(http=1, queue=1)),
+    (" 3 ", Instances(http=1, queue=3)),
+    ("http=2", Instances(http=2, queue=1)),
+    ("http=2,queue=3,backfill_worker=1", Instances(http=2, queue=3, per_function=(("backfill_worker", 1),))),
+    ("contact_worker=2, backfill_worker=4", Instances(per_function=(("backfill_worker", 4), ("contact_worker", 2)))),
+    (str(MAX_INSTANCES), Instances(queue=MAX_INSTANCES)),
+])
+def test_an_instance_layout_is_read_from_its_spec(spec: str, expected: Instances) -> None:
+    layout = Instances.parse(spec)
+    assert layout == expected
+    assert Instances.parse(str(layout)) == layout
+    assert layout.count("backfill_worker") == dict(expected.per_function).get("backfill_worker", expected.queue)
+
+
+@pytest.mark.parametrize(("spec", "named"), [
+    ("", "empty"),
+    ("0", "'0'"),
+    ("-1", "'-1'"),
+    ("two", "'two'"),
+    (str(MAX_INSTANCES + 1), f"'{MAX_INSTANCES + 1}'"),
+    ("http=0", "http='0'"),
+    ("http=1,http=2", "http is given twice"),
+    ("http", "'http'"),
+    ("http=2,", "''"),
+    ("1,2", "'1'"),
+    ("contact-worker=2", "'contact-worker=2'"),
+    ("queue=1.5", "queue='1.5'"),
+])
+def test_a_malformed_instance_spec_is_refused_naming_the_part(spec: str, named: str) -> None:
+    with pytest.raises(ValueError, match="instances: .*" + named.replace(".", r"\.")):
+        Instances.parse(spec)
+
+
+def test_an_instance_serves_what_its_selectors_name() -> None:
+    functions = {"health": "httpTrigger", "webhook": "httpTrigger", "contact_worker": "queueTrigger",
+                 "backfill_worker": "queueTrigger", "nightly": "timerTrigger"}
+    assert select_functions(functions, ["all"]) == set(functions)
+    assert select_functions(functions, ["http"]) == {"health", "webhook"}
+    assert select_functions(functions, ["http", "timers"]) == {"health", "webhook", "nightly"}
+    assert select_functions(functions, ["contact_worker"]) == {"contact_worker"}
+    with pytest.raises(ValueError, match="no function or group 'contact_workers'"):
+        select_functions(functions, ["contact_workers"])
+    assert [scale_group(n, t) for n, t in functions.items()] == [
+        "http", "http", "function:contact_worker", "function:backfill_worker", "function:nightly"]
 
 
 def test_admin_page_is_served_without_any_key(stack: Stack) -> None:
