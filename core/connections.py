@@ -20,10 +20,11 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import TableClient, TableEntity, UpdateMode
 
-from core.errors import AppError
+from core.errors import ConcurrencyError
 from core.storage import iso
+from core.tables import etag_of, update_row
 
 TABLE = "connections"
 MAIN_ROW = "connection"
@@ -36,10 +37,6 @@ DELETE_POLICIES = ("delete", "deactivate", "ignore")
 COUNTER_NAMES = ("synced", "deleted", "failed", "skipped")
 
 
-class ConcurrencyError(AppError):
-    """A row kept changing under us; the caller may retry the whole operation."""
-
-
 def utcnow() -> str:
     return iso(datetime.now(UTC))
 
@@ -50,6 +47,8 @@ def valid_account_id(account_id: str) -> bool:
 
 @dataclass
 class Backfill:
+    """The progress of the account's current backfill run (sync/backfill.py), kept on its connection row."""
+
     state: str = "idle"  # idle | running | done | failed
     run_id: str | None = None
     pages: int = 0
@@ -61,6 +60,23 @@ class Backfill:
     done_upto: int = 0  # every page up to this one is done ...
     done_after: str = ""  # ... and these later ones ("7,9")
     last_page: int = 0  # the page Wave answered without a next cursor (0: not read yet)
+
+    def _after(self) -> set[int]:
+        return {int(p) for p in self.done_after.split(",") if p}
+
+    def page_done(self, page: int) -> bool:
+        return page <= self.done_upto or page in self._after()
+
+    def mark_done(self, page: int) -> bool:
+        """Record `page` as done; False if it already was."""
+        if self.page_done(page):
+            return False
+        after = self._after() | {page}
+        while self.done_upto + 1 in after:
+            self.done_upto += 1
+            after.discard(self.done_upto)
+        self.done_after = ",".join(str(p) for p in sorted(after))
+        return True
 
 
 @dataclass
@@ -100,8 +116,31 @@ class Connection:
         return self.state == CONNECTED
 
     def accepts(self, generation: str | None) -> bool:
-        """True when work tagged with `generation` belongs to this live connection."""
-        return self.active and generation is not None and generation == self.generation
+        """True when work tagged with `generation` belongs to this live connection (live_connection)."""
+        return generation is not None and live_connection(self, generation) is not None
+
+
+
+@dataclass
+class LiveConnection(Connection):
+    """A connection that is live: connected, with a generation and an instance. Only `live_connection`
+    makes one, so code holding one needs no further check (and a type checker sees that)."""
+
+    generation: str = ""
+    instance_url: str = ""
+
+
+def live_connection(conn: Connection | None, generation: str | None = None) -> LiveConnection | None:
+    """`conn` as a LiveConnection when it is connected (and, given `generation`, that is its generation:
+    work queued for an earlier connection does not belong to this one); None otherwise."""
+    if conn is None or conn.state != CONNECTED or not conn.generation or not conn.instance_url:
+        return None
+    if generation is not None and generation != conn.generation:
+        return None
+    if isinstance(conn, LiveConnection):
+        return conn
+    values = {f.name: getattr(conn, f.name) for f in fields(Connection)}
+    return LiveConnection(**values)
 
 
 _PLAIN = [f.name for f in fields(Connection) if f.name not in ("account_id", "backfill", "etag")]
@@ -124,7 +163,7 @@ def _from_entity(entity: dict[str, Any]) -> Connection:
     known = {name: entity[name] for name in _PLAIN if name in entity}
     backfill = Backfill(**{n: entity[f"backfill_{n}"] for n in _BACKFILL if f"backfill_{n}" in entity})
     conn = Connection(account_id=entity["PartitionKey"], backfill=backfill, **known)
-    conn.etag = entity.metadata.get("etag") if hasattr(entity, "metadata") else None
+    conn.etag = etag_of(entity)
     return conn
 
 
@@ -181,26 +220,15 @@ class ConnectionStore:
         if not any(delta.values()):
             return
         row = f"counters-{generation}-{random.randrange(COUNTER_SHARDS)}"
-        for attempt in range(30):
-            try:
-                entity = self.table.get_entity(account_id, row)
-            except ResourceNotFoundError:
-                try:
-                    self.table.create_entity({"PartitionKey": account_id, "RowKey": row, **delta,
-                                              "updated_at": utcnow()})
-                    return
-                except ResourceExistsError:
-                    continue
+
+        def add(old: TableEntity | None) -> dict[str, Any]:
+            entity = dict(old) if old is not None else {"PartitionKey": account_id, "RowKey": row}
             for name, value in delta.items():
                 entity[name] = int(entity.get(name, 0)) + value
             entity["updated_at"] = utcnow()
-            try:
-                self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=entity.metadata["etag"],
-                                         match_condition=MatchConditions.IfNotModified)
-                return
-            except ResourceModifiedError:
-                time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-        raise ConcurrencyError(f"counters of {account_id} kept changing")
+            return entity
+
+        update_row(self.table, account_id, row, add, attempts=30, what="counters of")
 
     def counters(self, account_id: str, generation: str | None) -> Counters:
         total = Counters()

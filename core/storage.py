@@ -15,6 +15,7 @@ from typing import Any
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 from azure.data.tables import EdmType, EntityProperty, TableClient, TableServiceClient, TableTransactionError
+from azure.identity import DefaultAzureCredential
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
 from core.settings import StorageSettings
@@ -31,26 +32,29 @@ def poison_queue_name(queue_name: str) -> str:
     return queue_name + POISON_SUFFIX
 
 
-def _credential(storage: StorageSettings) -> Any:
-    from azure.identity import DefaultAzureCredential
-
+def _credential(storage: StorageSettings) -> DefaultAzureCredential:
     return DefaultAzureCredential(managed_identity_client_id=storage.managed_identity_client_id)
 
 
 def queue_client(storage: StorageSettings, queue_name: str) -> QueueClient:
-    codec = {
-        "message_encode_policy": TextBase64EncodePolicy(),
-        "message_decode_policy": TextBase64DecodePolicy(),
-    }
+    encode, decode = TextBase64EncodePolicy(), TextBase64DecodePolicy()
     if storage.connection_string:
-        return QueueClient.from_connection_string(storage.connection_string, queue_name, **codec)
-    return QueueClient(storage.queue_service_uri, queue_name, credential=_credential(storage), **codec)
+        return QueueClient.from_connection_string(storage.connection_string, queue_name,
+                                                  message_encode_policy=encode, message_decode_policy=decode)
+    return QueueClient(_service_uri(storage.queue_service_uri), queue_name, credential=_credential(storage),
+                       message_encode_policy=encode, message_decode_policy=decode)
 
 
 def table_service(storage: StorageSettings) -> TableServiceClient:
     if storage.connection_string:
         return TableServiceClient.from_connection_string(storage.connection_string)
-    return TableServiceClient(storage.table_service_uri, credential=_credential(storage))
+    return TableServiceClient(_service_uri(storage.table_service_uri), credential=_credential(storage))
+
+
+def _service_uri(uri: str | None) -> str:
+    if not uri:  # core/settings.py sets both URIs whenever it sets no connection string
+        raise ValueError("storage settings have neither a connection string nor service URIs")
+    return uri
 
 
 def ensure_queue(client: QueueClient) -> QueueClient:

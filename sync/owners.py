@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 from azure.data.tables import TableClient, UpdateMode
 
+from core.emails import normalise_email
 from core.storage import iso
-from sync.dataverse_errors import ValidationFailed
-from sync.rules import choose_owner, normalise_email, owner_lookup_problem
-from sync.state import TRANSACTION_SIZE, query_keys
+from core.tables import TRANSACTION_SIZE, query_keys
+from dataverse.errors import ValidationFailed
+from sync.rules import choose_owner, owner_lookup_problem
 
 TABLE = "ownercache"
 FOUND_TTL = timedelta(hours=1)
