@@ -22,7 +22,7 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableEntity, UpdateMode
 
-from core.errors import ConcurrencyError
+from core.errors import ConcurrencyError, FieldError
 from core.storage import iso
 from core.tables import etag_of, update_row
 
@@ -43,6 +43,12 @@ def utcnow() -> str:
 
 def valid_account_id(account_id: str) -> bool:
     return bool(ACCOUNT_ID_RE.fullmatch(account_id or ""))
+
+
+def invalid_account_id() -> FieldError:
+    """What every route answers (400) for an account id that cannot be one."""
+    return FieldError("account_id must be 1-64 letters, digits, '_' or '-'", field="account_id",
+                      code="invalid_account_id")
 
 
 @dataclass

@@ -30,10 +30,9 @@ lookup says statecode 1) and the same PATCH sets statecode 0 / statuscode 1 with
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
 import requests
 
@@ -51,7 +50,7 @@ from dataverse.errors import (
     error_for,
 )
 from dataverse.odata import in_filter, in_filter_chunks, odata_string
-from dataverse.transport import API_PATH, HttpSession, JsonBody, TokenProvider, Transport
+from dataverse.transport import API_PATH, JsonBody, TokenProvider, Transport, TransportOptions
 
 CONTACT_TYPE = "Microsoft.Dynamics.CRM.contact"
 EXTERNAL_ID = "externaluseridentifier"
@@ -128,25 +127,12 @@ class DataverseClient:
         instance_url: str,
         token_provider: TokenProvider | Callable[..., str],
         *,
-        session: HttpSession | None = None,
-        verify: str | bool = True,
-        timeout: tuple[float, float] = (5.0, 60.0),
-        max_inline_wait: float = 2.0,
-        max_throttle_retries: int = 3,
-        transient_retries: int = 1,
         url_budget: int = 16_000,  # encoded $filter length per lookup request (Dataverse takes URLs to 32 KB)
         upsert_multiple_size: int = 500,
         batch_size: int = 100,
-        pool_size: int = 16,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-        user_agent: str = "wave-dynamics365-sync/1",
+        **options: Unpack[TransportOptions],
     ) -> None:
-        self.transport = Transport(
-            instance_url, token_provider, session=session, verify=verify, timeout=timeout,
-            max_inline_wait=max_inline_wait, max_throttle_retries=max_throttle_retries,
-            transient_retries=transient_retries, pool_size=pool_size, sleep=sleep, clock=clock,
-            user_agent=user_agent)
+        self.transport = Transport(instance_url, token_provider, **options)
         self.instance_url = self.transport.instance_url
         self.api_url = self.transport.api_url
         self.url_budget = url_budget

@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 from urllib.parse import urlsplit
 
 import requests
@@ -54,6 +54,21 @@ class HttpSession(Protocol):
                 timeout: tuple[float, float], verify: str | bool, allow_redirects: bool) -> requests.Response: ...
 
     def close(self) -> None: ...
+
+
+class TransportOptions(TypedDict, total=False):
+    """Transport's keyword arguments, which DataverseClient passes on."""
+
+    session: HttpSession | None
+    verify: str | bool
+    timeout: tuple[float, float]
+    max_inline_wait: float
+    max_throttle_retries: int
+    transient_retries: int
+    pool_size: int
+    sleep: Callable[[float], None]
+    clock: Callable[[], float]
+    user_agent: str
 
 
 def pooled_session(pool_size: int, user_agent: str) -> requests.Session:

@@ -22,14 +22,14 @@ import logging
 import azure.functions as func
 from azure.core.exceptions import AzureError
 
-from core.connections import live_connection, utcnow, valid_account_id
+from core.connections import invalid_account_id, live_connection, utcnow, valid_account_id
 from core.errors import FieldError
 from core.log import outcome
 from functions.http import Blueprint, error_response, json_response
+from functions.pages import page, redirect
 from functions.services import services
 from oauth import connect as flow
 from oauth.errors import SessionInvalid
-from oauth.pages import page, redirect
 from oauth.pending import TABLE as PENDING_TABLE
 from oauth.pending import PendingStore
 from oauth.return_url import with_result
@@ -64,9 +64,12 @@ def _account(req: func.HttpRequest) -> str | None:
     return account_id if valid_account_id(account_id) else None
 
 
+def _refused(error: FieldError) -> func.HttpResponse:
+    return error_response(error.status, error.code, error.message, field=error.field)
+
+
 def _bad_account() -> func.HttpResponse:
-    return error_response(400, "invalid_account_id", "account_id must be 1-64 letters, digits, '_' or '-'",
-                          field="account_id")
+    return _refused(invalid_account_id())
 
 
 def _status(account_id: str) -> func.HttpResponse:
@@ -86,7 +89,7 @@ def connect(req: func.HttpRequest) -> func.HttpResponse:
         request = flow.parse_connect_request(req.route_params.get("account_id", ""), _json_body(req), s.settings)
     except FieldError as exc:
         outcome(log, "connect", "rejected", field=exc.field, code=exc.code)
-        return error_response(exc.status, exc.code, exc.message, field=exc.field)
+        return _refused(exc)
     try:
         answer = flow.start_connect(request, settings=s.settings, sessions=_sessions(), connections=s.connections)
     except (OSError, ValueError) as exc:  # the cloud's Entra metadata could not be fetched
@@ -135,7 +138,7 @@ def confirm(req: func.HttpRequest) -> func.HttpResponse:
                              queues=s.queues, start_backfill=start_backfill)
     except FieldError as exc:
         outcome(log, "confirm", "refused", code=exc.code)
-        return error_response(exc.status, exc.code, exc.message, field=exc.field)
+        return _refused(exc)
     return _status(request.account_id)
 
 

@@ -26,13 +26,13 @@ from core.connections import (
     DISCONNECTED,
     NEEDS_REAUTH,
     PENDING,
-    ConcurrencyError,
     Connection,
     ConnectionStore,
+    invalid_account_id,
     utcnow,
     valid_account_id,
 )
-from core.errors import FieldError
+from core.errors import ConcurrencyError, FieldError
 from core.log import outcome
 from core.settings import Settings
 from core.storage import QueueSender
@@ -77,32 +77,36 @@ class ConnectRequest:
     delete_policy: str
 
 
-def parse_connect_request(account_id: str, body: object, settings: Settings) -> ConnectRequest:
-    """Validate every field of a connect call; FieldError names the first bad one."""
+def _account_and_body(account_id: str, body: object) -> dict[str, object]:
     if not valid_account_id(account_id):
-        raise FieldError("account_id must be 1-64 letters, digits, '_' or '-'", field="account_id",
-                           code="invalid_account_id")
+        raise invalid_account_id()
     if not isinstance(body, dict):
         raise FieldError("the body must be a JSON object", field="body", code="invalid_json")
+    return body
+
+
+def parse_connect_request(account_id: str, body: object, settings: Settings) -> ConnectRequest:
+    """Validate every field of a connect call; FieldError names the first bad one."""
+    body = _account_and_body(account_id, body)
     plan = body.get("plan")
     if not isinstance(plan, str) or not plan.strip():
         raise FieldError("plan is required (pro, teams or enterprise)", field="plan")
     if plan.strip().lower() not in ELIGIBLE_PLANS:
         raise FieldError(f"the {plan.strip()[:40]!r} plan does not include the Dynamics 365 integration; "
-                           "it needs Pro, Teams or Enterprise", field="plan", code="plan_not_eligible", status=403)
+                         "it needs Pro, Teams or Enterprise", field="plan", code="plan_not_eligible", status=403)
     dev_hosts = settings.dev.allowed_instance_hosts if settings.is_development else ()
     instance = parse_instance_url(body.get("instance_url"), dev_hosts)
     return_url = validate_return_url(body.get("return_url"), settings.wave_return_url_prefixes)
     if return_url is None:  # the browser must come back to Wave: only Wave can confirm the sign-in
         raise FieldError("return_url is required: the Wave page the browser returns to after sign-in, "
-                           "where Wave confirms the connection", field="return_url", code="invalid_return_url")
+                         "where Wave confirms the connection", field="return_url", code="invalid_return_url")
     auto_sync = body.get("auto_sync", False)
     if not isinstance(auto_sync, bool):
         raise FieldError("auto_sync must be true or false", field="auto_sync")
     initiated_by = body.get("initiated_by")
     if not isinstance(initiated_by, str) or not initiated_by.strip() or len(initiated_by) > 256:
         raise FieldError("initiated_by is required: the Wave user starting the connection (at most 256 "
-                           "characters)", field="initiated_by")
+                         "characters)", field="initiated_by")
     delete_policy = body.get("delete_policy", "delete")
     if delete_policy not in DELETE_POLICIES:
         raise FieldError(f"delete_policy must be one of {', '.join(DELETE_POLICIES)}", field="delete_policy")
@@ -312,19 +316,15 @@ class ConfirmRequest:
 
 
 def parse_confirm_request(account_id: str, body: object) -> ConfirmRequest:
-    if not valid_account_id(account_id):
-        raise FieldError("account_id must be 1-64 letters, digits, '_' or '-'", field="account_id",
-                           code="invalid_account_id")
-    if not isinstance(body, dict):
-        raise FieldError("the body must be a JSON object", field="body", code="invalid_json")
+    body = _account_and_body(account_id, body)
     completion = body.get("completion")
     if not isinstance(completion, str) or not well_formed(completion):
         raise FieldError("completion must be the code Wave's return page received after sign-in",
-                           field="completion")
+                         field="completion")
     confirmed_by = body.get("confirmed_by")
     if not isinstance(confirmed_by, str) or not confirmed_by.strip() or len(confirmed_by) > 256:
         raise FieldError("confirmed_by is required: the signed-in Wave user confirming the connection (at most "
-                           "256 characters)", field="confirmed_by")
+                         "256 characters)", field="confirmed_by")
     return ConfirmRequest(account_id, completion, confirmed_by.strip())
 
 
@@ -334,19 +334,19 @@ def confirm_connect(req: ConfirmRequest, *, pending: PendingStore, connections: 
     found = pending.find(req.account_id, req.completion)
     if found is None:
         raise FieldError("no sign-in of this account has this completion code", field="completion",
-                           code="unknown_completion", status=404)
+                         code="unknown_completion", status=404)
     if found.used:
         raise FieldError("this sign-in was already confirmed", field="completion", code="completion_used",
-                           status=409)
+                         status=409)
     if found.expired():
         raise FieldError("this sign-in expired: it must be confirmed within 10 minutes; connect again",
-                           field="completion", code="completion_expired", status=410)
+                         field="completion", code="completion_expired", status=410)
     if not hmac.compare_digest(req.confirmed_by.encode(), found.initiated_by.encode()):
         raise FieldError("only the Wave user who started this connection can confirm it", field="confirmed_by",
-                           code="not_initiator", status=403)
+                         code="not_initiator", status=403)
     if not pending.claim(found):  # a second confirm racing this one got there first
         raise FieldError("this sign-in was already confirmed", field="completion", code="completion_used",
-                           status=409)
+                         status=409)
     _activate(found, req.confirmed_by, connections, tokens)
     if found.auto_sync:
         start_backfill(connections, queues, found.account_id)

@@ -1,4 +1,4 @@
-"""The Wave webhook body (README "Wave webhook"): parsed and validated into a WebhookEvent, or a FieldError
+"""The Wave webhook body (README "Webhook contract"): parsed and validated into a WebhookEvent, or a FieldError
 naming the first offending field. Pure: no I/O.
 """
 

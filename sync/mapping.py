@@ -1,4 +1,4 @@
-"""Wave contact -> Dataverse contact payload (the seed's field table, DESIGN.md §2.4). Pure functions.
+"""Wave contact -> Dataverse contact payload (the field table at the top of README.md). Pure functions.
 
 Public interface:
     map_contact(contact: dict, owner_id: str | None) -> MappedContact(payload, warnings, content_hash)

@@ -1,4 +1,4 @@
-"""Client for Wave's contacts API (DESIGN §2.2), read by the backfill one page at a time.
+"""Client for Wave's contacts API (README "Backfill"), read by the backfill one page at a time.
 
     GET {base}/v1/accounts/{account_id}/contacts?limit=1..500&cursor=<opaque>   Bearer token
     -> 200 {"data": [Contact...], "next_cursor": "..." | null}; 429 with Retry-After; 5xx
