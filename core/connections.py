@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -200,18 +199,24 @@ class ConnectionStore:
 
     def update(self, account_id: str, mutate: Callable[[Connection], bool | None], attempts: int = 20
                ) -> Connection | None:
-        """Read-modify-write with optimistic concurrency. `mutate` returns False to leave the row alone."""
-        for attempt in range(attempts):
-            conn = self.get(account_id)
-            if conn is None:
+        """Read-modify-write with optimistic concurrency (core/tables.py update_row). `mutate` returns False
+        to leave the row alone. Returns the row as it now is, or None when the account has none."""
+        found: list[Connection] = []
+
+        def change(old: TableEntity | None) -> dict[str, Any] | None:
+            found.clear()
+            if old is None:
                 return None
-            if mutate(conn) is False:
-                return conn
-            try:
-                return self.save(conn)
-            except ConcurrencyError:
-                time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # back off a little before re-reading
-        raise ConcurrencyError(f"connection {account_id} kept changing; gave up after {attempts} attempts")
+            conn = _from_entity(old)
+            found.append(conn)
+            return None if mutate(conn) is False else _to_entity(conn)
+
+        etag = update_row(self.table, account_id, MAIN_ROW, change, attempts=attempts, what="connection")
+        if not found:
+            return None
+        if etag is not None:
+            found[0].etag = etag
+        return found[0]
 
     def all(self) -> Iterator[Connection]:
         for entity in self.table.query_entities("RowKey eq @rk", parameters={"rk": MAIN_ROW}):

@@ -118,11 +118,11 @@ def query_keys(table: TableClient, keys_by_partition: Mapping[str, Iterable[str]
 
 def update_row(table: TableClient, partition: str, row: str,
                change: Callable[[TableEntity | None], dict[str, Any] | None], *, attempts: int = 20,
-               what: str = "row") -> dict[str, Any] | None:
+               what: str = "row") -> str | None:
     """Read the row (None when absent), let `change` say what it becomes (None: leave it as it is), and
     write that only if nobody changed the row since it was read: an insert that fails when the row
     appeared meanwhile, or a replace conditional on the ETag read. Read again and retry on a conflict;
-    ConcurrencyError after `attempts`. Returns what was written, or None when `change` left it."""
+    ConcurrencyError after `attempts`. Returns the written row's ETag, or None when `change` left it."""
     for attempt in range(attempts):
         try:
             old: TableEntity | None = table.get_entity(partition, row)
@@ -133,11 +133,11 @@ def update_row(table: TableClient, partition: str, row: str,
             return None
         try:
             if old is None:
-                table.create_entity(new)
+                written = table.create_entity(new)
             else:
-                table.update_entity(new, mode=UpdateMode.REPLACE, etag=etag_of(old),
-                                    match_condition=MatchConditions.IfNotModified)
-            return new
+                written = table.update_entity(new, mode=UpdateMode.REPLACE, etag=etag_of(old),
+                                              match_condition=MatchConditions.IfNotModified)
+            return str(written.get("etag") or "")
         except (ResourceExistsError, ResourceModifiedError, ResourceNotFoundError):
             time.sleep(random.uniform(0, 0.01 * (attempt + 1)))  # back off a little before reading again
     raise ConcurrencyError(f"{what} {partition}/{row} kept changing; gave up after {attempts} attempts")
