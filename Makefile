@@ -27,10 +27,11 @@ $(NODE_STAMP): package.json package-lock.json
 
 deps: $(PY_STAMP) $(NODE_STAMP) ## create .venv and install Python and npm packages (only when changed)
 
-lint: $(PY_STAMP) ## ruff
+lint: $(PY_STAMP) ## ruff, and mypy over the product code (pyproject.toml [tool.mypy])
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
-test: deps lint ## ruff plus the whole pytest suite (Azurite and the stand-ins start on their own)
+test: deps lint ## ruff, mypy and the whole pytest suite (Azurite and the stand-ins start on their own)
 	$(if $(INSTANCES),CHAOS_INSTANCES=$(INSTANCES)) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: deps ## the main job end to end on the local stack, then a summary

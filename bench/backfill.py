@@ -28,9 +28,10 @@ from typing import Any
 
 import requests
 
+from dataverse.client import DataverseClient, UpsertItem
+from dataverse.errors import Throttled
 from devstack.demo import TEAM, connect, seed_dynamics_users, wait_for_backfill
 from devstack.stack import CLIENT_ID, Stack, dataverse_control
-from sync.dataverse import DataverseClient, Throttled, UpsertItem
 from sync.mapping import contact_id, map_contact
 
 REAL_WINDOW = 300.0

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import azure.functions as func
 
-from core.services import reset_services, services
 from core.settings import get_settings
 from core.storage import CONTACT_EVENTS
 from devstack.stack import Stack
+from functions.services import reset_services, services
+from functions.webhook import wave_webhook
 from sync.signature import HEADER, signature_header
-from sync.webhook import wave_webhook
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

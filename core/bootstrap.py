@@ -22,7 +22,7 @@ def configure_logging() -> None:
 
 def report_settings() -> None:
     """Name an unusable setting at start-up. The Functions host starts whatever the app's settings say, so
-    the app cannot refuse to run: every HTTP route answers 503 instead (core.http.Blueprint)."""
+    the app cannot refuse to run: every HTTP route answers 503 instead (functions/http.py)."""
     problem = settings_problem()
     if problem is not None:
         logging.getLogger(__name__).error("error: %s; every HTTP route answers 503 until it is fixed", problem)

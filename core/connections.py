@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import re
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -20,10 +19,11 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient, UpdateMode
+from azure.data.tables import TableClient, TableEntity, UpdateMode
 
-from core.errors import AppError
+from core.errors import ConcurrencyError, FieldError
 from core.storage import iso
+from core.tables import etag_of, update_row
 
 TABLE = "connections"
 MAIN_ROW = "connection"
@@ -36,10 +36,6 @@ DELETE_POLICIES = ("delete", "deactivate", "ignore")
 COUNTER_NAMES = ("synced", "deleted", "failed", "skipped")
 
 
-class ConcurrencyError(AppError):
-    """A row kept changing under us; the caller may retry the whole operation."""
-
-
 def utcnow() -> str:
     return iso(datetime.now(UTC))
 
@@ -48,8 +44,16 @@ def valid_account_id(account_id: str) -> bool:
     return bool(ACCOUNT_ID_RE.fullmatch(account_id or ""))
 
 
+def invalid_account_id() -> FieldError:
+    """What every route answers (400) for an account id that cannot be one."""
+    return FieldError("account_id must be 1-64 letters, digits, '_' or '-'", field="account_id",
+                      code="invalid_account_id")
+
+
 @dataclass
 class Backfill:
+    """The progress of the account's current backfill run (sync/backfill.py), kept on its connection row."""
+
     state: str = "idle"  # idle | running | done | failed
     run_id: str | None = None
     pages: int = 0
@@ -61,6 +65,23 @@ class Backfill:
     done_upto: int = 0  # every page up to this one is done ...
     done_after: str = ""  # ... and these later ones ("7,9")
     last_page: int = 0  # the page Wave answered without a next cursor (0: not read yet)
+
+    def _after(self) -> set[int]:
+        return {int(p) for p in self.done_after.split(",") if p}
+
+    def page_done(self, page: int) -> bool:
+        return page <= self.done_upto or page in self._after()
+
+    def mark_done(self, page: int) -> bool:
+        """Record `page` as done; False if it already was."""
+        if self.page_done(page):
+            return False
+        after = self._after() | {page}
+        while self.done_upto + 1 in after:
+            self.done_upto += 1
+            after.discard(self.done_upto)
+        self.done_after = ",".join(str(p) for p in sorted(after))
+        return True
 
 
 @dataclass
@@ -100,8 +121,31 @@ class Connection:
         return self.state == CONNECTED
 
     def accepts(self, generation: str | None) -> bool:
-        """True when work tagged with `generation` belongs to this live connection."""
-        return self.active and generation is not None and generation == self.generation
+        """True when work tagged with `generation` belongs to this live connection (live_connection)."""
+        return generation is not None and live_connection(self, generation) is not None
+
+
+
+@dataclass
+class LiveConnection(Connection):
+    """A connection that is live: connected, with a generation and an instance. Only `live_connection`
+    makes one, so code holding one needs no further check (and a type checker sees that)."""
+
+    generation: str = ""
+    instance_url: str = ""
+
+
+def live_connection(conn: Connection | None, generation: str | None = None) -> LiveConnection | None:
+    """`conn` as a LiveConnection when it is connected (and, given `generation`, that is its generation:
+    work queued for an earlier connection does not belong to this one); None otherwise."""
+    if conn is None or conn.state != CONNECTED or not conn.generation or not conn.instance_url:
+        return None
+    if generation is not None and generation != conn.generation:
+        return None
+    if isinstance(conn, LiveConnection):
+        return conn
+    values = {f.name: getattr(conn, f.name) for f in fields(Connection)}
+    return LiveConnection(**values)
 
 
 _PLAIN = [f.name for f in fields(Connection) if f.name not in ("account_id", "backfill", "etag")]
@@ -124,7 +168,7 @@ def _from_entity(entity: dict[str, Any]) -> Connection:
     known = {name: entity[name] for name in _PLAIN if name in entity}
     backfill = Backfill(**{n: entity[f"backfill_{n}"] for n in _BACKFILL if f"backfill_{n}" in entity})
     conn = Connection(account_id=entity["PartitionKey"], backfill=backfill, **known)
-    conn.etag = entity.metadata.get("etag") if hasattr(entity, "metadata") else None
+    conn.etag = etag_of(entity)
     return conn
 
 
@@ -155,18 +199,24 @@ class ConnectionStore:
 
     def update(self, account_id: str, mutate: Callable[[Connection], bool | None], attempts: int = 20
                ) -> Connection | None:
-        """Read-modify-write with optimistic concurrency. `mutate` returns False to leave the row alone."""
-        for attempt in range(attempts):
-            conn = self.get(account_id)
-            if conn is None:
+        """Read-modify-write with optimistic concurrency (core/tables.py update_row). `mutate` returns False
+        to leave the row alone. Returns the row as it now is, or None when the account has none."""
+        found: list[Connection] = []
+
+        def change(old: TableEntity | None) -> dict[str, Any] | None:
+            found.clear()
+            if old is None:
                 return None
-            if mutate(conn) is False:
-                return conn
-            try:
-                return self.save(conn)
-            except ConcurrencyError:
-                time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # back off a little before re-reading
-        raise ConcurrencyError(f"connection {account_id} kept changing; gave up after {attempts} attempts")
+            conn = _from_entity(old)
+            found.append(conn)
+            return None if mutate(conn) is False else _to_entity(conn)
+
+        etag = update_row(self.table, account_id, MAIN_ROW, change, attempts=attempts, what="connection")
+        if not found:
+            return None
+        if etag is not None:
+            found[0].etag = etag
+        return found[0]
 
     def all(self) -> Iterator[Connection]:
         for entity in self.table.query_entities("RowKey eq @rk", parameters={"rk": MAIN_ROW}):
@@ -181,26 +231,15 @@ class ConnectionStore:
         if not any(delta.values()):
             return
         row = f"counters-{generation}-{random.randrange(COUNTER_SHARDS)}"
-        for attempt in range(30):
-            try:
-                entity = self.table.get_entity(account_id, row)
-            except ResourceNotFoundError:
-                try:
-                    self.table.create_entity({"PartitionKey": account_id, "RowKey": row, **delta,
-                                              "updated_at": utcnow()})
-                    return
-                except ResourceExistsError:
-                    continue
+
+        def add(old: TableEntity | None) -> dict[str, Any]:
+            entity = dict(old) if old is not None else {"PartitionKey": account_id, "RowKey": row}
             for name, value in delta.items():
                 entity[name] = int(entity.get(name, 0)) + value
             entity["updated_at"] = utcnow()
-            try:
-                self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=entity.metadata["etag"],
-                                         match_condition=MatchConditions.IfNotModified)
-                return
-            except ResourceModifiedError:
-                time.sleep(random.uniform(0, 0.01 * (attempt + 1)))
-        raise ConcurrencyError(f"counters of {account_id} kept changing")
+            return entity
+
+        update_row(self.table, account_id, row, add, attempts=30, what="counters of")
 
     def counters(self, account_id: str, generation: str | None) -> Counters:
         total = Counters()

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
 from azure.data.tables import EdmType, EntityProperty, TableClient, TableServiceClient, TableTransactionError
+from azure.identity import DefaultAzureCredential
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
 
 from core.settings import StorageSettings
@@ -25,32 +27,36 @@ QUEUES = (CONTACT_EVENTS, BACKFILL_PAGES)
 POISON_SUFFIX = "-poison"
 # Storage caps a message at 64 KiB; base64 costs a third of that.
 MAX_MESSAGE_BYTES = 48 * 1024
+C = TypeVar("C")
 
 
 def poison_queue_name(queue_name: str) -> str:
     return queue_name + POISON_SUFFIX
 
 
-def _credential(storage: StorageSettings) -> Any:
-    from azure.identity import DefaultAzureCredential
-
+def _credential(storage: StorageSettings) -> DefaultAzureCredential:
     return DefaultAzureCredential(managed_identity_client_id=storage.managed_identity_client_id)
 
 
 def queue_client(storage: StorageSettings, queue_name: str) -> QueueClient:
-    codec = {
-        "message_encode_policy": TextBase64EncodePolicy(),
-        "message_decode_policy": TextBase64DecodePolicy(),
-    }
+    encode, decode = TextBase64EncodePolicy(), TextBase64DecodePolicy()
     if storage.connection_string:
-        return QueueClient.from_connection_string(storage.connection_string, queue_name, **codec)
-    return QueueClient(storage.queue_service_uri, queue_name, credential=_credential(storage), **codec)
+        return QueueClient.from_connection_string(storage.connection_string, queue_name,
+                                                  message_encode_policy=encode, message_decode_policy=decode)
+    return QueueClient(_service_uri(storage.queue_service_uri), queue_name, credential=_credential(storage),
+                       message_encode_policy=encode, message_decode_policy=decode)
 
 
 def table_service(storage: StorageSettings) -> TableServiceClient:
     if storage.connection_string:
         return TableServiceClient.from_connection_string(storage.connection_string)
-    return TableServiceClient(storage.table_service_uri, credential=_credential(storage))
+    return TableServiceClient(_service_uri(storage.table_service_uri), credential=_credential(storage))
+
+
+def _service_uri(uri: str | None) -> str:
+    if not uri:  # core/settings.py sets both URIs whenever it sets no connection string
+        raise ValueError("storage settings have neither a connection string nor service URIs")
+    return uri
 
 
 def ensure_queue(client: QueueClient) -> QueueClient:
@@ -59,21 +65,30 @@ def ensure_queue(client: QueueClient) -> QueueClient:
     return client
 
 
+class _ByName(Generic[C]):
+    """Clients by name, each made (and its queue or table created) once per process."""
+
+    def __init__(self, make: Callable[[str], C]) -> None:
+        self._make = make
+        self._clients: dict[str, C] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> C:
+        with self._lock:
+            found = self._clients.get(name)
+            if found is None:
+                found = self._clients[name] = self._make(name)
+            return found
+
+
 class QueueSender:
     """Sends small JSON messages, base64-encoded, creating the queue on first use."""
 
     def __init__(self, storage: StorageSettings) -> None:
-        self._storage = storage
-        self._clients: dict[str, QueueClient] = {}
-        self._lock = threading.Lock()
+        self._clients = _ByName(lambda name: ensure_queue(queue_client(storage, name)))
 
     def client(self, queue_name: str) -> QueueClient:
-        with self._lock:
-            found = self._clients.get(queue_name)
-            if found is None:
-                found = ensure_queue(queue_client(self._storage, queue_name))
-                self._clients[queue_name] = found
-            return found
+        return self._clients.get(queue_name)
 
     def send(self, queue_name: str, message: dict[str, Any], *, delay_seconds: int = 0) -> None:
         text = json.dumps(message, separators=(",", ":"), sort_keys=True)
@@ -88,17 +103,11 @@ class Tables:
     """Table clients by name, each table created once per process."""
 
     def __init__(self, storage: StorageSettings) -> None:
-        self._service = table_service(storage)
-        self._clients: dict[str, TableClient] = {}
-        self._lock = threading.Lock()
+        service = table_service(storage)
+        self._clients = _ByName(service.create_table_if_not_exists)
 
     def __call__(self, table_name: str) -> TableClient:
-        with self._lock:
-            found = self._clients.get(table_name)
-            if found is None:
-                found = self._service.create_table_if_not_exists(table_name)
-                self._clients[table_name] = found
-            return found
+        return self._clients.get(table_name)
 
 
 def iso(moment: datetime) -> str:

@@ -15,7 +15,7 @@ import requests
 from core.settings import Settings
 
 TIMEOUT_SECONDS = 30
-# The callback contract is GET with the code in the query (DESIGN §2.3); PKCE, a single-use state and a
+# The callback contract is GET with the code in the query (README "Connecting Dynamics"); PKCE, a single-use state and a
 # no-referrer result page cover what form_post would add, so MSAL's per-call advice is only noise.
 warnings.filterwarnings("ignore", message="response_mode='form_post' is recommended", category=UserWarning)
 

@@ -26,17 +26,21 @@ from core.connections import (
     DISCONNECTED,
     NEEDS_REAUTH,
     PENDING,
-    ConcurrencyError,
     Connection,
     ConnectionStore,
+    invalid_account_id,
     utcnow,
     valid_account_id,
 )
+from core.errors import ConcurrencyError, FieldError
 from core.log import outcome
 from core.settings import Settings
 from core.storage import QueueSender
+from dataverse.client import WhoAmI
+from dataverse.errors import DataverseError
+from dataverse.transport import TokenProvider
 from oauth.authority import confidential_client
-from oauth.errors import ConnectFailed, InvalidInput
+from oauth.errors import ConnectFailed
 from oauth.instance_url import Instance, parse_instance_url
 from oauth.pending import PendingSignIn, PendingStore, code_hash, new_completion_code, well_formed
 from oauth.return_url import validate_return_url
@@ -51,13 +55,15 @@ ELIGIBLE_PLANS = ("pro", "teams", "enterprise")
 REQUIRED_PRIVILEGES = ("prvCreateContact", "prvWriteContact", "prvAssignContact", "prvReadContact", "prvReadUser")
 
 
-class DataverseAccess(Protocol):  # sync.dataverse.DataverseClient
-    def whoami(self) -> Any: ...
+class DataverseAccess(Protocol):  # dataverse/client.py DataverseClient
+    def whoami(self) -> WhoAmI: ...
 
     def retrieve_user_privileges(self, user_id: str) -> set[str]: ...
 
 
-DataverseFactory = Callable[[str, Callable[[bool], str]], DataverseAccess]
+# sync/backfill.py start_backfill, handed in by functions/connections.py: oauth/ does not import sync/.
+BackfillStarter = Callable[[ConnectionStore, QueueSender, str], str | None]
+DataverseFactory = Callable[[str, TokenProvider], DataverseAccess]
 
 
 @dataclass(frozen=True)
@@ -71,41 +77,39 @@ class ConnectRequest:
     delete_policy: str
 
 
-def _object_for(account_id: str, body: object) -> dict[str, Any]:
-    """The body of a call on `account_id`, once both are well formed."""
+def _account_and_body(account_id: str, body: object) -> dict[str, object]:
     if not valid_account_id(account_id):
-        raise InvalidInput("account_id must be 1-64 letters, digits, '_' or '-'", field="account_id",
-                           code="invalid_account_id")
+        raise invalid_account_id()
     if not isinstance(body, dict):
-        raise InvalidInput("the body must be a JSON object", field="body", code="invalid_json")
+        raise FieldError("the body must be a JSON object", field="body", code="invalid_json")
     return body
 
 
 def parse_connect_request(account_id: str, body: object, settings: Settings) -> ConnectRequest:
-    """Validate every field of a connect call; InvalidInput names the first bad one."""
-    body = _object_for(account_id, body)
+    """Validate every field of a connect call; FieldError names the first bad one."""
+    body = _account_and_body(account_id, body)
     plan = body.get("plan")
     if not isinstance(plan, str) or not plan.strip():
-        raise InvalidInput("plan is required (pro, teams or enterprise)", field="plan")
+        raise FieldError("plan is required (pro, teams or enterprise)", field="plan")
     if plan.strip().lower() not in ELIGIBLE_PLANS:
-        raise InvalidInput(f"the {plan.strip()[:40]!r} plan does not include the Dynamics 365 integration; "
-                           "it needs Pro, Teams or Enterprise", field="plan", code="plan_not_eligible", status=403)
+        raise FieldError(f"the {plan.strip()[:40]!r} plan does not include the Dynamics 365 integration; "
+                         "it needs Pro, Teams or Enterprise", field="plan", code="plan_not_eligible", status=403)
     dev_hosts = settings.dev.allowed_instance_hosts if settings.is_development else ()
     instance = parse_instance_url(body.get("instance_url"), dev_hosts)
     return_url = validate_return_url(body.get("return_url"), settings.wave_return_url_prefixes)
     if return_url is None:  # the browser must come back to Wave: only Wave can confirm the sign-in
-        raise InvalidInput("return_url is required: the Wave page the browser returns to after sign-in, "
-                           "where Wave confirms the connection", field="return_url", code="invalid_return_url")
+        raise FieldError("return_url is required: the Wave page the browser returns to after sign-in, "
+                         "where Wave confirms the connection", field="return_url", code="invalid_return_url")
     auto_sync = body.get("auto_sync", False)
     if not isinstance(auto_sync, bool):
-        raise InvalidInput("auto_sync must be true or false", field="auto_sync")
+        raise FieldError("auto_sync must be true or false", field="auto_sync")
     initiated_by = body.get("initiated_by")
     if not isinstance(initiated_by, str) or not initiated_by.strip() or len(initiated_by) > 256:
-        raise InvalidInput("initiated_by is required: the Wave user starting the connection (at most 256 "
-                           "characters)", field="initiated_by")
+        raise FieldError("initiated_by is required: the Wave user starting the connection (at most 256 "
+                         "characters)", field="initiated_by")
     delete_policy = body.get("delete_policy", "delete")
     if delete_policy not in DELETE_POLICIES:
-        raise InvalidInput(f"delete_policy must be one of {', '.join(DELETE_POLICIES)}", field="delete_policy")
+        raise FieldError(f"delete_policy must be one of {', '.join(DELETE_POLICIES)}", field="delete_policy")
     return ConnectRequest(account_id=account_id, plan=plan.strip().lower(), instance=instance, return_url=return_url,
                           auto_sync=auto_sync, initiated_by=initiated_by.strip(), delete_policy=delete_policy)
 
@@ -210,7 +214,7 @@ def finish_connect(params: Mapping[str, str], *, settings: Settings, sessions: S
 
 
 def _redeem(settings: Settings, session: OAuthSession, params: Mapping[str, str],
-            cache: msal.SerializableTokenCache) -> tuple[dict[str, Any], Callable[[bool], str]]:
+            cache: msal.SerializableTokenCache) -> tuple[dict[str, Any], TokenProvider]:
     """Exchange the code (with the PKCE verifier kept in the session) for tokens in `cache`."""
     try:
         app = confidential_client(settings, login_host=session.login_host, cache=cache)
@@ -221,7 +225,7 @@ def _redeem(settings: Settings, session: OAuthSession, params: Mapping[str, str]
     if "access_token" not in result:
         raise microsoft_error(str(result.get("error") or ""), result.get("error_description"))
     scope = f"{session.instance_url}/user_impersonation"
-    first = result["access_token"]
+    first = str(result["access_token"])
 
     def provider(force_refresh: bool = False) -> str:
         if not force_refresh:
@@ -230,15 +234,13 @@ def _redeem(settings: Settings, session: OAuthSession, params: Mapping[str, str]
         fresh = app.acquire_token_silent_with_error([scope], accounts[0], force_refresh=True) if accounts else None
         if not fresh or "access_token" not in fresh:
             raise ConnectFailed("auth", "Microsoft would not renew the new sign-in's token.")
-        return fresh["access_token"]
+        return str(fresh["access_token"])
 
     return dict(result.get("id_token_claims") or {}), provider
 
 
 def _check_access(client: DataverseAccess, username: str) -> str:
     """The signed-in user's systemuserid, once Dataverse confirms every privilege the sync needs."""
-    from sync.dataverse import DataverseError
-
     who = f"{username} " if username else "the signed-in user "
     try:
         user_id = client.whoami().user_id
@@ -314,37 +316,37 @@ class ConfirmRequest:
 
 
 def parse_confirm_request(account_id: str, body: object) -> ConfirmRequest:
-    body = _object_for(account_id, body)
+    body = _account_and_body(account_id, body)
     completion = body.get("completion")
     if not isinstance(completion, str) or not well_formed(completion):
-        raise InvalidInput("completion must be the code Wave's return page received after sign-in",
-                           field="completion")
+        raise FieldError("completion must be the code Wave's return page received after sign-in",
+                         field="completion")
     confirmed_by = body.get("confirmed_by")
     if not isinstance(confirmed_by, str) or not confirmed_by.strip() or len(confirmed_by) > 256:
-        raise InvalidInput("confirmed_by is required: the signed-in Wave user confirming the connection (at most "
-                           "256 characters)", field="confirmed_by")
+        raise FieldError("confirmed_by is required: the signed-in Wave user confirming the connection (at most "
+                         "256 characters)", field="confirmed_by")
     return ConfirmRequest(account_id, completion, confirmed_by.strip())
 
 
 def confirm_connect(req: ConfirmRequest, *, pending: PendingStore, connections: ConnectionStore,
-                    tokens: TokenStore, queues: QueueSender, start_backfill: Callable[..., Any]) -> None:
-    """Activate the pending sign-in `req.completion` names; InvalidInput (4xx, nothing changed) otherwise."""
+                    tokens: TokenStore, queues: QueueSender, start_backfill: BackfillStarter) -> None:
+    """Activate the pending sign-in `req.completion` names; FieldError (4xx, nothing changed) otherwise."""
     found = pending.find(req.account_id, req.completion)
     if found is None:
-        raise InvalidInput("no sign-in of this account has this completion code", field="completion",
-                           code="unknown_completion", status=404)
+        raise FieldError("no sign-in of this account has this completion code", field="completion",
+                         code="unknown_completion", status=404)
     if found.used:
-        raise InvalidInput("this sign-in was already confirmed", field="completion", code="completion_used",
-                           status=409)
+        raise FieldError("this sign-in was already confirmed", field="completion", code="completion_used",
+                         status=409)
     if found.expired():
-        raise InvalidInput("this sign-in expired: it must be confirmed within 10 minutes; connect again",
-                           field="completion", code="completion_expired", status=410)
+        raise FieldError("this sign-in expired: it must be confirmed within 10 minutes; connect again",
+                         field="completion", code="completion_expired", status=410)
     if not hmac.compare_digest(req.confirmed_by.encode(), found.initiated_by.encode()):
-        raise InvalidInput("only the Wave user who started this connection can confirm it", field="confirmed_by",
-                           code="not_initiator", status=403)
+        raise FieldError("only the Wave user who started this connection can confirm it", field="confirmed_by",
+                         code="not_initiator", status=403)
     if not pending.claim(found):  # a second confirm racing this one got there first
-        raise InvalidInput("this sign-in was already confirmed", field="completion", code="completion_used",
-                           status=409)
+        raise FieldError("this sign-in was already confirmed", field="completion", code="completion_used",
+                         status=409)
     _activate(found, req.confirmed_by, connections, tokens)
     if found.auto_sync:
         start_backfill(connections, queues, found.account_id)

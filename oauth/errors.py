@@ -1,6 +1,6 @@
 """Errors of the connect flow and the token store.
 
-Each carries what the caller needs to answer well: bad input knows its field and error code; a failed
+Each carries what the caller needs to answer well (bad input is core/errors.py FieldError); a failed
 sign-in knows the category and the reason a Wave admin can act on (shown in the connection status).
 """
 
@@ -11,25 +11,6 @@ from core.errors import AppError
 
 class OAuthError(AppError):
     """Base of the connect flow's and token store's errors."""
-
-
-class InvalidInput(OAuthError):
-    """A connect request field is wrong; answered 400 with `code` and `field`, nothing stored."""
-
-    code = "invalid_request"
-    field = ""
-    status = 400
-
-    def __init__(self, message: str, *, field: str | None = None, code: str | None = None,
-                 status: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if field is not None:
-            self.field = field
-        if code is not None:
-            self.code = code
-        if status is not None:
-            self.status = status
 
 
 class SessionInvalid(OAuthError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from oauth.errors import InvalidInput
+from core.errors import FieldError
 
 # One label: the organisation's unique name (letters, digits, hyphens; no leading/trailing hyphen).
 _ORG = r"(?P<org>[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)"
@@ -29,7 +29,7 @@ _MAX_LENGTH = 300
 _DEV_HOST_RE = re.compile(r"^[a-z0-9.-]+:[0-9]{1,5}$")
 
 
-class InvalidInstanceUrl(InvalidInput):
+class InvalidInstanceUrl(FieldError):
     code = "invalid_instance_url"
     field = "instance_url"
 

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from core.connections import ConnectionStore
+from core.connections import ConnectionStore, live_connection
 from core.log import outcome
 from core.storage import iso
 from oauth.errors import ReauthRequired, TokenUnavailable
@@ -37,7 +37,8 @@ def refresh_idle_connections(connections: ConnectionStore, tokens: TokenStore, s
     cutoff = iso(now - IDLE_AFTER)
     refreshed = reauth = unavailable = 0
     for conn in connections.all():
-        if not (conn.active and conn.secret_name) or (conn.token_refreshed_at or conn.connected_at or "") > cutoff:
+        idle_since = conn.token_refreshed_at or conn.connected_at or ""
+        if live_connection(conn) is None or not conn.secret_name or idle_since > cutoff:
             continue
         try:
             tokens.access_token(conn, force_refresh=True)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from oauth.errors import InvalidInput
+from core.errors import FieldError
 
 _DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
-class InvalidReturnUrl(InvalidInput):
+class InvalidReturnUrl(FieldError):
     code = "invalid_return_url"
     field = "return_url"
 

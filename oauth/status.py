@@ -1,4 +1,4 @@
-"""The connection status document (DESIGN §2.3) that Wave's admin page shows."""
+"""The connection status document (README "Connecting Dynamics") that Wave's admin page shows."""
 
 from __future__ import annotations
 

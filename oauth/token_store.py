@@ -13,17 +13,27 @@ import contextlib
 import logging
 import re
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import msal
 from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.identity import ClientSecretCredential, DefaultAzureCredential
 from azure.keyvault.secrets import SecretClient
 
-from core.connections import CONNECTED, NEEDS_REAUTH, Connection, ConnectionStore, utcnow
+from core.connections import (
+    CONNECTED,
+    NEEDS_REAUTH,
+    Connection,
+    ConnectionStore,
+    LiveConnection,
+    live_connection,
+    utcnow,
+)
 from core.log import outcome
 from core.settings import Settings
+from dataverse.transport import TokenProvider
 from oauth.authority import confidential_client
 from oauth.errors import NotConnected, ReauthRequired, TokenUnavailable
 from oauth.instance_url import InvalidInstanceUrl, parse_instance_url
@@ -40,17 +50,13 @@ def secret_client(settings: Settings) -> SecretClient:
     dev = settings.dev if settings.is_development else None
     verify = {"connection_verify": dev.ca_bundle} if dev and dev.ca_bundle else {}
     if dev and dev.entra_authority:
-        from azure.identity import ClientSecretCredential
-
         parts = urlsplit(dev.entra_authority)
         tenant = parts.path.strip("/").split("/")[0]
-        credential = ClientSecretCredential(
+        local = ClientSecretCredential(
             tenant, settings.dynamics_client_id, settings.dynamics_client_secret,
             authority=f"{parts.scheme}://{parts.netloc}", disable_instance_discovery=True, **verify)
         # The vault's challenge names vault.azure.net, which a local vault's host does not end with.
-        return SecretClient(settings.key_vault_url, credential, verify_challenge_resource=False, **verify)
-    from azure.identity import DefaultAzureCredential
-
+        return SecretClient(settings.key_vault_url, local, verify_challenge_resource=False, **verify)
     credential = DefaultAzureCredential(managed_identity_client_id=settings.managed_identity_client_id)
     return SecretClient(settings.key_vault_url, credential, **verify)
 
@@ -104,7 +110,7 @@ class TokenStore:
 
     # -- access tokens -----------------------------------------------------------------------------
 
-    def provider(self, conn: Connection) -> Callable[[bool], str]:
+    def provider(self, conn: Connection) -> TokenProvider:
         """`provider(force_refresh=False) -> access token` for `conn`'s instance."""
 
         def token(force_refresh: bool = False) -> str:
@@ -112,62 +118,65 @@ class TokenStore:
 
         return token
 
-    def access_token(self, conn: Connection, *, force_refresh: bool = False) -> str:
-        if not (conn.active and conn.generation and conn.secret_name and conn.instance_url):
-            raise NotConnected(conn.account_id, f"account {conn.account_id} has no active Dynamics connection")
-        entry = self._entry(conn)
+    def access_token(self, row: Connection, *, force_refresh: bool = False) -> str:
+        conn = live_connection(row)
+        if conn is None or not conn.secret_name:
+            raise NotConnected(row.account_id, f"account {row.account_id} has no active Dynamics connection")
+        secret = conn.secret_name
+        entry = self._entry(conn, secret)
         with entry.lock:
             try:
                 if entry.app is None:
                     entry.app = confidential_client(self.settings, login_host=self._login_host(conn),
                                                     tenant=conn.tenant_id or "organizations", cache=entry.cache)
                 accounts = entry.app.get_accounts()
-                result = None
+                result: dict[str, Any] | None = None
                 if accounts:
                     result = entry.app.acquire_token_silent_with_error(
                         [f"{conn.instance_url}/user_impersonation"], accounts[0], force_refresh=force_refresh)
             except (OSError, ValueError) as exc:  # network (requests' errors are OSErrors) or bad metadata
                 raise TokenUnavailable(f"Microsoft sign-in could not be reached: {type(exc).__name__}") from exc
             if result is None:
-                self._needs_reauth(conn, "the stored sign-in holds no usable refresh token")
-            elif "access_token" not in result:
+                raise self._needs_reauth(conn, "the stored sign-in holds no usable refresh token")
+            if "access_token" not in result:
                 error = str(result.get("error", ""))
                 if error in _REAUTH_ERRORS:
-                    self._needs_reauth(conn, first_line(result.get("error_description")) or error)
+                    raise self._needs_reauth(conn, first_line(result.get("error_description")) or error)
                 detail = first_line(result.get("error_description"))
                 raise TokenUnavailable(f"Microsoft sign-in failed: {error} {detail}")
             if entry.cache.has_state_changed:
-                self._write_back(conn, entry.cache)
+                self._write_back(conn, secret, entry.cache)
             if result.get("token_source") == "identity_provider":
                 self._mark_refreshed(conn)
-            return result["access_token"]
+            token: str = result["access_token"]
+            return token
 
-    def _entry(self, conn: Connection) -> _Entry:
+    def _entry(self, conn: LiveConnection, secret: str) -> _Entry:
         with self._lock:
-            entry = self._entries.get(conn.generation or "")
+            entry = self._entries.get(conn.generation)
             if entry is not None:
                 return entry
         try:
-            value = self.secrets.get_secret(conn.secret_name).value
+            value = self.secrets.get_secret(secret).value
         except ResourceNotFoundError:
-            self._needs_reauth(conn, "the stored sign-in is missing from Key Vault")
+            raise self._needs_reauth(conn, "the stored sign-in is missing from Key Vault") from None
         except AzureError as exc:
             raise TokenUnavailable(f"Key Vault could not be read: {type(exc).__name__}") from exc
         cache = msal.SerializableTokenCache()
         cache.deserialize(value)
         with self._lock:
-            return self._entries.setdefault(conn.generation or "", _Entry(cache))
+            return self._entries.setdefault(conn.generation, _Entry(cache))
 
-    def _login_host(self, conn: Connection) -> str:
+    def _login_host(self, conn: LiveConnection) -> str:
         dev_hosts = self.settings.dev.allowed_instance_hosts if self.settings.is_development else ()
         try:
             return parse_instance_url(conn.instance_url, dev_hosts).login_host
         except InvalidInstanceUrl as exc:  # a row written under other rules: never send it a token
             raise NotConnected(conn.account_id, f"instance URL is no longer accepted: {exc.message}") from exc
 
-    def _write_back(self, conn: Connection, cache: msal.SerializableTokenCache) -> None:
+    def _write_back(self, conn: LiveConnection, secret: str, cache: msal.SerializableTokenCache) -> None:
         try:
-            self.secrets.set_secret(conn.secret_name, cache.serialize(), content_type=CONTENT_TYPE,
+            self.secrets.set_secret(secret, cache.serialize(), content_type=CONTENT_TYPE,
                                     tags={"account_id": conn.account_id, "generation": conn.generation})
             cache.has_state_changed = False
         except AzureError as exc:
@@ -176,7 +185,7 @@ class TokenStore:
             outcome(log, "token_store", "write_back_failed", level=logging.WARNING,
                     account_id=conn.account_id, error=type(exc).__name__)
 
-    def _mark_refreshed(self, conn: Connection) -> None:
+    def _mark_refreshed(self, conn: LiveConnection) -> None:
         now = utcnow()
 
         def mark(row: Connection) -> bool:
@@ -187,8 +196,8 @@ class TokenStore:
 
         self.connections.update(conn.account_id, mark)
 
-    def _needs_reauth(self, conn: Connection, detail: str) -> None:
-        """Move the connection (this generation only) to needs_reauth, then raise ReauthRequired."""
+    def _needs_reauth(self, conn: LiveConnection, detail: str) -> ReauthRequired:
+        """Move the connection (this generation only) to needs_reauth; returns the ReauthRequired to raise."""
         who = f" of {conn.connected_by}" if conn.connected_by else ""
         message = (f"Microsoft no longer accepts the sign-in{who} for {conn.instance_url} ({detail}). "
                    "An administrator must reconnect Dynamics 365.")
@@ -201,7 +210,7 @@ class TokenStore:
 
         self.connections.update(conn.account_id, mark)
         with self._lock:
-            self._entries.pop(conn.generation or "", None)
+            self._entries.pop(conn.generation, None)
         outcome(log, "token_store", "needs_reauth", level=logging.WARNING, account_id=conn.account_id,
                 detail=detail)
-        raise ReauthRequired(conn.account_id, message)
+        return ReauthRequired(conn.account_id, message)

@@ -23,63 +23,53 @@ import contextlib
 import itertools
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import azure.functions as func
-
-from core.connections import Backfill, Connection, ConnectionStore, utcnow
+from core.connections import Backfill, Connection, ConnectionStore, LiveConnection, live_connection, utcnow
+from core.errors import FieldError
 from core.failures import CATEGORIES
-from core.log import Timer, outcome
-from core.storage import BACKFILL_PAGES, CONTACT_EVENTS, QueueSender
-from oauth.errors import ReauthRequired, TokenUnavailable
-from sync.context import SyncContext, sync_context
-from sync.dataverse import UpsertItem
-from sync.dataverse_errors import AuthExpired, DataverseError, Throttled, Transient
-from sync.events import CONTACT_ID_RE, SchemaError, validate_contact
+from core.storage import BACKFILL_PAGES, CONTACT_EVENTS
+from dataverse.client import DataverseClient, UpsertItem
+from sync.context import Queues, SyncContext
+from sync.events import CONTACT_ID_RE, validate_contact
 from sync.holds import CONFLICT, conflict_reason
-from sync.mapping import MappingError, external_id, map_contact, owner_email
+from sync.ledger import FailureLedger, failed_state
+from sync.mapping import MappedContact, external_id, map_contact, owner_email
 from sync.mapping import contact_id as new_contact_id
 from sync.messages import ContactMessage, PageMessage
-from sync.rules import (
-    MAX_TRANSIENT_ATTEMPTS,
-    backfill_writes,
-    retry_delay,
-    throttle_delay,
-    unchanged,
-    warning_text,
-)
-from sync.state import ContactState, StateConflict
+from sync.outcomes import EXPECTED, Action, failure_category, readable, verdict
+from sync.owners import Owners
+from sync.rules import MAX_TRANSIENT_ATTEMPTS, backfill_writes, throttle_delay, unchanged, warning_text
+from sync.state import ContactState
 from sync.throttle import Patience, penalties
-from sync.wave_api import WaveError, WaveThrottled, WaveUnavailable
-from sync.worker import failure_category, readable
 
 log = logging.getLogger(__name__)
-bp = func.Blueprint()
 
 
-def start_backfill(connections: ConnectionStore, queues: QueueSender, account_id: str) -> str | None:
+def start_backfill(connections: ConnectionStore, queues: Queues, account_id: str) -> str | None:
     """Open a new backfill run for the live connection and enqueue its first page.
 
     Returns the run id, or None when the account has no active connection. A run already in progress
     is superseded: its remaining pages see a different run id and stop.
     """
     run_id = uuid.uuid4().hex
-    started: dict[str, Connection] = {}
+    started: dict[str, str] = {}
 
     def begin(conn: Connection) -> bool:
         started.clear()
-        if not conn.active:
+        live = live_connection(conn)
+        if live is None:
             return False
         conn.backfill = Backfill(state="running", run_id=run_id, started_at=utcnow())
-        started["conn"] = conn
+        started["generation"] = live.generation
         return True
 
     connections.update(account_id, begin)
-    conn = started.get("conn")
-    if conn is None:
+    generation = started.get("generation")
+    if generation is None:
         return None
-    queues.send(BACKFILL_PAGES, PageMessage(account_id, conn.generation, run_id, None, 1).to_dict())
+    queues.send(BACKFILL_PAGES, PageMessage(account_id, generation, run_id, None, 1).to_dict())
     return run_id
 
 
@@ -108,29 +98,12 @@ class PageReport:
     dataverse_requests: int = 0
 
 
-def _live(conn: Connection | None, msg: PageMessage) -> bool:
-    return (conn is not None and conn.accepts(msg.generation) and conn.backfill.run_id == msg.run_id
-            and conn.backfill.state == "running")
-
-
-def _done_after(b: Backfill) -> set[int]:
-    return {int(p) for p in b.done_after.split(",") if p}
-
-
-def _page_done(b: Backfill, page: int) -> bool:
-    return page <= b.done_upto or page in _done_after(b)
-
-
-def _mark_done(b: Backfill, page: int) -> bool:
-    """Record `page` as done; False if it already was."""
-    if _page_done(b, page):
-        return False
-    after = _done_after(b) | {page}
-    while b.done_upto + 1 in after:
-        b.done_upto += 1
-        after.discard(b.done_upto)
-    b.done_after = ",".join(str(p) for p in sorted(after))
-    return True
+def _live(conn: Connection | None, msg: PageMessage) -> LiveConnection | None:
+    """The connection, when the page belongs to its live generation and running backfill run."""
+    live = live_connection(conn, msg.generation)
+    if live is None or live.backfill.run_id != msg.run_id or live.backfill.state != "running":
+        return None
+    return live
 
 
 def _adjacent(ids: list[str]) -> bool:
@@ -146,7 +119,7 @@ def _queue_next(ctx: SyncContext, msg: PageMessage, cursor: str) -> None:
                                                 msg.page + 1).to_dict())
 
     def mark(c: Connection) -> bool:
-        if not _live(c, msg) or c.backfill.queued >= msg.page:
+        if _live(c, msg) is None or c.backfill.queued >= msg.page:
             return False
         c.backfill.queued = msg.page
         return True
@@ -154,25 +127,21 @@ def _queue_next(ctx: SyncContext, msg: PageMessage, cursor: str) -> None:
     ctx.connections.update(msg.account_id, mark)
 
 
-def _valid_contacts(ctx: SyncContext, conn: Connection, raw: list[Any], report: PageReport
+def _valid_contacts(ctx: SyncContext, conn: LiveConnection, raw: list[Any], report: PageReport
                     ) -> dict[str, dict[str, Any]]:
     """The page's valid contacts by id; an invalid one is recorded as failed (if it has a usable id)."""
+    ledger = FailureLedger(ctx, conn)
     valid: dict[str, dict[str, Any]] = {}
     for item in raw:
         try:
             contact = validate_contact(item)
-        except SchemaError as exc:
+        except FieldError as exc:
             report.failed += 1
             cid = item.get("id") if isinstance(item, dict) else None
             if isinstance(cid, str) and CONTACT_ID_RE.fullmatch(cid):
-                ctx.failures.record(conn.account_id, cid, "validation",
-                                    f"Wave sent an invalid contact: {exc.field} {exc.message}",
-                                    generation=conn.generation)
+                ledger.record(cid, "validation", f"Wave sent an invalid contact: {exc.field} {exc.message}")
                 # marked in its state, so that the contact's first success clears the record
-                state = ctx.states.get(conn.account_id, cid) or ContactState(conn.account_id, cid)
-                state.last_result = "failed:validation"
-                with contextlib.suppress(StateConflict):
-                    ctx.states.save(state)
+                ledger.mark_state(ctx.states.get(conn.account_id, cid), cid, "validation")
             else:
                 log.warning("backfill %s: a contact without a usable id was skipped (%s)", conn.account_id, exc)
             continue
@@ -182,99 +151,146 @@ def _valid_contacts(ctx: SyncContext, conn: Connection, raw: list[Any], report: 
     return valid
 
 
-def _write_page(ctx: SyncContext, conn: Connection, contacts: dict[str, dict[str, Any]], report: PageReport) -> None:
-    account, generation = conn.account_id, conn.generation
+@dataclass
+class Plan:
+    """A page's contacts on their way to Dataverse."""
+
+    contacts: dict[str, dict[str, Any]]  # the page's valid contacts by id
+    states: dict[str, ContactState]  # their states before this page
+    new_states: dict[str, ContactState] = field(default_factory=dict)  # what each becomes once written
+    mapped: dict[str, MappedContact] = field(default_factory=dict)  # the ones to send
+    failed: dict[str, str] = field(default_factory=dict)  # contact id -> failure category
+
+
+def _plan(ctx: SyncContext, conn: LiveConnection, contacts: dict[str, dict[str, Any]], report: PageReport
+          ) -> tuple[Plan, dict[str, dict[str, Any]]]:
+    """Read the page's states and stored snapshot versions; returns the plan and the contacts to write:
+    those newer than what was applied and than a live snapshot still waiting in the contact-events lane."""
     adjacent = _adjacent(list(contacts))
-    states = ctx.states.get_many(account, contacts, adjacent=adjacent)
-    pending = ctx.snapshots.versions(account, contacts, adjacent=adjacent)
+    states = ctx.states.get_many(conn.account_id, contacts, adjacent=adjacent)
+    pending = ctx.snapshots.versions(conn.account_id, contacts, adjacent=adjacent)
     todo = {cid: c for cid, c in contacts.items()
             if backfill_writes(c["version"], states[cid].applied if cid in states else None, pending.get(cid))}
     report.unchanged += len(contacts) - len(todo)
-    if not todo:
-        return
-    # the page is read and prepared: a short penalty is waited out here rather than through the queue
-    patience = Patience(account, longest=INLINE_WAIT_SECONDS, budget=PAGE_WAIT_SECONDS)
-    dv = ctx.dataverse(conn)
-    before = getattr(dv, "_requests_made", 0)
-    owners = patience.call(lambda: ctx.owners.lookup(dv, account, generation,
-                                                     [owner_email(c) for c in todo.values()]))
-    new_states: dict[str, ContactState] = {}
-    mapped = {}
-    failed: dict[str, str] = {}  # contact id -> failure category
+    return Plan(contacts, states), todo
+
+
+def _map(ctx: SyncContext, conn: LiveConnection, plan: Plan, todo: dict[str, dict[str, Any]], owners: Owners,
+         report: PageReport) -> None:
+    """Map each contact with its owner; one that cannot be mapped, even through a bug, fails alone."""
+    ledger = FailureLedger(ctx, conn)
     for cid, contact in todo.items():
-        old = states.get(cid)
+        old = plan.states.get(cid)
         email = owner_email(contact)
         try:
             m = map_contact(contact, owners.owner(email))
         except Exception as exc:  # one contact's problem, even a bug, must not cost the page its other contacts
             report.failed += 1
-            failed[cid] = failure_category(exc)
-            if not isinstance(exc, MappingError):
-                log.exception("backfill %s: contact %s could not be mapped", account, cid)
-            ctx.failures.record(account, cid, failed[cid], readable(exc) if isinstance(exc, MappingError)
-                                else f"an unexpected error while mapping the contact ({type(exc).__name__})",
-                                version=contact["version"], generation=generation)
+            plan.failed[cid] = failure_category(exc)
+            if not isinstance(exc, FieldError):
+                log.exception("backfill %s: contact %s could not be mapped", conn.account_id, cid)
+            ledger.record(cid, plan.failed[cid], readable(exc) if isinstance(exc, FieldError)
+                          else f"an unexpected error while mapping the contact ({type(exc).__name__})",
+                          version=contact["version"])
             continue
         if owners.warning(email):
-            log.info("backfill contact %s/%s: %s", account, cid, owners.warning(email))
-        new_states[cid] = ContactState(account, cid, dynamics_id=old.dynamics_id if old else None,
-                                       version=contact["version"], content_hash=m.content_hash,
-                                       last_result="synced", etag=old.etag if old else None,
-                                       warning=warning_text([*m.warnings, owners.warning(email)]))
+            log.info("backfill contact %s/%s: %s", conn.account_id, cid, owners.warning(email))
+        plan.new_states[cid] = ContactState(conn.account_id, cid, dynamics_id=old.dynamics_id if old else None,
+                                            version=contact["version"], content_hash=m.content_hash,
+                                            last_result="synced", etag=old.etag if old else None,
+                                            warning=warning_text([*m.warnings, owners.warning(email)]))
         if unchanged(old.applied if old else None, m.content_hash):
-            new_states[cid].last_result = "unchanged"
+            plan.new_states[cid].last_result = "unchanged"
             report.unchanged += 1
         else:
-            mapped[cid] = m
-    unknown = [cid for cid in mapped if new_states[cid].dynamics_id is None]
-    if unknown:  # one lookup for the page's contacts we have never written
-        found = patience.call(lambda: dv.find_contacts([external_id(cid) for cid in unknown]))
-        claims: dict[str, str] = {}
-        for cid in unknown:
-            ref = found.get(external_id(cid))
-            claims[cid] = new_states[cid].dynamics_id = ref.contactid if ref else new_contact_id(account, cid)
-        # claimed for the whole page before any write: a row another account of this org holds is left alone
-        for cid in ctx.holds.refused(conn, claims):
-            del mapped[cid]
-            report.failed += 1
-            failed[cid] = CONFLICT
-            ctx.failures.record(account, cid, CONFLICT, conflict_reason(cid), version=contacts[cid]["version"],
-                                generation=generation)
-            ctx.snapshots.put_if_newer(account, contacts[cid], deleted=False, event_id="backfill")
-    items = [UpsertItem(key=cid, contact_id=new_states[cid].dynamics_id, payload=m.payload,
-                        reactivate=bool(states.get(cid) and states[cid].deleted and conn.delete_policy == "deactivate"))
-             for cid, m in mapped.items()]
-    if items:
-        result = patience.call(lambda: dv.bulk_upsert(items))
-        for f in result.failed:
-            category = failed[f.key] = f.category if f.category in CATEGORIES else "validation"
-            field = f" (column {f.field})" if f.field else ""
-            ctx.failures.record(account, f.key, category, f"Dynamics rejected the contact{field}: {f.message}",
-                                version=contacts[f.key]["version"], generation=generation)
-            # keep the snapshot, so `failures/retry` can re-apply it through the live lane; one too large
-            # for a table row (a page's contact is not bounded by the webhook's 256 KiB) is read from Wave
-            # again by that retry instead
-            with contextlib.suppress(ValueError):
-                ctx.snapshots.put_if_newer(account, contacts[f.key], deleted=False, event_id="backfill")
-        report.failed += len(result.failed)
-        report.written += len(items) - len(result.failed)
-    report.dataverse_requests += getattr(dv, "_requests_made", 0) - before
-    to_save = [state for cid, state in new_states.items() if cid not in failed]
-    for cid, category in failed.items():  # marked in their state, so that a later success clears the record
-        old = states.get(cid) or ContactState(account, cid)
-        old.last_result = f"failed:{category}"
-        to_save.append(old)
-    conflicts = ctx.states.save_many(to_save)
-    for state in conflicts:
+            plan.mapped[cid] = m
+
+
+def _keep_snapshot(ctx: SyncContext, conn: LiveConnection, contact: dict[str, Any]) -> None:
+    """Keep a failed contact's snapshot, so `failures/retry` can re-apply it through the live lane; one too
+    large for a table row (a page's contact is not bounded by the webhook's 256 KiB) is read from Wave
+    again by that retry instead."""
+    with contextlib.suppress(ValueError):
+        ctx.snapshots.put_if_newer(conn.account_id, contact, deleted=False, event_id="backfill")
+
+
+def _resolve_ids(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, patience: Patience, plan: Plan,
+                 report: PageReport) -> None:
+    """The rows of contacts never written before: found by external id in one lookup, or the deterministic
+    id for a new row; claimed for the whole page before any write, so that a row another account of this
+    org holds is left alone (sync/holds.py)."""
+    unknown = [cid for cid in plan.mapped if plan.new_states[cid].dynamics_id is None]
+    if not unknown:
+        return
+    found = patience.call(lambda: dv.find_contacts([external_id(cid) for cid in unknown]))
+    claims: dict[str, str] = {}
+    for cid in unknown:
+        ref = found.get(external_id(cid))
+        claims[cid] = ref.contactid if ref else new_contact_id(conn.account_id, cid)
+        plan.new_states[cid].dynamics_id = claims[cid]
+    ledger = FailureLedger(ctx, conn)
+    for cid in ctx.holds.refused(conn, claims):
+        del plan.mapped[cid]
+        report.failed += 1
+        plan.failed[cid] = CONFLICT
+        ledger.record(cid, CONFLICT, conflict_reason(cid), version=plan.contacts[cid]["version"])
+        _keep_snapshot(ctx, conn, plan.contacts[cid])
+
+
+def _write(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, patience: Patience, plan: Plan,
+           report: PageReport) -> None:
+    """One bulk upsert of the mapped contacts; each record Dynamics rejects is recorded alone."""
+    items = [UpsertItem(key=cid, contact_id=plan.new_states[cid].dynamics_id or new_contact_id(conn.account_id, cid),
+                        payload=m.payload,
+                        reactivate=bool(cid in plan.states and plan.states[cid].deleted
+                                        and conn.delete_policy == "deactivate"))
+             for cid, m in plan.mapped.items()]
+    if not items:
+        return
+    result = patience.call(lambda: dv.bulk_upsert(items))
+    ledger = FailureLedger(ctx, conn)
+    for f in result.failed:
+        category = plan.failed[f.key] = f.category if f.category in CATEGORIES else "validation"
+        column = f" (column {f.field})" if f.field else ""
+        ledger.record(f.key, category, f"Dynamics rejected the contact{column}: {f.message}",
+                      version=plan.contacts[f.key]["version"])
+        _keep_snapshot(ctx, conn, plan.contacts[f.key])
+    report.failed += len(result.failed)
+    report.written += len(items) - len(result.failed)
+
+
+def _settle(ctx: SyncContext, conn: LiveConnection, plan: Plan, report: PageReport) -> None:
+    """Save the page's states in transactions; hand contacts a live worker wrote meanwhile back to the live
+    lane; clear the failure rows of contacts that synced now."""
+    to_save = [state for cid, state in plan.new_states.items() if cid not in plan.failed]
+    # marked in their state, so that a later success clears the record
+    to_save += [failed_state(plan.states.get(cid), conn.account_id, cid, category)
+                for cid, category in plan.failed.items()]
+    for state in ctx.states.save_many(to_save):
         # A live worker wrote this contact after we read its state: our (older) write may have landed
         # after theirs, so have the live lane apply its newest snapshot again.
         report.repairs += 1
-        ctx.queues.send(CONTACT_EVENTS, ContactMessage(account, state.contact_id, state.version or 0,
-                                                       generation, force=True).to_dict())
-    for cid in new_states:
-        old = states.get(cid)
-        if cid not in failed and old is not None and (old.last_result or "").startswith("failed"):
-            ctx.failures.clear(account, cid)
+        ctx.queues.send(CONTACT_EVENTS, ContactMessage(conn.account_id, state.contact_id, state.version or 0,
+                                                       conn.generation, force=True).to_dict())
+    FailureLedger(ctx, conn).settled([cid for cid in plan.new_states if cid not in plan.failed], plan.states)
+
+
+def _write_page(ctx: SyncContext, conn: LiveConnection, contacts: dict[str, dict[str, Any]],
+                report: PageReport) -> None:
+    plan, todo = _plan(ctx, conn, contacts, report)
+    if not todo:
+        return
+    # the page is read and prepared: a short penalty is waited out here rather than through the queue
+    patience = Patience(conn.account_id, longest=INLINE_WAIT_SECONDS, budget=PAGE_WAIT_SECONDS)
+    dv = ctx.dataverse(conn)
+    before = dv.requests_made
+    owners = patience.call(lambda: ctx.owners.lookup(dv, conn.account_id, conn.generation,
+                                                     [owner_email(c) for c in todo.values()]))
+    _map(ctx, conn, plan, todo, owners, report)
+    _resolve_ids(ctx, conn, dv, patience, plan, report)
+    _write(ctx, conn, dv, patience, plan, report)
+    report.dataverse_requests += dv.requests_made - before
+    _settle(ctx, conn, plan, report)
 
 
 def _fail_run(ctx: SyncContext, msg: PageMessage, category: str, reason: str) -> None:
@@ -290,48 +306,27 @@ def _fail_run(ctx: SyncContext, msg: PageMessage, category: str, reason: str) ->
     ctx.connections.update(msg.account_id, mark)
 
 
-def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tuple[str, PageReport]:
-    """Process one backfill page. Idempotent: a page that runs twice writes nothing new."""
-    report = PageReport()
-    conn = ctx.connections.get(msg.account_id)
-    if not _live(conn, msg):
-        return "dropped:stale_run", report
-    if _page_done(conn.backfill, msg.page) and dequeue_count <= 1:
-        return "dropped:page_done", report  # a duplicate of a page that completed (its successor is queued)
-    if msg.page - conn.backfill.done_upto > PAGES_AHEAD:  # enough pages of this run are in flight
-        ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=1)
-        return "rescheduled:ahead", report
-    wait = penalties.remaining(msg.account_id)
-    if wait > INLINE_WAIT_SECONDS:  # Dataverse throttles this connection for a while: come back then
-        ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=throttle_delay(wait))
-        return "rescheduled:throttled", report
-    try:
-        page = ctx.wave.contacts_page(msg.account_id, msg.cursor, PAGE_SIZE)
-        report.contacts = len(page.contacts)
-        if page.next_cursor is not None and conn.backfill.queued < msg.page:
-            _queue_next(ctx, msg, page.next_cursor)  # the next page runs while this one is written
-        contacts = _valid_contacts(ctx, conn, page.contacts, report)
-        _write_page(ctx, conn, contacts, report)
-    except ReauthRequired:
+def _settle_failure(ctx: SyncContext, msg: PageMessage, error: Exception) -> str:
+    """Act on the ladder's verdict (sync/outcomes.py) for `error`; returns the outcome."""
+    found = verdict(error, msg.attempt)
+    if found.penalty is not None:
+        penalties.note(msg.account_id, found.penalty)
+    if found.action is Action.RESCHEDULE:
+        ctx.queues.send(BACKFILL_PAGES, (msg.retry() if found.next_attempt else msg).to_dict(),
+                        delay_seconds=found.delay)
+    elif found.action is Action.DROP:
         _fail_run(ctx, msg, "auth", "Microsoft no longer accepts the connection's sign-in; reconnect to finish")
-        return "dropped:needs_reauth", report
-    except (WaveThrottled, Throttled) as exc:
-        if isinstance(exc, Throttled):
-            penalties.note(msg.account_id, exc.retry_after)
-        ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=throttle_delay(exc.retry_after))
-        return "rescheduled:throttled", report
-    except (WaveUnavailable, Transient, AuthExpired, TokenUnavailable) as exc:
-        if msg.attempt + 1 < MAX_TRANSIENT_ATTEMPTS:
-            ctx.queues.send(BACKFILL_PAGES, msg.retry().to_dict(), delay_seconds=retry_delay(msg.attempt))
-            return "rescheduled:transient", report
-        category = "source" if isinstance(exc, WaveUnavailable) else "transient"
-        _fail_run(ctx, msg, category, f"page {msg.page} failed {MAX_TRANSIENT_ATTEMPTS} times: {exc}")
-        return "failed", report
-    except (WaveError, DataverseError) as exc:
-        category = "source" if isinstance(exc, WaveError) else failure_category(exc)
-        _fail_run(ctx, msg, category, f"page {msg.page}: {readable(exc)}")
-        return "failed", report
+    elif found.exhausted:
+        _fail_run(ctx, msg, found.category, f"page {msg.page} failed {MAX_TRANSIENT_ATTEMPTS} times: {error}")
+        return "failed"
+    else:
+        _fail_run(ctx, msg, found.category, f"page {msg.page}: {readable(error)}")
+        return "failed"
+    return found.outcome
 
+
+def _finish_page(ctx: SyncContext, msg: PageMessage, report: PageReport, last: bool) -> bool:
+    """Count the page and mark it done on the run's progress; True when it was the run's last to finish."""
     ctx.connections.add_counts(msg.account_id, msg.generation, synced=report.written, failed=report.failed,
                                skipped=report.unchanged)
     finished: list[bool] = []
@@ -339,10 +334,10 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
     def progress(c: Connection) -> bool:
         finished.clear()
         b = c.backfill
-        if not _live(c, msg) or not _mark_done(b, msg.page):
+        if _live(c, msg) is None or not b.mark_done(msg.page):
             return False
         b.pages, b.contacts = b.pages + 1, b.contacts + report.contacts
-        if page.next_cursor is None:
+        if last:
             b.last_page = msg.page
         if b.last_page and b.done_upto >= b.last_page:  # every page of the run is done
             b.state, b.finished_at = "done", utcnow()
@@ -354,16 +349,34 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
         for failure in ctx.failures.all(msg.account_id):
             if failure.contact_id.startswith(PAGE_FAILURE_PREFIX):
                 ctx.failures.clear(msg.account_id, failure.contact_id)
+    return bool(finished)
+
+
+def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tuple[str, PageReport]:
+    """Process one backfill page. Idempotent: a page that runs twice writes nothing new."""
+    report = PageReport()
+    conn = _live(ctx.connections.get(msg.account_id), msg)
+    if conn is None:
+        return "dropped:stale_run", report
+    if conn.backfill.page_done(msg.page) and dequeue_count <= 1:
+        return "dropped:page_done", report  # a duplicate of a page that completed (its successor is queued)
+    if msg.page - conn.backfill.done_upto > PAGES_AHEAD:  # enough pages of this run are in flight
+        ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=1)
+        return "rescheduled:ahead", report
+    wait = penalties.remaining(msg.account_id)
+    if wait > INLINE_WAIT_SECONDS:  # Dataverse throttles this connection for a while: come back then
+        ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=throttle_delay(wait))
+        return "rescheduled:throttled", report
+    if ctx.wave is None:
+        raise ValueError("the backfill needs Wave's contacts API (SyncContext.wave)")
+    try:
+        page = ctx.wave.contacts_page(msg.account_id, msg.cursor, PAGE_SIZE)
+        report.contacts = len(page.contacts)
+        if page.next_cursor is not None and conn.backfill.queued < msg.page:
+            _queue_next(ctx, msg, page.next_cursor)  # the next page runs while this one is written
+        contacts = _valid_contacts(ctx, conn, page.contacts, report)
+        _write_page(ctx, conn, contacts, report)
+    except EXPECTED as exc:
+        return _settle_failure(ctx, msg, exc), report
+    finished = _finish_page(ctx, msg, report, last=page.next_cursor is None)
     return ("done" if finished else "page"), report
-
-
-@bp.function_name("backfill_worker")
-@bp.queue_trigger(arg_name="msg", queue_name=BACKFILL_PAGES, connection="AzureWebJobsStorage")
-def backfill_worker(msg: func.QueueMessage) -> None:
-    timer = Timer()
-    message = PageMessage.parse(msg.get_body())
-    result, report = run_page(sync_context(), message, msg.dequeue_count or 1)
-    outcome(log, "backfill_page", result, account_id=message.account_id, run_id=message.run_id, page=message.page,
-            attempt=message.attempt or None, contacts=report.contacts, written=report.written,
-            unchanged=report.unchanged, failed=report.failed, repairs=report.repairs or None,
-            dataverse_requests=report.dataverse_requests, ms=timer.ms)

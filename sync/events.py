@@ -1,4 +1,4 @@
-"""The Wave webhook body (DESIGN §2.1): parsed and validated into a WebhookEvent, or a SchemaError
+"""The Wave webhook body (README "Webhook contract"): parsed and validated into a WebhookEvent, or a FieldError
 naming the first offending field. Pure: no I/O.
 """
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.connections import valid_account_id
-from core.errors import AppError
+from core.errors import FieldError
 
 MAX_BODY_BYTES = 256 * 1024
 EVENT_TYPES = ("contact.created", "contact.updated", "contact.deleted")
@@ -20,13 +20,6 @@ STRING_FIELDS = ("first_name", "last_name", "email", "phone", "company", "job_ti
                  "updated_at")
 MAX_VERSION = 2**53  # JSON-safe integers only
 MAX_STRING = 100_000
-
-
-class SchemaError(AppError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -52,18 +45,18 @@ def parse_body(raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SchemaError("body", "is not UTF-8") from exc
+        raise FieldError("is not UTF-8", field="body") from exc
     try:
         return json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
-        raise SchemaError("body", "is not valid JSON") from exc
+        raise FieldError("is not valid JSON", field="body") from exc
 
 
 def _int(value: Any, field: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SchemaError(field, "must be an integer")
+        raise FieldError("must be an integer", field=field)
     if value < minimum or value > MAX_VERSION:
-        raise SchemaError(field, f"must be an integer between {minimum} and {MAX_VERSION}")
+        raise FieldError(f"must be an integer between {minimum} and {MAX_VERSION}", field=field)
     return value
 
 
@@ -72,15 +65,15 @@ def _optional_string(obj: dict[str, Any], key: str, field: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise SchemaError(field, "must be a string or null")
+        raise FieldError("must be a string or null", field=field)
     if len(value) > MAX_STRING:
-        raise SchemaError(field, f"must be at most {MAX_STRING} characters")
+        raise FieldError(f"must be at most {MAX_STRING} characters", field=field)
     return value
 
 
 def _object(value: Any, field: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise SchemaError(field, "must be an object")
+        raise FieldError("must be an object", field=field)
     return value
 
 
@@ -97,9 +90,9 @@ def validate_contact(value: Any, field: str = "contact") -> dict[str, Any]:
     raw = _object(value, field)
     contact_id = raw.get("id")
     if not isinstance(contact_id, str) or not CONTACT_ID_RE.fullmatch(contact_id):
-        raise SchemaError(f"{field}.id", "must be a string of 1-41 characters A-Z a-z 0-9 _ -")
+        raise FieldError("must be a string of 1-41 characters A-Z a-z 0-9 _ -", field=f"{field}.id")
     if "version" not in raw:
-        raise SchemaError(f"{field}.version", "is required")
+        raise FieldError("is required", field=f"{field}.version")
     contact: dict[str, Any] = {"id": contact_id, "version": _int(raw["version"], f"{field}.version")}
     for key in STRING_FIELDS:
         contact[key] = _optional_string(raw, key, f"{field}.{key}")
@@ -112,15 +105,15 @@ def validate_event(doc: Any) -> WebhookEvent:
     body = _object(doc, "body")
     event_id = body.get("id")
     if not isinstance(event_id, str) or not EVENT_ID_RE.fullmatch(event_id):
-        raise SchemaError("id", "must be a string of 1-100 characters A-Z a-z 0-9 _ -")
+        raise FieldError("must be a string of 1-100 characters A-Z a-z 0-9 _ -", field="id")
     event_type = body.get("type")
     if event_type not in EVENT_TYPES:
-        raise SchemaError("type", f"must be one of {', '.join(EVENT_TYPES)}")
+        raise FieldError(f"must be one of {', '.join(EVENT_TYPES)}", field="type")
     if body.get("created") is not None:
         _int(body["created"], "created")
     account_id = body.get("account_id")
     if not isinstance(account_id, str) or not valid_account_id(account_id):
-        raise SchemaError("account_id", "must be a string of 1-64 characters A-Z a-z 0-9 _ -")
+        raise FieldError("must be a string of 1-64 characters A-Z a-z 0-9 _ -", field="account_id")
     data = _object(body.get("data"), "data")
     contact = validate_contact(data.get("contact"), "data.contact")
     return WebhookEvent(event_id=event_id, type=event_type, account_id=account_id, contact_id=contact["id"],

@@ -36,7 +36,7 @@ from azure.data.tables import TableClient
 
 from core.connections import Connection, utcnow
 from core.errors import AppError
-from sync.state import _POOL, TRANSACTION_SIZE, _ChangesetFailed, submit_changeset
+from core.tables import ChangesetFailed, side_by_side, submit_changeset, transaction_chunks
 
 TABLE = "contactholders"
 # A backfill claims a page's rows at once; like contact states (sync/state.py) they are spread over a
@@ -130,18 +130,14 @@ class HoldStore:
             try:
                 submit_changeset(self.table, [("create", _entity(org, account_id, c), None) for c in chunk])
                 return {c.dynamics_id.lower(): account_id for c in chunk}
-            except _ChangesetFailed:
+            except ChangesetFailed:
                 return {c.dynamics_id.lower(): self.claim(org, account_id, c) for c in chunk}
 
         by_partition: dict[str, dict[str, Claim]] = {}
         for c in claims:  # a row claimed twice in one call (one transaction may name it only once)
             by_partition.setdefault(hold_partition(org, c.dynamics_id), {})[c.dynamics_id.lower()] = c
-        groups = [list(group.values()) for group in by_partition.values()]
-        chunks = [group[start:start + TRANSACTION_SIZE] for group in groups
-                  for start in range(0, len(group), TRANSACTION_SIZE)]
-        if len(chunks) <= 1:
-            return one(chunks[0]) if chunks else {}
-        return {row: holder for found in _POOL.map(one, chunks) for row, holder in found.items()}
+        chunks = transaction_chunks(list(group.values()) for group in by_partition.values())
+        return {row: holder for found in side_by_side(one, chunks) for row, holder in found.items()}
 
     def refuse_elsewhere(self, conn: Connection, claim: Claim, deleting: bool = False) -> None:
         """Claim one row for the contact worker; HeldElsewhere when another account holds it."""

@@ -1,4 +1,4 @@
-"""Wave contact -> Dataverse contact payload (the seed's field table, DESIGN.md §2.4). Pure functions.
+"""Wave contact -> Dataverse contact payload (the field table at the top of README.md). Pure functions.
 
 Public interface:
     map_contact(contact: dict, owner_id: str | None) -> MappedContact(payload, warnings, content_hash)
@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import AppError
+from core.errors import FieldError
 
 EXTERNAL_ID_PREFIX = "wavecnct_"
 WAVE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,41}")
@@ -40,15 +40,6 @@ WAVE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,41}")
 CONTACT_NAMESPACE = uuid.UUID("6f0a4d1e-8c1b-5e4f-9a57-3c2d7b9e0a11")
 # Part of the content hash, so a change of the mapping rules makes every contact count as changed.
 MAPPING_VERSION = "1"
-
-
-class MappingError(AppError):
-    """A Wave contact cannot be mapped at all (bad id or a field of the wrong type). Names the field."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
-        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -81,7 +72,7 @@ class MappedContact:
 
 def external_id(wave_id: str) -> str:
     if not isinstance(wave_id, str) or not WAVE_ID_RE.fullmatch(wave_id):
-        raise MappingError("id", "must match [A-Za-z0-9_-]{1,41}")
+        raise FieldError("must match [A-Za-z0-9_-]{1,41}", field="id")
     return EXTERNAL_ID_PREFIX + wave_id
 
 
@@ -140,7 +131,7 @@ def _text(contact: dict[str, Any], field: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise MappingError(field, "must be a string or null")
+        raise FieldError("must be a string or null", field=field)
     text = str(value)
     return text if text.strip() else None
 
@@ -162,7 +153,7 @@ def content_hash(payload: dict[str, Any]) -> str:
 def map_contact(contact: dict[str, Any], owner_id: str | None) -> MappedContact:
     """Map one Wave contact snapshot. `owner_id` is the owning systemuserid, or None for no owner."""
     if not isinstance(contact, dict):
-        raise MappingError("contact", "must be an object")
+        raise FieldError("must be an object", field="contact")
     payload: dict[str, Any] = {}
     warnings: list[str] = []
     for col in COLUMNS:
@@ -180,6 +171,6 @@ def map_contact(contact: dict[str, Any], owner_id: str | None) -> MappedContact:
         try:
             owner = str(uuid.UUID(owner_id))
         except (ValueError, TypeError, AttributeError):
-            raise MappingError("owner_id", "must be a systemuserid (GUID)") from None
+            raise FieldError("must be a systemuserid (GUID)", field="owner_id") from None
         payload[OWNER_BIND] = f"/systemusers({owner})"
     return MappedContact(payload, warnings, content_hash(payload))

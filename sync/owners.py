@@ -16,14 +16,16 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
 from azure.data.tables import TableClient, UpdateMode
 
+from core.emails import normalise_email
 from core.storage import iso
-from sync.dataverse_errors import ValidationFailed
-from sync.rules import choose_owner, normalise_email, owner_lookup_problem
-from sync.state import TRANSACTION_SIZE, query_keys
+from core.tables import TRANSACTION_SIZE, query_keys
+from dataverse.client import UserRef
+from dataverse.errors import ValidationFailed
+from sync.rules import choose_owner, owner_lookup_problem
 
 TABLE = "ownercache"
 FOUND_TTL = timedelta(hours=1)
@@ -31,7 +33,7 @@ MISSING_TTL = timedelta(minutes=10)
 
 
 class UserLookup(Protocol):
-    def find_users_by_email(self, emails: Iterable[str]) -> dict[str, Any]: ...
+    def find_users_by_email(self, emails: Iterable[str]) -> dict[str, UserRef]: ...
 
 
 def _row_key(generation: str, email: str) -> str:
@@ -54,7 +56,7 @@ class Owners:
         return f"no owner set: {reason}" if reason else None
 
 
-def _find(dataverse: UserLookup, emails: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+def _find(dataverse: UserLookup, emails: list[str]) -> tuple[dict[str, UserRef], dict[str, str]]:
     """Users by email, and the emails whose lookup Dynamics refused (with why).
 
     A refused request (400, 414: something in it Dynamics cannot take) is split in halves until the
@@ -124,7 +126,6 @@ class OwnerCache:
             self.table.delete_entity(account_id, _row_key(generation, email))
 
 
-def _as_row(user: Any) -> dict[str, Any]:
+def _as_row(user: UserRef) -> dict[str, object]:
     """A UserRef (enabled users only are returned by the lookup) as the row choose_owner reads."""
-    return {"systemuserid": getattr(user, "systemuserid", None), "isdisabled": False,
-            "accessmode": getattr(user, "accessmode", None)}
+    return {"systemuserid": user.systemuserid, "isdisabled": False, "accessmode": user.accessmode}

@@ -91,22 +91,6 @@ def choose_owner(users: Iterable[Mapping[str, Any]]) -> str | None:
     return str(eligible[0]["systemuserid"])
 
 
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def normalise_email(email: str | None) -> str | None:
-    """The form owner emails are matched and cached under: trimmed, ASCII letters lower-cased.
-
-    Only A-Z are folded, as DNS does for domains (https://www.rfc-editor.org/rfc/rfc4343) and as mail
-    systems do for local parts in practice (https://www.rfc-editor.org/rfc/rfc5321#section-2.4).
-    `str.lower()` would also fold characters such as the Kelvin sign U+212A into `k`, so a team member's
-    email spelt with that sign would take the Dynamics user whose email has a `k` instead.
-    """
-    if not email or not email.strip():
-        return None
-    return email.strip().translate(_ASCII_LOWER)
-
-
 # The longest address that can be used in a mail path (RFC 3696 erratum 1690,
 # https://www.rfc-editor.org/errata/eid1690). Longer text cannot be a Dynamics user's email, and looking it
 # up could only make the request URL too long.
@@ -145,7 +129,7 @@ MAX_DELAY_SECONDS = 300
 
 def retry_delay(attempt: int) -> int:
     """Seconds before attempt number `attempt + 1` (attempt counts from 0)."""
-    return min(MAX_DELAY_SECONDS, BASE_DELAY_SECONDS * 2 ** max(0, attempt))
+    return min(MAX_DELAY_SECONDS, BASE_DELAY_SECONDS << max(0, attempt))
 
 
 def throttle_delay(retry_after: float | None, jitter: float = 0.0) -> int:

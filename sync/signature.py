@@ -1,4 +1,4 @@
-"""Wave webhook signatures: `Wave-Signature: t=<unix seconds>,v1=<hex>[,v1=<hex>...]` (DESIGN §2.1).
+"""Wave webhook signatures: `Wave-Signature: t=<unix seconds>,v1=<hex>[,v1=<hex>...]` (README "Webhook contract").
 
 `hex = HMAC-SHA256(key=secret, msg=f"{t}." + raw body)`. Several `v1` entries may appear while Wave
 rotates its secret, and the app may hold several secrets; any match over the raw bytes is accepted.

@@ -10,57 +10,20 @@ out in-process (`Patience`).
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from sync.dataverse_errors import Throttled
+from core.penalties import Penalties
+from dataverse.errors import Throttled
 from sync.rules import throttle_delay
 
 T = TypeVar("T")
-STAGGER_SECONDS = 0.2
 
 
-class Penalties:
-    def __init__(self, clock: Callable[[], float] = time.monotonic, stagger: float = STAGGER_SECONDS) -> None:
-        self._until: dict[str, float] = {}
-        self._waiting: dict[str, int] = {}  # callers waiting out the key's current penalty in-process
-        self._lock = threading.Lock()
-        self._clock = clock
-        self.stagger = stagger
-
-    def note(self, key: str, retry_after: float) -> None:
-        with self._lock:
-            until = self._clock() + retry_after
-            if until > self._until.get(key, 0.0):
-                self._until[key] = until
-                self._waiting[key] = 0
-
-    def turn(self, key: str) -> float:
-        """Seconds an in-process caller waits before trying again: the penalty's end, plus `stagger` for
-        every caller already waiting on it. All sending at the moment a penalty ends would be refused,
-        all but one, and extend it; one by one, the first 429 stops the rest (Microsoft: ramp up
-        gradually and let the server tell you its capacity)."""
-        with self._lock:
-            left = self._until.get(key, 0.0) - self._clock()
-            if left <= 0:
-                return 0.0
-            place = self._waiting.get(key, 0)
-            self._waiting[key] = place + 1
-            return left + place * self.stagger
-
-    def remaining(self, key: str) -> float:
-        with self._lock:
-            left = self._until.get(key, 0.0) - self._clock()
-            if left <= 0:
-                self._until.pop(key, None)
-                return 0.0
-            return left
-
-    @staticmethod
-    def delay(retry_after: float | None) -> int:
-        return throttle_delay(retry_after, random.random())
+def reschedule_delay(retry_after: float | None) -> int:
+    """Seconds a message waits on its queue for a penalty of `retry_after`, with jitter (sync/rules.py)."""
+    return throttle_delay(retry_after, random.random())
 
 
 penalties = Penalties()

@@ -12,22 +12,14 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-import azure.functions as func
-
 from core.connections import DISCONNECTED, ConnectionStore
 from core.failures import TABLE as FAILURES
-from core.log import outcome
-from core.services import services
 from core.storage import Tables, delete_expired, delete_rows, iso
 from sync.owners import TABLE as OWNERS
 from sync.state import EVENTS, SNAPSHOTS
-
-log = logging.getLogger(__name__)
-bp = func.Blueprint()
 
 EXPIRING = (EVENTS, OWNERS)
 # Per table, the rows of an account that a disconnect deletes: those written up to the moment given
@@ -72,12 +64,3 @@ def forget_disconnected(tables: Tables, connections: ConnectionStore, now: datet
         if conn.state == DISCONNECTED:
             removed += sum(forget_contact_data(tables, conn.account_id, before).rows.values())
     return removed
-
-
-@bp.function_name("purge_expired_sync_rows")
-@bp.timer_trigger(schedule="0 47 3 * * *", arg_name="timer", run_on_startup=False)
-def purge_expired_sync_rows(timer: func.TimerRequest) -> None:
-    s = services()
-    removed = purge_expired_rows(s.tables)
-    forgotten = forget_disconnected(s.tables, s.connections)
-    outcome(log, "sync_upkeep", "done", disconnected_rows=forgotten, **removed)

@@ -1,4 +1,4 @@
-"""Client for Wave's contacts API (DESIGN §2.2), read by the backfill one page at a time.
+"""Client for Wave's contacts API (README "Backfill"), read by the backfill one page at a time.
 
     GET {base}/v1/accounts/{account_id}/contacts?limit=1..500&cursor=<opaque>   Bearer token
     -> 200 {"data": [Contact...], "next_cursor": "..." | null}; 429 with Retry-After; 5xx
@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit
 import requests
 
 from core.errors import AppError
+from core.retry_after import retry_after_seconds
 
 MAX_PAGE = 500
 
@@ -65,7 +66,7 @@ class WaveClient:
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise WaveUnavailable(f"Wave's contacts API did not answer ({type(exc).__name__})") from None
         if res.status_code == 429:
-            raise WaveThrottled(_retry_after(res.headers.get("Retry-After")))
+            raise WaveThrottled(retry_after_seconds(res.headers.get("Retry-After")))
         if res.status_code >= 500:
             raise WaveUnavailable(f"Wave's contacts API answered {res.status_code}")
         if 300 <= res.status_code < 400:
@@ -81,13 +82,6 @@ class WaveClient:
         if not isinstance(data, list) or (next_cursor is not None and not isinstance(next_cursor, str)):
             raise WaveError("Wave's contacts API sent an unreadable page")
         return Page(data, next_cursor or None)
-
-
-def _retry_after(value: str | None) -> float:
-    try:
-        return max(0.0, float(value)) if value else 5.0
-    except ValueError:
-        return 5.0
 
 
 def _target(res: requests.Response) -> str:

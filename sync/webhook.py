@@ -8,25 +8,15 @@ is a duplicate (202); otherwise the snapshot is stored (only if newer) and ONE s
 
 from __future__ import annotations
 
-import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import azure.functions as func
-
-from core.connections import ConnectionStore
-from core.http import Blueprint, error_response, json_response
-from core.log import Timer, outcome
-from core.services import services
+from core.connections import ConnectionStore, live_connection
 from core.storage import CONTACT_EVENTS, QueueSender
-from sync.events import MAX_BODY_BYTES, SchemaError, WebhookEvent, parse_body, validate_event
+from sync.events import MAX_BODY_BYTES, FieldError, WebhookEvent, parse_body, validate_event
 from sync.messages import ContactMessage
-from sync.signature import HEADER, SignatureError, verify
-from sync.state import EVENTS, SNAPSHOTS, EventLog, SnapshotStore
-
-log = logging.getLogger(__name__)
-bp = Blueprint()
+from sync.signature import SignatureError, verify
+from sync.state import EventLog, SnapshotStore
 
 
 @dataclass(frozen=True)
@@ -51,7 +41,7 @@ def check_request(body: bytes, signature: str | None, secrets: tuple[str, ...], 
         return _error(401, "invalid_signature", str(exc))
     try:
         return validate_event(parse_body(body))
-    except SchemaError as exc:
+    except FieldError as exc:
         return _error(400, "invalid_body", exc.message if exc.field == "body" else f"{exc.field} {exc.message}",
                       field=exc.field)
 
@@ -60,8 +50,8 @@ def accept_event(event: WebhookEvent, *, connections: ConnectionStore, events: E
                  snapshots: SnapshotStore, queues: QueueSender) -> Answer:
     ids = {"account_id": event.account_id, "event_id": event.event_id, "contact_id": event.contact_id,
            "version": event.version}
-    conn = connections.get(event.account_id)
-    if conn is None or not conn.active or not conn.generation:
+    conn = live_connection(connections.get(event.account_id))
+    if conn is None:
         return Answer(202, {"status": "dropped", "reason": "account has no active connection"}, ids)
     if not events.first_time(event.account_id, event.event_id):
         return Answer(202, {"status": "duplicate"}, ids)
@@ -75,25 +65,3 @@ def accept_event(event: WebhookEvent, *, connections: ConnectionStore, events: E
         events.forget(event.account_id, event.event_id)  # Wave's retry must not count as a duplicate
         raise
     return Answer(202, {"status": "accepted"}, ids)
-
-
-@bp.function_name("wave_webhook")
-@bp.route(route="webhooks/wave", methods=["POST"], auth_level=func.AuthLevel.ANONYMOUS)
-def wave_webhook(req: func.HttpRequest) -> func.HttpResponse:
-    timer = Timer()
-    svc = services()
-    checked = check_request(req.get_body() or b"", req.headers.get(HEADER), svc.settings.wave_webhook_secrets,
-                            time.time())
-    if isinstance(checked, Answer):
-        answer = checked
-    else:
-        answer = accept_event(checked, connections=svc.connections, events=EventLog(svc.tables(EVENTS)),
-                              snapshots=SnapshotStore(svc.tables(SNAPSHOTS)), queues=svc.queues)
-    result = answer.body.get("status") or "rejected"
-    outcome(log, "webhook", result, level=logging.INFO if answer.status < 400 else logging.WARNING,
-            status=answer.status, ms=timer.ms, **answer.log_fields)
-    if answer.status >= 400:
-        error = answer.body["error"]
-        details = {k: v for k, v in error.items() if k not in ("code", "message")}
-        return error_response(answer.status, error["code"], error["message"], **details)
-    return json_response(answer.body, answer.status)

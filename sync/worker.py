@@ -8,39 +8,32 @@ deactivates (per the connection's delete policy) and records the result with an 
 If that write conflicts, another worker touched the contact meanwhile (and may have overwritten our
 request with an older one), so the newest snapshot is applied again: concurrent writers converge.
 
-Failures, so that only true bugs reach the poison queue:
-- Dataverse throttling: a copy of the message is re-enqueued, visible after Retry-After, and the
-  original completes (the dequeue count is not burned);
-- transient errors (5xx, network, token service hiccups): re-enqueued with a growing delay and an
-  attempt counter (the host's fixed visibilityTimeout cannot back off), then recorded as failed;
-- revoked sign-in (ReauthRequired): the token layer has set needs_reauth; the message is dropped;
-- a record Dynamics rejects (validation, permission, ...): recorded with a category and reason, counted
-  as failed, not retried until someone asks (`POST /api/connections/{id}/failures/retry`).
+Failures go down the ladder of sync/outcomes.py, shared with the page worker.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+import random
 from dataclasses import dataclass, replace
+from typing import Any
 
-import azure.functions as func
-
-from core.connections import Connection
-from core.log import Timer, outcome
+from core.connections import LiveConnection, live_connection
+from core.errors import ConcurrencyError
 from core.storage import CONTACT_EVENTS
-from oauth.errors import ReauthRequired, TokenUnavailable
-from sync.context import SyncContext, sync_context
-from sync.dataverse_errors import AuthExpired, DataverseError, NotFound, Throttled, Transient
-from sync.holds import Claim, HeldElsewhere
-from sync.mapping import MappingError, contact_id, external_id, map_contact, owner_email
+from dataverse.client import DataverseClient
+from dataverse.errors import NotFound
+from sync.context import SyncContext
+from sync.holds import Claim
+from sync.ledger import FailureLedger
+from sync.mapping import contact_id, external_id, map_contact, owner_email
 from sync.messages import ContactMessage
-from sync.rules import MAX_TRANSIENT_ATTEMPTS, Step, next_step, retry_delay, unchanged, warning_text
-from sync.state import ContactState, Snapshot, StateConflict
-from sync.throttle import penalties
+from sync.outcomes import EXPECTED, Action, readable, verdict
+from sync.rules import Step, next_step, unchanged, warning_text
+from sync.state import ContactState, Snapshot
+from sync.throttle import penalties, reschedule_delay
 
 log = logging.getLogger(__name__)
-bp = func.Blueprint()
 MAX_ROUNDS = 5  # re-applications after a state conflict before giving up to the host's retry
 
 
@@ -51,25 +44,8 @@ class Written:
     warnings: list[str]
 
 
-def failure_category(error: Exception) -> str:
-    """The customer-visible category (core.failures.CATEGORIES) for an error."""
-    if isinstance(error, MappingError):
-        return "validation"
-    category = getattr(error, "category", "")
-    if category in ("validation", "permission", "not_found", "throttled", "transient", "auth", "conflict"):
-        return category
-    return "validation" if isinstance(error, DataverseError) else "internal"
-
-
-def readable(error: Exception) -> str:
-    if isinstance(error, MappingError):
-        return f"Wave sent an invalid value: {error}"
-    if isinstance(error, DataverseError):
-        return f"Dynamics answered {error}"
-    return str(error)
-
-
-def _resolve_owner(ctx: SyncContext, dv, conn: Connection, contact: dict) -> tuple[str | None, str | None]:
+def _resolve_owner(ctx: SyncContext, dv: DataverseClient, conn: LiveConnection, contact: dict[str, Any]
+                   ) -> tuple[str | None, str | None]:
     """The owner's systemuserid (None: set no owner), and a warning when the email could not be looked up."""
     email = owner_email(contact)
     if not email:
@@ -78,7 +54,7 @@ def _resolve_owner(ctx: SyncContext, dv, conn: Connection, contact: dict) -> tup
     return owners.owner(email), owners.warning(email)
 
 
-def _upsert(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactState | None, force: bool
+def _upsert(ctx: SyncContext, conn: LiveConnection, snap: Snapshot, state: ContactState | None, force: bool
             ) -> Written:
     dv = ctx.dataverse(conn)
     owner, owner_warning = _resolve_owner(ctx, dv, conn, snap.contact)
@@ -113,7 +89,7 @@ def _upsert(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactSt
     return Written(new, "synced", warnings)
 
 
-def _delete(ctx: SyncContext, conn: Connection, snap: Snapshot, state: ContactState | None) -> Written:
+def _delete(ctx: SyncContext, conn: LiveConnection, snap: Snapshot, state: ContactState | None) -> Written:
     new = ContactState(conn.account_id, snap.contact_id, etag=state.etag if state else None,
                        dynamics_id=state.dynamics_id if state else None, version=snap.version, deleted=True,
                        last_result="deleted")
@@ -136,24 +112,26 @@ def _reschedule(ctx: SyncContext, message: ContactMessage, delay: int) -> None:
     ctx.queues.send(CONTACT_EVENTS, message.to_dict(), delay_seconds=delay)
 
 
-def _record_failure(ctx: SyncContext, conn: Connection, message: ContactMessage, version: int,
+def _settle_failure(ctx: SyncContext, conn: LiveConnection, message: ContactMessage, version: int,
                     state: ContactState | None, error: Exception) -> str:
-    category = failure_category(error)
-    ctx.failures.record(conn.account_id, message.contact_id, category, readable(error), version=version,
-                        generation=conn.generation)
-    ctx.connections.add_counts(conn.account_id, conn.generation, failed=1)
-    # The applied version stays; the last result says it failed, so a later success clears the record.
-    failed = state or ContactState(conn.account_id, message.contact_id)
-    failed.last_result = f"failed:{category}"
-    with contextlib.suppress(StateConflict):  # another writer recorded something newer: theirs stands
-        ctx.states.save(failed)
-    return f"failed:{category}"
+    """Act on the ladder's verdict (sync/outcomes.py) for `error`; returns the outcome."""
+    found = verdict(error, message.attempt, jitter=random.random())
+    if found.penalty is not None:
+        penalties.note(conn.account_id, found.penalty)
+    if found.action is Action.RESCHEDULE:
+        _reschedule(ctx, message.retry() if found.next_attempt else message, found.delay)
+    elif found.action is Action.RECORD:
+        ledger = FailureLedger(ctx, conn)
+        ledger.record(message.contact_id, found.category, readable(error), version=version)
+        ledger.mark_state(state, message.contact_id, found.category)
+        ctx.connections.add_counts(conn.account_id, conn.generation, failed=1)
+    return found.outcome
 
 
 def process(ctx: SyncContext, message: ContactMessage) -> str:
     """Apply one message; returns the outcome (also logged). Raises only for bugs."""
-    conn = ctx.connections.get(message.account_id)
-    if conn is None or not conn.accepts(message.generation):
+    conn = live_connection(ctx.connections.get(message.account_id), message.generation)
+    if conn is None:
         return "dropped:not_connected"
     for _ in range(MAX_ROUNDS):
         snap = ctx.snapshots.get(message.account_id, message.contact_id)
@@ -165,46 +143,24 @@ def process(ctx: SyncContext, message: ContactMessage) -> str:
             return "stale"
         wait = penalties.remaining(conn.account_id)
         if wait > 0:  # Dataverse throttled this connection moments ago: don't extend its penalty
-            _reschedule(ctx, message, penalties.delay(wait))
+            _reschedule(ctx, message, reschedule_delay(wait))
             return "rescheduled:throttled"
         try:
             deleting = step is Step.DELETE
             result = _delete(ctx, conn, snap, state) if deleting else _upsert(ctx, conn, snap, state, message.force)
-        except ReauthRequired:
-            return "dropped:needs_reauth"  # the token layer moved the connection to needs_reauth
-        except Throttled as exc:
-            penalties.note(conn.account_id, exc.retry_after)
-            _reschedule(ctx, message, penalties.delay(exc.retry_after))
-            return "rescheduled:throttled"
-        except (Transient, AuthExpired, TokenUnavailable) as exc:
-            if message.attempt + 1 < MAX_TRANSIENT_ATTEMPTS:
-                _reschedule(ctx, message.retry(), retry_delay(message.attempt))
-                return "rescheduled:transient"
-            return _record_failure(ctx, conn, message, snap.version, state, exc)
-        except (DataverseError, MappingError, HeldElsewhere) as exc:
-            return _record_failure(ctx, conn, message, snap.version, state, exc)
+        except EXPECTED as exc:
+            return _settle_failure(ctx, conn, message, snap.version, state, exc)
         try:
             ctx.states.save(result.state)
-        except StateConflict:
+        except ConcurrencyError:
             # Someone else wrote this contact meanwhile, maybe before our older write landed: apply the
             # newest snapshot again, and should the message have to come back later (throttled,
             # transient), it comes back forced, or it would find that version recorded and stop.
             message = replace(message, force=True)
             continue
         ctx.connections.add_counts(conn.account_id, conn.generation, **{result.counter: 1})
-        if state is not None and (state.last_result or "").startswith("failed"):
-            ctx.failures.clear(conn.account_id, message.contact_id)
+        FailureLedger(ctx, conn).settled([message.contact_id], {message.contact_id: state})
         for warning in result.warnings:
             log.info("contact %s/%s: %s", conn.account_id, message.contact_id, warning)
         return result.state.last_result or result.counter
-    raise StateConflict(f"contact {message.account_id}/{message.contact_id} kept changing")
-
-
-@bp.function_name("contact_worker")
-@bp.queue_trigger(arg_name="msg", queue_name=CONTACT_EVENTS, connection="AzureWebJobsStorage")
-def contact_worker(msg: func.QueueMessage) -> None:
-    timer = Timer()
-    message = ContactMessage.parse(msg.get_body())
-    result = process(sync_context(), message)
-    outcome(log, "contact", result, account_id=message.account_id, contact_id=message.contact_id,
-            version=message.version, attempt=message.attempt or None, dequeue_count=msg.dequeue_count, ms=timer.ms)
+    raise ConcurrencyError(f"contact {message.account_id}/{message.contact_id} kept changing")

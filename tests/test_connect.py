@@ -91,7 +91,7 @@ def test_auto_sync_opens_a_backfill_run(devhost, identity, fresh_entra, store):
 
 
 def test_the_connected_client_calls_dataverse_with_the_stored_tokens(devhost, identity, fresh_entra, store):
-    from core.services import services
+    from functions.services import services
 
     acct = new_account()
     connect_account(devhost, identity, acct)
@@ -238,7 +238,7 @@ def test_a_failed_reconnect_leaves_the_live_connection_alone(devhost, identity, 
 
 
 def test_disconnect_deletes_the_secret_and_reconnect_uses_a_new_one(devhost, identity, fresh_entra, store):
-    from core.services import services
+    from functions.services import services
     from oauth.errors import ReauthRequired
 
     acct = new_account()

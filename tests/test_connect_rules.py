@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from core.errors import FieldError
 from core.settings import load_settings
 from oauth.connect import REQUIRED_PRIVILEGES, microsoft_error, missing_privileges, parse_connect_request
-from oauth.errors import InvalidInput
 from oauth.token_store import first_line, secret_name
 
 ENV = {
@@ -49,7 +49,7 @@ def test_development_hosts_are_refused_in_production():
     settings = load_settings(ENV)
     body = {"instance_url": "https://127.0.0.1:8443", "plan": "pro", "initiated_by": "u",
             "return_url": "https://app.wave.test/integrations/x"}
-    with pytest.raises(InvalidInput) as info:
+    with pytest.raises(FieldError) as info:
         parse_connect_request("acct_1", body, settings)
     assert info.value.field == "instance_url"
     dev = load_settings({**ENV, "APP_ENV": "development"})
@@ -58,14 +58,14 @@ def test_development_hosts_are_refused_in_production():
 
 def test_plan_is_checked_before_the_instance_and_defaults_apply():
     settings = load_settings(ENV)
-    with pytest.raises(InvalidInput) as info:
+    with pytest.raises(FieldError) as info:
         parse_connect_request("acct_1", {"plan": "free", "instance_url": "x"}, settings)
     assert (info.value.status, info.value.code) == (403, "plan_not_eligible")
     back = "https://app.wave.test/integrations/dynamics365/acct_1"
     req = parse_connect_request("acct_1", {"plan": " Enterprise ", "instance_url": "contoso.crm4.dynamics.com",
                                            "initiated_by": "u", "return_url": back}, settings)
     assert (req.plan, req.auto_sync, req.delete_policy, req.return_url) == ("enterprise", False, "delete", back)
-    with pytest.raises(InvalidInput) as missing:  # only Wave's page can confirm the sign-in
+    with pytest.raises(FieldError) as missing:  # only Wave's page can confirm the sign-in
         parse_connect_request("acct_1", {"plan": "pro", "instance_url": "contoso.crm4.dynamics.com",
                                          "initiated_by": "u"}, settings)
     assert (missing.value.code, missing.value.field) == ("invalid_return_url", "return_url")

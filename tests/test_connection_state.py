@@ -7,7 +7,8 @@ import uuid
 
 import pytest
 
-from core.connections import CONNECTED, ConcurrencyError, Connection, ConnectionStore
+from core.connections import CONNECTED, Connection, ConnectionStore
+from core.errors import ConcurrencyError
 from core.failures import FailureStore
 
 

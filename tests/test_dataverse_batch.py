@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from sync.dataverse_batch import BatchFormatError, BatchPart, build_batch, parse_batch_response
+from dataverse.batch import BatchFormatError, BatchPart, build_batch, parse_batch_response
 
 # The response shape of Microsoft's "Execute batch operations" page: a change set, then a plain part.
 DOC_RESPONSE = (

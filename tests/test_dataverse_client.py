@@ -6,19 +6,18 @@ import threading
 
 import pytest
 
-from devstack.dataverse_sim import DataverseSimulator, Fault, Limits
-from sync.dataverse import (
+from dataverse.client import DataverseClient, UpsertItem
+from dataverse.errors import (
     AuthExpired,
     Conflict,
-    DataverseClient,
     DataverseError,
     NotFound,
     PermissionDenied,
     Throttled,
     Transient,
-    UpsertItem,
     ValidationFailed,
 )
+from devstack.dataverse_sim import DataverseSimulator, Fault, Limits
 from sync.mapping import contact_id, external_id, map_contact
 from tests.fixtures.dataverse import ADMIN_OID, SimTokens, make_token
 

@@ -20,9 +20,9 @@ from PowerPlatform.Dataverse.client import DataverseClient as SdkClient
 from PowerPlatform.Dataverse.core.errors import HttpError
 from PowerPlatform.Dataverse.models.upsert import UpsertItem
 
+from dataverse.odata import in_filter
 from devstack import certs as dev_certs
 from devstack.dataverse_sim import DataverseSimulator
-from sync.dataverse import in_filter
 from tests.fixtures.dataverse import make_token
 
 ROOT = Path(__file__).resolve().parent.parent

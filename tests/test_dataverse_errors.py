@@ -8,7 +8,8 @@ from email.utils import format_datetime
 
 import pytest
 
-from sync.dataverse_errors import (
+from core.retry_after import retry_after_seconds
+from dataverse.errors import (
     AuthExpired,
     Conflict,
     NotFound,
@@ -17,7 +18,6 @@ from sync.dataverse_errors import (
     Transient,
     ValidationFailed,
     error_for,
-    retry_after_seconds,
 )
 
 

@@ -1,5 +1,30 @@
-"""The Dataverse simulator on the wire, one test (or group) per item of the fidelity checklist at the end
-of research/dataverse.md. Each test's docstring names its checklist item."""
+"""The Dataverse simulator on the wire: one test (or group) per documented Web API behaviour the product
+relies on. A test named `test_webapi_NN_...` checks behaviour NN, documented at these pages under
+https://learn.microsoft.com/power-apps/developer/data-platform/ :
+
+01 authentication, base path:      authenticate-oauth
+02 WhoAmI, x-ms-dop-hint:          webapi/reference/whoami, send-parallel-requests
+03 create:                         webapi/create-entity-web-api
+04 create with an existing id:     reference/web-service-error-codes (0x80040237)
+05 upsert by id:                   webapi/update-delete-entities-using-web-api#upsert-a-table-row
+06 conditional operations:         webapi/perform-conditional-operations-using-web-api
+07 alternate keys:                 use-alternate-key-reference-record
+08 delete:                         webapi/update-delete-entities-using-web-api
+09 column lengths:                 reference/entities/contact
+10, 14 errors:                     webapi/compose-http-requests-handle-errors
+11 owner binding, users:           webapi/associate-disassociate-entities-using-web-api,
+                                   reference/entities/systemuser
+12 $filter:                        webapi/query/filter-rows
+13 paging:                         webapi/query/page-results
+15, 16 $batch:                     webapi/execute-batch-operations-using-web-api
+17 CreateMultiple, UpsertMultiple: bulk-operations
+18 service protection limits:      api-limits
+19 entitlement:                    https://learn.microsoft.com/power-platform/admin/api-request-limits-allocations
+20 duplicate detection:            webapi/manage-duplicate-detection-create-update
+21 statecode / statuscode:         reference/entities/contact
+22 impersonation:                  webapi/impersonate-another-user-web-api
+23 faults on demand, 24 a deterministic clock: the simulator's own (devstack/dataverse/faults.py, clock.py)
+"""
 
 from __future__ import annotations
 
@@ -92,8 +117,8 @@ def response_statuses(resp: requests.Response) -> list[int]:
 # -- 1: base path and bearer authentication ------------------------------------------------------------
 
 
-def test_checklist_01_requires_bearer_with_challenge(dataverse_sim: DataverseSimulator) -> None:
-    """checklist 1: base path /api/data/v9.2/, Bearer required, 401 with a WWW-Authenticate challenge."""
+def test_webapi_01_requires_bearer_with_challenge(dataverse_sim: DataverseSimulator) -> None:
+    """base path /api/data/v9.2/, Bearer required, 401 with a WWW-Authenticate challenge."""
     for headers in ({}, {"Authorization": "Basic abc"}, {"Authorization": "Bearer not-a-jwt"},
                     {"Authorization": f"Bearer {make_token(expires_in=-60)}"}):
         resp = requests.get(dataverse_sim.api_url + "WhoAmI", headers=headers, timeout=5)
@@ -105,8 +130,8 @@ def test_checklist_01_requires_bearer_with_challenge(dataverse_sim: DataverseSim
     assert requests.get(dataverse_sim.url + "/api/data/v9.1/WhoAmI", timeout=5).status_code == 404
 
 
-def test_checklist_01_token_oid_maps_to_systemuser_and_audience(dataverse_sim: DataverseSimulator) -> None:
-    """checklist 1: the token's oid picks the systemuser; aud is checked when check_audience is on."""
+def test_webapi_01_token_oid_maps_to_systemuser_and_audience(dataverse_sim: DataverseSimulator) -> None:
+    """the token's oid picks the systemuser; aud is checked when check_audience is on."""
     user = dataverse_sim.add_user("seller@contoso.test", oid="5e11e400-0000-4000-8000-000000000001")
     api = Api(dataverse_sim, make_token(oid=user["azureactivedirectoryobjectid"]))
     assert api("GET", "WhoAmI").json()["UserId"] == user["systemuserid"]
@@ -128,8 +153,8 @@ def test_checklist_01_token_oid_maps_to_systemuser_and_audience(dataverse_sim: D
 # -- 2: WhoAmI ---------------------------------------------------------------------------------------
 
 
-def test_checklist_02_whoami_and_dop_hint(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 2: WhoAmI and WhoAmI() answer 200 with the documented body and an x-ms-dop-hint header."""
+def test_webapi_02_whoami_and_dop_hint(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """WhoAmI and WhoAmI() answer 200 with the documented body and an x-ms-dop-hint header."""
     dataverse_sim.configure(dop_hint=11)
     for path in ("WhoAmI", "WhoAmI()"):
         resp = api("GET", path)
@@ -143,8 +168,8 @@ def test_checklist_02_whoami_and_dop_hint(dataverse_sim: DataverseSimulator, api
 # -- 3, 4: create ------------------------------------------------------------------------------------
 
 
-def test_checklist_03_post_create(api: Api) -> None:
-    """checklist 3: POST 204 + OData-EntityId; return=representation 201 with etag, $select, no OData-EntityId."""
+def test_webapi_03_post_create(api: Api) -> None:
+    """POST 204 + OData-EntityId; return=representation 201 with etag, $select, no OData-EntityId."""
     resp = api("POST", "contacts", json={"firstname": "Ada", "lastname": "Lovelace"})
     assert resp.status_code == 204
     assert resp.headers["OData-EntityId"].startswith(api.sim.api_url + "contacts(")
@@ -159,8 +184,8 @@ def test_checklist_03_post_create(api: Api) -> None:
     assert "lastname" not in body
 
 
-def test_checklist_04_post_existing_id_412(api: Api) -> None:
-    """checklist 4: POST with an existing contactid -> 412 0x80040237."""
+def test_webapi_04_post_existing_id_412(api: Api) -> None:
+    """POST with an existing contactid -> 412 0x80040237."""
     contact_id = contact(api, lastname="One")
     resp = api("POST", "contacts", json={"contactid": contact_id, "lastname": "Two"})
     assert resp.status_code == 412
@@ -170,8 +195,8 @@ def test_checklist_04_post_existing_id_412(api: Api) -> None:
 # -- 5, 6: PATCH upsert and conditions -----------------------------------------------------------------
 
 
-def test_checklist_05_patch_upsert_by_id(api: Api) -> None:
-    """checklist 5: PATCH creates with the given GUID (204), updates (204); representation 201/200."""
+def test_webapi_05_patch_upsert_by_id(api: Api) -> None:
+    """PATCH creates with the given GUID (204), updates (204); representation 201/200."""
     contact_id = new_id()
     assert api("PATCH", f"contacts({contact_id})", json={"lastname": "A"}).status_code == 204
     assert api("PATCH", f"contacts({contact_id})", json={"lastname": "B"}).status_code == 204
@@ -184,8 +209,8 @@ def test_checklist_05_patch_upsert_by_id(api: Api) -> None:
     assert api("PATCH", f"contacts({other})", json={"lastname": "D"}, headers=prefer).status_code == 200
 
 
-def test_checklist_06_conditional_headers(api: Api) -> None:
-    """checklist 6: If-Match:* 404, If-None-Match:* 412, stale etag 412 RowVersion, etag bumps, GET 304."""
+def test_webapi_06_conditional_headers(api: Api) -> None:
+    """If-Match:* 404, If-None-Match:* 412, stale etag 412 RowVersion, etag bumps, GET 304."""
     missing = new_id()
     resp = api("PATCH", f"contacts({missing})", json={"lastname": "X"}, headers={"If-Match": "*"})
     assert resp.status_code == 404
@@ -211,8 +236,8 @@ def test_checklist_06_conditional_headers(api: Api) -> None:
 # -- 7: alternate keys ---------------------------------------------------------------------------------
 
 
-def test_checklist_07_alternate_key_not_defined_400(api: Api) -> None:
-    """checklist 7: no key on externaluseridentifier (the default) -> 400 0x80060888 with the exact text."""
+def test_webapi_07_alternate_key_not_defined_400(api: Api) -> None:
+    """no key on externaluseridentifier (the default) -> 400 0x80060888 with the exact text."""
     resp = api("PATCH", "contacts(externaluseridentifier='wavecnct_1')", json={"lastname": "A"})
     assert resp.status_code == 400
     assert error_of(resp) == ("0x80060888", KEY_NOT_VALID)
@@ -220,8 +245,8 @@ def test_checklist_07_alternate_key_not_defined_400(api: Api) -> None:
     assert api("PATCH", "contacts(externaluseridentifier='wavecnct_1')", json={"lastname": "A"}).status_code == 400
 
 
-def test_checklist_07_alternate_key_upsert_and_quote_escapes(api: Api) -> None:
-    """checklist 7: with an Active key, PATCH by key upserts (204, key-form OData-EntityId); '' escapes."""
+def test_webapi_07_alternate_key_upsert_and_quote_escapes(api: Api) -> None:
+    """with an Active key, PATCH by key upserts (204, key-form OData-EntityId); '' escapes."""
     api.sim.define_key()
     resp = api("PATCH", "contacts(externaluseridentifier='wavecnct_O''Brien')", json={"lastname": "O'Brien"})
     assert resp.status_code == 204
@@ -240,8 +265,8 @@ def test_checklist_07_alternate_key_upsert_and_quote_escapes(api: Api) -> None:
 # -- 8: delete -----------------------------------------------------------------------------------------
 
 
-def test_checklist_08_delete(api: Api) -> None:
-    """checklist 8: DELETE 204 then 404; If-Match with a stale etag -> 412."""
+def test_webapi_08_delete(api: Api) -> None:
+    """DELETE 204 then 404; If-Match with a stale etag -> 412."""
     contact_id = contact(api, lastname="A")
     etag = api("GET", f"contacts({contact_id})").json()["@odata.etag"]
     api("PATCH", f"contacts({contact_id})", json={"lastname": "B"})
@@ -258,8 +283,8 @@ LIMITS = {"firstname": 50, "lastname": 50, "mobilephone": 50, "company": 50, "ex
 
 
 @pytest.mark.parametrize(("column", "limit"), LIMITS.items())
-def test_checklist_09_max_length(api: Api, column: str, limit: int) -> None:
-    """checklist 9: MaxLength per column -> 400 0x80044331 with the exact double-space message."""
+def test_webapi_09_max_length(api: Api, column: str, limit: int) -> None:
+    """MaxLength per column -> 400 0x80044331 with the exact double-space message."""
     assert api("PATCH", f"contacts({new_id()})", json={column: "x" * limit}).status_code == 204
     resp = api("PATCH", f"contacts({new_id()})", json={column: "x" * (limit + 1)})
     assert resp.status_code == 400
@@ -267,14 +292,14 @@ def test_checklist_09_max_length(api: Api, column: str, limit: int) -> None:
     assert len(api.sim.rows()) == 1
 
 
-def test_checklist_09_lengths_are_utf16_and_email_syntax_is_not_checked(api: Api) -> None:
-    """checklist 9: no email syntax validation; length counts UTF-16 units like .NET."""
+def test_webapi_09_lengths_are_utf16_and_email_syntax_is_not_checked(api: Api) -> None:
+    """no email syntax validation; length counts UTF-16 units like .NET."""
     assert api("PATCH", f"contacts({new_id()})", json={"emailaddress1": "not an email"}).status_code == 204
     assert api("PATCH", f"contacts({new_id()})", json={"firstname": "\U0001f600" * 26}).status_code == 400
 
 
-def test_checklist_10_unknown_column_and_entity_set(api: Api) -> None:
-    """checklist 10: unknown columns and entity sets -> 400/404 with 0x80060888."""
+def test_webapi_10_unknown_column_and_entity_set(api: Api) -> None:
+    """unknown columns and entity sets -> 400/404 with 0x80060888."""
     resp = api("PATCH", f"contacts({new_id()})", json={"nickname": "x"})
     assert resp.status_code == 400 and error_of(resp)[0] == "0x80060888" and "'nickname'" in error_of(resp)[1]
     resp = api("GET", "widgets")
@@ -287,8 +312,8 @@ def test_checklist_10_unknown_column_and_entity_set(api: Api) -> None:
 # -- 11: owners ---------------------------------------------------------------------------------------
 
 
-def test_checklist_11_owner_binding(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 11: ownerid@odata.bind to systemusers/teams, _ownerid_value, missing/disabled users."""
+def test_webapi_11_owner_binding(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """ownerid@odata.bind to systemusers/teams, _ownerid_value, missing/disabled users."""
     seller = dataverse_sim.add_user("seller@contoso.test", accessmode=0)
     team = dataverse_sim.add_team("Sales")
     contact_id = contact(api, lastname="A", **{"ownerid@odata.bind": f"/systemusers({seller['systemuserid']})"})
@@ -316,8 +341,8 @@ def test_checklist_11_owner_binding(dataverse_sim: DataverseSimulator, api: Api)
 # -- 12, 13: queries -----------------------------------------------------------------------------------
 
 
-def test_checklist_12_filter_subset(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 12: eq/ne/and/or, case-insensitive, '' escapes, unterminated literal, functions, $select."""
+def test_webapi_12_filter_subset(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """eq/ne/and/or, case-insensitive, '' escapes, unterminated literal, functions, $select."""
     contact(api, firstname="Ada", lastname="O'Bryan", emailaddress1="ada@example.com")
     contact(api, firstname="Grace", lastname="Hopper", emailaddress1="grace@navy.mil")
     contact(api, firstname="Alan", lastname="Turing", emailaddress1="alan@example.com")
@@ -345,8 +370,8 @@ def test_checklist_12_filter_subset(dataverse_sim: DataverseSimulator, api: Api)
     assert [u["internalemailaddress"] for u in users.json()["value"]] == ["Owner@Contoso.test"]
 
 
-def test_checklist_13_paging(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 13: odata.maxpagesize, Preference-Applied, nextLink with $skiptoken, $skip rejected, $top."""
+def test_webapi_13_paging(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """odata.maxpagesize, Preference-Applied, nextLink with $skiptoken, $skip rejected, $top."""
     for i in range(12):
         contact(api, lastname=f"L{i:02d}")
     seen: list[str] = []
@@ -375,8 +400,8 @@ def test_checklist_13_paging(dataverse_sim: DataverseSimulator, api: Api) -> Non
 # -- 14: error shape ----------------------------------------------------------------------------------
 
 
-def test_checklist_14_error_shape_and_headers(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 14: every error is {"error":{"code","message"}} with the OData JSON content type and version."""
+def test_webapi_14_error_shape_and_headers(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """every error is {"error":{"code","message"}} with the OData JSON content type and version."""
     dataverse_sim.configure(requests=2, window_seconds=60)
     responses = [
         requests.get(dataverse_sim.api_url + "WhoAmI", timeout=5),  # 401
@@ -396,8 +421,8 @@ def test_checklist_14_error_shape_and_headers(dataverse_sim: DataverseSimulator,
 # -- 15, 16: $batch --------------------------------------------------------------------------------------
 
 
-def test_checklist_15_batch_parts_changesets_and_references(api: Api) -> None:
-    """checklist 15: multipart parts and change sets, Content-ID $n references, relative/absolute URLs, order."""
+def test_webapi_15_batch_parts_changesets_and_references(api: Api) -> None:
+    """multipart parts and change sets, Content-ID $n references, relative/absolute URLs, order."""
     first, second = new_id(), new_id()
     body = batch_body("batch_AAA", [
         http_part("PATCH", f"/api/data/v9.2/contacts({first})", {"lastname": "First"}),
@@ -425,8 +450,8 @@ def test_checklist_15_batch_parts_changesets_and_references(api: Api) -> None:
     assert resp.status_code == 400 and "Content-ID Reference: '$9' does not exist in the batch context." in resp.text
 
 
-def test_checklist_16_batch_stops_at_first_failure_without_continue(api: Api) -> None:
-    """checklist 16: no continue-on-error: stop at the first failure; outer status is the failure's; only it."""
+def test_webapi_16_batch_stops_at_first_failure_without_continue(api: Api) -> None:
+    """no continue-on-error: stop at the first failure; outer status is the failure's; only it."""
     ok1, bad, ok2 = new_id(), new_id(), new_id()
     body = batch_body("b", [
         http_part("PATCH", f"contacts({ok1})", {"lastname": "ok"}),
@@ -439,8 +464,8 @@ def test_checklist_16_batch_stops_at_first_failure_without_continue(api: Api) ->
     assert [r["contactid"] for r in api.sim.rows()] == [ok1]
 
 
-def test_checklist_16_continue_on_error_and_changeset_rollback(api: Api) -> None:
-    """checklist 16: with continue-on-error outer 200 and a status per part; a failing change set rolls back."""
+def test_webapi_16_continue_on_error_and_changeset_rollback(api: Api) -> None:
+    """with continue-on-error outer 200 and a status per part; a failing change set rolls back."""
     ok1, bad, cs1, cs2, ok2 = (new_id() for _ in range(5))
     body = batch_body("b", [
         http_part("PATCH", f"contacts({ok1})", {"lastname": "ok"}),
@@ -461,8 +486,8 @@ def test_checklist_16_continue_on_error_and_changeset_rollback(api: Api) -> None
 # -- 17: bulk messages -----------------------------------------------------------------------------------
 
 
-def test_checklist_17_create_update_upsert_multiple(api: Api) -> None:
-    """checklist 17: CreateMultiple 200 Ids; UpdateMultiple/UpsertMultiple 204; @odata.type required."""
+def test_webapi_17_create_update_upsert_multiple(api: Api) -> None:
+    """CreateMultiple 200 Ids; UpdateMultiple/UpsertMultiple 204; @odata.type required."""
     t = "Microsoft.Dynamics.CRM.contact"
     resp = api("POST", "contacts/Microsoft.Dynamics.CRM.CreateMultiple",
                json={"Targets": [{"@odata.type": t, "lastname": "A"}, {"@odata.type": t, "lastname": "B"}]})
@@ -489,8 +514,8 @@ def test_checklist_17_create_update_upsert_multiple(api: Api) -> None:
     assert resp.status_code == 400 and "without a type name" in error_of(resp)[1]
 
 
-def test_checklist_17_bulk_is_all_or_nothing(api: Api) -> None:
-    """checklist 17: one bad record rolls back the whole request; duplicate keys in UpsertMultiple fail."""
+def test_webapi_17_bulk_is_all_or_nothing(api: Api) -> None:
+    """one bad record rolls back the whole request; duplicate keys in UpsertMultiple fail."""
     t = "Microsoft.Dynamics.CRM.contact"
     targets = [{"@odata.type": t, "contactid": new_id(), "lastname": f"L{i}"} for i in range(5)]
     targets[3]["jobtitle"] = "j" * 101
@@ -507,8 +532,8 @@ def test_checklist_17_bulk_is_all_or_nothing(api: Api) -> None:
     assert resp.status_code == 400 and api.sim.rows() == []
 
 
-def test_checklist_17_upsert_multiple_by_key_and_key_in_body(api: Api) -> None:
-    """checklist 17: @odata.id with an alternate key; the key also in the body on create -> 400 0x80040216."""
+def test_webapi_17_upsert_multiple_by_key_and_key_in_body(api: Api) -> None:
+    """@odata.id with an alternate key; the key also in the body on create -> 400 0x80040216."""
     api.sim.define_key()
     t = "Microsoft.Dynamics.CRM.contact"
     resp = api("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", json={"Targets": [
@@ -527,8 +552,8 @@ def test_checklist_17_upsert_multiple_by_key_and_key_in_body(api: Api) -> None:
     assert [(r["externaluseridentifier"], r["lastname"]) for r in api.sim.rows()] == [("wavecnct_a", "A2")]
 
 
-def test_checklist_17_availability_through_sdkmessagefilters(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 17: bulk availability is configurable and answered through GET sdkmessagefilters."""
+def test_webapi_17_availability_through_sdkmessagefilters(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """bulk availability is configurable and answered through GET sdkmessagefilters."""
     query = {"$select": "sdkmessagefilterid",
              "$filter": "sdkmessageid/name eq 'UpsertMultiple' and primaryobjecttypecode eq 'contact'"}
     assert len(api("GET", "sdkmessagefilters", params=query).json()["value"]) == 1
@@ -551,8 +576,8 @@ def limited() -> DataverseSimulator:
     sim.stop()
 
 
-def test_checklist_18_request_limit_sliding_window(limited: DataverseSimulator) -> None:
-    """checklist 18: requests over the window -> 429 0x80072322 + Retry-After; penalty extends; window slides."""
+def test_webapi_18_request_limit_sliding_window(limited: DataverseSimulator) -> None:
+    """requests over the window -> 429 0x80072322 + Retry-After; penalty extends; window slides."""
     api = Api(limited, make_token())
     for _ in range(5):
         assert api("GET", "WhoAmI").status_code == 200
@@ -572,8 +597,8 @@ def test_checklist_18_request_limit_sliding_window(limited: DataverseSimulator) 
     assert counters["throttled_0x80072322"] == 2
 
 
-def test_checklist_18_execution_time_limit_and_batch_charging(limited: DataverseSimulator) -> None:
-    """checklist 18: a $batch/bulk request counts once but is charged its whole execution time -> 0x80072321."""
+def test_webapi_18_execution_time_limit_and_batch_charging(limited: DataverseSimulator) -> None:
+    """a $batch/bulk request counts once but is charged its whole execution time -> 0x80072321."""
     limited.configure(base_ms=10, per_record_ms=100)
     api = Api(limited, make_token())
     targets = [{"@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": new_id()} for _ in range(12)]
@@ -592,8 +617,8 @@ def test_checklist_18_execution_time_limit_and_batch_charging(limited: Dataverse
     assert limited.counters()["entitlement"] and sum(limited.counters()["entitlement"].values()) == 12 + 1
 
 
-def test_checklist_18_concurrency_refused_immediately(limited: DataverseSimulator) -> None:
-    """checklist 18: more requests in flight than allowed -> immediate 429 0x80072326."""
+def test_webapi_18_concurrency_refused_immediately(limited: DataverseSimulator) -> None:
+    """more requests in flight than allowed -> immediate 429 0x80072326."""
     api = Api(limited, make_token())
     limited.script_faults(Fault("hold", delay=10), Fault("hold", delay=10))
     results: list[int] = []
@@ -615,8 +640,8 @@ def test_checklist_18_concurrency_refused_immediately(limited: DataverseSimulato
     assert api("GET", "WhoAmI").status_code == 200  # no penalty after a concurrency refusal
 
 
-def test_checklist_19_entitlement_counts_each_operation(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 19: every CRUD counts for entitlement, each one inside a $batch or bulk request too; never blocks."""
+def test_webapi_19_entitlement_counts_each_operation(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """every CRUD counts for entitlement, each one inside a $batch or bulk request too; never blocks."""
     body = batch_body("b", [http_part("PATCH", f"contacts({new_id()})", {"lastname": str(i)}) for i in range(3)])
     api("POST", "$batch", data=body, headers={"Content-Type": "multipart/mixed; boundary=b"})
     api("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", json={"Targets": [
@@ -629,8 +654,8 @@ def test_checklist_19_entitlement_counts_each_operation(dataverse_sim: Dataverse
 # -- 20, 21, 22 -----------------------------------------------------------------------------------------
 
 
-def test_checklist_20_duplicate_detection_only_when_asked(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 20: duplicate detection is off unless MSCRM.SuppressDuplicateDetection: false; then 500 0x80040333."""
+def test_webapi_20_duplicate_detection_only_when_asked(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """duplicate detection is off unless MSCRM.SuppressDuplicateDetection: false; then 500 0x80040333."""
     dataverse_sim.configure(duplicate_rule_columns=["emailaddress1"])
     contact(api, emailaddress1="same@example.com")
     assert api("PATCH", f"contacts({new_id()})", json={"emailaddress1": "SAME@example.com"}).status_code == 204
@@ -641,8 +666,8 @@ def test_checklist_20_duplicate_detection_only_when_asked(dataverse_sim: Dataver
                                             "record already exists.")
 
 
-def test_checklist_21_state_and_status(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 21: state/status pairs, default status, inactive rows read-only until reactivated."""
+def test_webapi_21_state_and_status(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """state/status pairs, default status, inactive rows read-only until reactivated."""
     contact_id = contact(api, lastname="A")
     resp = api("PATCH", f"contacts({contact_id})", json={"statecode": 1, "statuscode": 1})
     assert resp.status_code == 400 and "is not a valid status code" in error_of(resp)[1]
@@ -657,8 +682,8 @@ def test_checklist_21_state_and_status(dataverse_sim: DataverseSimulator, api: A
     assert (row["statecode"], row["statuscode"], row["lastname"]) == (0, 1, "B")
 
 
-def test_checklist_22_impersonation(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 22: CallerObjectId / MSCRMCallerID act as another user, recorded in createdonbehalfby."""
+def test_webapi_22_impersonation(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """CallerObjectId / MSCRMCallerID act as another user, recorded in createdonbehalfby."""
     seller = dataverse_sim.add_user("seller@contoso.test", oid="5e11e400-0000-4000-8000-000000000002")
     me = api("GET", "WhoAmI").json()["UserId"]
     contact_id = new_id()
@@ -680,8 +705,8 @@ def test_checklist_22_impersonation(dataverse_sim: DataverseSimulator, api: Api)
 # -- 23: faults ---------------------------------------------------------------------------------------------
 
 
-def test_checklist_23_scripted_faults(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 23: scripted 5xx, token expiry, slow responses, timeouts and dropped connections."""
+def test_webapi_23_scripted_faults(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """scripted 5xx, token expiry, slow responses, timeouts and dropped connections."""
     dataverse_sim.script_faults(Fault("status", status=503), Fault("status", status=502),
                                 Fault("token_expired"), Fault("slow", delay=0.05), Fault("drop"))
     first = api("GET", "WhoAmI")
@@ -707,8 +732,8 @@ def test_checklist_23_scripted_faults(dataverse_sim: DataverseSimulator, api: Ap
     assert error_of(api("GET", "WhoAmI")) == ("0x80044331", "custom")
 
 
-def test_checklist_23_fault_rates_are_seeded(dataverse_sim: DataverseSimulator) -> None:
-    """checklist 23: random faults at a configured rate, reproducible with a seed, matched by path."""
+def test_webapi_23_fault_rates_are_seeded(dataverse_sim: DataverseSimulator) -> None:
+    """random faults at a configured rate, reproducible with a seed, matched by path."""
 
     def run() -> list[int]:
         sim = DataverseSimulator(fault_seed=7).start()
@@ -726,8 +751,8 @@ def test_checklist_23_fault_rates_are_seeded(dataverse_sim: DataverseSimulator) 
     assert 504 in first and 200 in first
 
 
-def test_checklist_23_token_revocation(dataverse_sim: DataverseSimulator) -> None:
-    """checklist 23: token expiry: a token seen before revoke_tokens() gets 401; a new one works."""
+def test_webapi_23_token_revocation(dataverse_sim: DataverseSimulator) -> None:
+    """token expiry: a token seen before revoke_tokens() gets 401; a new one works."""
     old = Api(dataverse_sim, make_token())
     assert old("GET", "WhoAmI").status_code == 200
     dataverse_sim.revoke_tokens()
@@ -738,8 +763,8 @@ def test_checklist_23_token_revocation(dataverse_sim: DataverseSimulator) -> Non
 # -- 24: determinism -------------------------------------------------------------------------------------
 
 
-def test_checklist_24_deterministic_ids_and_clock() -> None:
-    """checklist 24: with an id seed and a manual clock, two runs produce the same ids and timestamps."""
+def test_webapi_24_deterministic_ids_and_clock() -> None:
+    """with an id seed and a manual clock, two runs produce the same ids and timestamps."""
 
     def run() -> list[tuple[str, str]]:
         sim = DataverseSimulator(id_seed="bench", manual_clock=True).start()
@@ -757,7 +782,7 @@ def test_checklist_24_deterministic_ids_and_clock() -> None:
     assert len({created for _, created in first}) == 3
 
 
-# -- beyond the checklist: transport, metadata, control API, process ----------------------------------------
+# -- beyond those: transport, metadata, control API, process ----------------------------------------
 
 
 def test_https_with_the_test_ca(dataverse_https_sim: DataverseSimulator, test_certs) -> None:
@@ -856,15 +881,15 @@ def test_many_concurrent_requests(dataverse_sim: DataverseSimulator) -> None:
 
 
 def test_sim_config_defaults_match_the_documented_limits() -> None:
-    """checklist 18: the defaults are Microsoft's documented per-server numbers."""
+    """the defaults are Microsoft's documented per-server numbers."""
     limits, config = Limits(), SimConfig()
     assert (limits.requests, limits.execution_ms, limits.concurrency, limits.window_seconds) == (6000, 1_200_000, 52,
                                                                                                   300)
     assert config.max_batch_requests == 1000 and config.max_page_size == 5000
 
 
-def test_checklist_12_external_id_filters_use_the_index_correctly(api: Api) -> None:
-    """checklist 12: eq/In/or on externaluseridentifier (index-assisted) agree with a full scan, case-insensitively."""
+def test_webapi_12_external_id_filters_use_the_index_correctly(api: Api) -> None:
+    """eq/In/or on externaluseridentifier (index-assisted) agree with a full scan, case-insensitively."""
     for name in ("wavecnct_A", "wavecnct_b", "wavecnct_c"):
         contact(api, externaluseridentifier=name, lastname=name[-1])
 
@@ -888,8 +913,8 @@ def test_checklist_12_external_id_filters_use_the_index_correctly(api: Api) -> N
     assert ids("externaluseridentifier eq 'wavecnct_z'") == ["wavecnct_z"]
 
 
-def test_checklist_18_limits_are_per_user_and_per_server() -> None:
-    """checklist 18: each user has its own window, and requests spread over N servers get N windows."""
+def test_webapi_18_limits_are_per_user_and_per_server() -> None:
+    """each user has its own window, and requests spread over N servers get N windows."""
     sim = DataverseSimulator(manual_clock=True, limits=Limits(requests=2, window_seconds=10)).start()
     try:
         alice = Api(sim, make_token(oid="a11ce000-0000-4000-8000-000000000001"))
@@ -903,8 +928,8 @@ def test_checklist_18_limits_are_per_user_and_per_server() -> None:
         sim.stop()
 
 
-def test_checklist_23_execution_cost_per_record(dataverse_sim: DataverseSimulator, api: Api) -> None:
-    """checklist 23: simulated execution time = base per request (and per inner request) + cost per record."""
+def test_webapi_23_execution_cost_per_record(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """simulated execution time = base per request (and per inner request) + cost per record."""
     dataverse_sim.configure(base_ms=2, per_record_ms=3)
     api("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", json={"Targets": [
         {"@odata.type": "Microsoft.Dynamics.CRM.contact", "contactid": new_id()} for _ in range(4)]})
@@ -913,8 +938,8 @@ def test_checklist_23_execution_cost_per_record(dataverse_sim: DataverseSimulato
     assert [e["exec_ms"] for e in dataverse_sim.request_log()] == [2 + 3 * 4, 2 * (1 + 3) + 3 * 3]
 
 
-def test_checklist_15_batches_cannot_be_nested(api: Api) -> None:
-    """checklist 15: a $batch inside a $batch is refused."""
+def test_webapi_15_batches_cannot_be_nested(api: Api) -> None:
+    """a $batch inside a $batch is refused."""
     body = batch_body("b", [http_part("POST", "/api/data/v9.2/$batch", {})])
     resp = api("POST", "$batch", data=body, headers={"Content-Type": "multipart/mixed; boundary=b"})
     assert resp.status_code == 400 and "cannot be nested" in resp.text

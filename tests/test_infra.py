@@ -62,7 +62,8 @@ EXPECTED_ROLES = {
     ("Key Vault Secrets Officer", "Microsoft.KeyVault/vaults"),
     ("Monitoring Metrics Publisher", "Microsoft.Insights/components"),
 }
-# Oldest acceptable API version per provider namespace (research/azure.md §3.3); a new namespace must be added.
+# Oldest acceptable API version per provider namespace (each namespace's versions:
+# https://learn.microsoft.com/azure/templates/); a new namespace must be added.
 MIN_API_VERSIONS = {
     "Microsoft.Resources": "2024-03-01",
     "Microsoft.ManagedIdentity": "2024-11-30",

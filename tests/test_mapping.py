@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 
+from core.errors import FieldError
 from sync.mapping import (
     COLUMNS,
-    MappingError,
     contact_id,
     cut,
     external_id,
@@ -55,7 +55,7 @@ def test_no_owner_means_no_owner_binding() -> None:
 
 
 def test_owner_id_must_be_a_guid() -> None:
-    with pytest.raises(MappingError) as err:
+    with pytest.raises(FieldError) as err:
         map_contact(FULL, "owner@contoso.com")
     assert err.value.field == "owner_id"
 
@@ -99,7 +99,7 @@ def test_company_cap_is_49_though_the_column_holds_50() -> None:
 
 def test_numbers_are_stringified_and_other_types_rejected() -> None:
     assert map_contact({"id": "c_1", "phone": 4420794600}, None).payload["mobilephone"] == "4420794600"
-    with pytest.raises(MappingError) as err:
+    with pytest.raises(FieldError) as err:
         map_contact({"id": "c_1", "note": {"text": "x"}}, None)
     assert err.value.field == "note"
 
@@ -150,10 +150,10 @@ def test_external_id_prefix_and_fits_the_column(good) -> None:
 
 @pytest.mark.parametrize("bad", ["", "x" * 42, "c 1", "c'1", "c/1", None, 12])
 def test_external_id_rejects_ids_outside_the_contract(bad) -> None:
-    with pytest.raises(MappingError) as err:
+    with pytest.raises(FieldError) as err:
         external_id(bad)
     assert err.value.field == "id"
-    with pytest.raises(MappingError):
+    with pytest.raises(FieldError):
         map_contact({"id": bad}, None)
 
 

@@ -8,9 +8,9 @@ from urllib.parse import parse_qsl
 
 import pytest
 
+from dataverse.odata import encode_query, encoded_length, in_filter, in_filter_chunks, json_string, odata_string
 from devstack.dataverse.errors import SimError
 from devstack.dataverse.odata import LEXERS, parse_filter, tokenize
-from sync.dataverse import encode_query, encoded_length, in_filter, in_filter_chunks, json_string, odata_string
 
 HOSTILE = [
     "o'brien@contoso.com", "'", "''", "'''", "a''b", '"', '""', 'say "hi"', "`",

@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from sync.events import MAX_BODY_BYTES, SchemaError, parse_body, validate_event
+from core.emails import normalise_email
+from core.errors import FieldError
+from sync.events import MAX_BODY_BYTES, parse_body, validate_event
 from sync.messages import BadMessage, ContactMessage, PageMessage
 from sync.rules import (
     Applied,
@@ -15,7 +17,6 @@ from sync.rules import (
     choose_owner,
     is_duplicate,
     next_step,
-    normalise_email,
     owner_lookup_problem,
     requeue_pending,
     retry_delay,
@@ -107,14 +108,14 @@ def test_valid_event_keeps_known_fields_and_absent_ones_become_null():
      "data.contact.assigned_team_member.email"),
 ])
 def test_schema_errors_name_the_field(doc, field):
-    with pytest.raises(SchemaError) as err:
+    with pytest.raises(FieldError) as err:
         validate_event(doc)
     assert err.value.field == field
 
 
 @pytest.mark.parametrize("raw", [b"\xff\xfe", b"{", b'{"a": NaN}', b"[" * 100_000])
 def test_body_that_is_not_json_is_a_schema_error(raw):
-    with pytest.raises(SchemaError) as err:
+    with pytest.raises(FieldError) as err:
         parse_body(raw)
     assert err.value.field == "body"
 

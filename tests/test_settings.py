@@ -141,8 +141,8 @@ def _sample_path(pattern: str) -> str:
 @pytest.fixture
 def unresolved_webhook_secret(devhost, app_env):
     """The session's app with WAVE_WEBHOOK_SECRETS as App Service passes an unresolved reference on."""
-    from core.services import reset_services
     from core.settings import get_settings
+    from functions.services import reset_services
 
     def reload() -> None:
         get_settings.cache_clear()

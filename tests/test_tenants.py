@@ -16,9 +16,9 @@ import pytest
 
 from core.connections import CONNECTED, Connection, ConnectionStore
 from core.failures import CATEGORIES, FailureStore
-from sync import backfill, worker
+from dataverse.client import DataverseClient
+from sync import backfill, outcomes, worker
 from sync.context import SyncContext
-from sync.dataverse import DataverseClient
 from sync.holds import (
     TABLE,
     Claim,
@@ -69,8 +69,8 @@ def test_only_another_accounts_hold_refuses():
 
 def test_a_conflict_is_a_customer_visible_category_with_a_reason_that_names_the_contact_only():
     error = HeldElsewhere("c_42")
-    assert worker.failure_category(error) == "conflict" and "conflict" in CATEGORIES
-    assert worker.readable(error) == conflict_reason("c_42")
+    assert outcomes.failure_category(error) == "conflict" and "conflict" in CATEGORIES
+    assert outcomes.readable(error) == conflict_reason("c_42")
     assert "wavecnct_c_42" in conflict_reason("c_42") and "left that row unchanged" in conflict_reason("c_42")
     assert "did not delete or deactivate" in conflict_reason("c_42", deleting=True)
 

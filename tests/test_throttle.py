@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sync.dataverse_errors import Throttled
-from sync.throttle import Patience, Penalties
+from core.penalties import Penalties
+from dataverse.errors import Throttled
+from sync.throttle import Patience
 
 
 class FakeTime:

@@ -42,7 +42,7 @@ def _vault_calls(identity, method: str | None = None) -> int:
 
 def test_tokens_come_from_memory_and_key_vault_is_written_only_when_msal_changed_the_cache(
         devhost, identity, fresh_entra, store):
-    from core.services import services
+    from functions.services import services
 
     acct = _account()
     connect_account(devhost, identity, acct)
@@ -66,7 +66,7 @@ def test_tokens_come_from_memory_and_key_vault_is_written_only_when_msal_changed
 
 
 def test_invalid_grant_moves_the_connection_to_needs_reauth_and_raises(devhost, identity, fresh_entra, store):
-    from core.services import services
+    from functions.services import services
 
     acct = _account()
     connect_account(devhost, identity, acct)

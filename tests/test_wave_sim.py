@@ -1,4 +1,5 @@
-"""The Wave simulator behaves like the documented contacts API (DESIGN §2.2) and signs webhooks (§2.1)."""
+"""The Wave simulator behaves like the documented contacts API (README "Sync: webhooks, contact worker,
+backfill") and signs webhooks as README's webhook contract says."""
 
 from __future__ import annotations
 

@@ -160,7 +160,7 @@ def test_a_concurrent_newer_write_is_reapplied_after_a_state_conflict(ctx, datav
 def test_a_repair_that_meets_a_throttle_comes_back_forced(ctx, dataverse_sim, dataverse_client, monkeypatch):
     """As above, but Dataverse throttles the connection before A can re-apply v2: the message A puts back
     must still force the re-apply, or it would find v2 recorded and leave A's v1 in Dynamics."""
-    from sync.throttle import Penalties
+    from core.penalties import Penalties
 
     registry = Penalties()
     monkeypatch.setattr(worker, "penalties", registry)

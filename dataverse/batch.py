@@ -69,10 +69,13 @@ def _http_response(raw: bytes) -> PartResponse:
 
 def _walk(message: Message, out: list[PartResponse]) -> None:
     for part in message.get_payload():
+        if not isinstance(part, Message):
+            raise BatchFormatError("a part of the $batch response is not a message")
         if part.is_multipart():
             _walk(part, out)  # a change set's responses
         elif part.get_content_type() == "application/http":
-            out.append(_http_response(part.get_payload(decode=True) or b""))
+            payload = part.get_payload(decode=True)
+            out.append(_http_response(payload if isinstance(payload, bytes) else b""))
         else:
             raise BatchFormatError(f"unexpected part of type {part.get_content_type()}")
 

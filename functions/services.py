@@ -1,31 +1,39 @@
-"""The clients a handler needs, built lazily once per process from the settings.
+"""The composition root: every client the handlers need, built lazily once per process from the settings.
 
-Handlers take what they need from here and pass it to plain functions as arguments, so the business
-code never builds a client itself and tests can hand it simulators.
+Handlers take what they need from here and pass it to plain functions as arguments, so the business code
+never builds a client itself and tests can hand it simulators. This is the only place that knows every
+floor (core, dataverse, oauth, sync).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from functools import cached_property
-from typing import TYPE_CHECKING, Any
 
-from core.connections import Connection, ConnectionStore
+from azure.keyvault.secrets import SecretClient
+
+from core.connections import Connection, ConnectionStore, live_connection
+from core.failures import TABLE as FAILURES
 from core.failures import FailureStore
 from core.settings import Settings, get_settings
 from core.storage import QueueSender, Tables
-
-if TYPE_CHECKING:
-    from azure.keyvault.secrets import SecretClient
-
-    from oauth.token_store import TokenStore
+from dataverse.client import DataverseClient
+from dataverse.transport import TokenProvider
+from oauth.errors import NotConnected
+from oauth.token_store import TokenStore, secret_client
+from sync.context import SyncContext
+from sync.holds import TABLE as HOLDS
+from sync.holds import HoldStore
+from sync.owners import TABLE as OWNERS
+from sync.owners import OwnerCache
+from sync.state import SNAPSHOTS, STATE, ContactStateStore, SnapshotStore
+from sync.wave_api import WaveClient
 
 
 class Services:
     def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings
-        self._dataverse: dict[tuple[str, str], Any] = {}
+        self._dataverse: dict[tuple[str, str], DataverseClient] = {}
         self._dataverse_lock = threading.Lock()
 
     @cached_property
@@ -46,43 +54,47 @@ class Services:
 
     @cached_property
     def failures(self) -> FailureStore:
-        return FailureStore(self.tables("failures"))
+        return FailureStore(self.tables(FAILURES))
 
     @cached_property
     def secrets(self) -> SecretClient:
-        from oauth.token_store import secret_client
-
         return secret_client(self.settings)
 
     @cached_property
     def tokens(self) -> TokenStore:
         """Access tokens per connection: `tokens.provider(conn)(force_refresh) -> str` (raises ReauthRequired)."""
-        from oauth.token_store import TokenStore
-
         return TokenStore(self.settings, self.secrets, self.connections)
 
-    def dataverse(self, conn: Connection) -> Any:
+    @cached_property
+    def sync(self) -> SyncContext:
+        """What the contact and page workers need."""
+        return SyncContext(
+            connections=self.connections, failures=self.failures,
+            snapshots=SnapshotStore(self.tables(SNAPSHOTS)), states=ContactStateStore(self.tables(STATE)),
+            owners=OwnerCache(self.tables(OWNERS)), queues=self.queues, holds=HoldStore(self.tables(HOLDS)),
+            dataverse=self.dataverse,
+            wave=WaveClient(self.settings.wave_api_base_url, self.settings.wave_api_token),
+        )
+
+    def dataverse(self, conn: Connection) -> DataverseClient:
         """The DataverseClient of a live connection, one per instance URL and generation in this process.
 
         Its calls raise oauth.errors.ReauthRequired once Microsoft refuses the connection's sign-in.
         """
-        from oauth.errors import NotConnected
-
-        if not conn.active or not conn.generation or not conn.instance_url:
+        live = live_connection(conn)
+        if live is None:
             raise NotConnected(conn.account_id, f"account {conn.account_id} has no active Dynamics connection")
-        key = (conn.instance_url, conn.generation)
+        key = (live.instance_url, live.generation)
         with self._dataverse_lock:
             client = self._dataverse.get(key)
             if client is None:
                 for old in [k for k in self._dataverse if k[0] == key[0]]:  # an earlier generation's client
                     del self._dataverse[old]
-                client = self._dataverse[key] = self.dataverse_client(conn.instance_url, self.tokens.provider(conn))
+                client = self._dataverse[key] = self.dataverse_client(live.instance_url, self.tokens.provider(live))
             return client
 
-    def dataverse_client(self, base_url: str, token_provider: Callable[[bool], str]) -> Any:
+    def dataverse_client(self, base_url: str, token_provider: TokenProvider) -> DataverseClient:
         """A new DataverseClient (the connect flow's access check uses one with the fresh sign-in's token)."""
-        from sync.dataverse import DataverseClient
-
         dev = self.settings.dev if self.settings.is_development else None
         return DataverseClient(base_url, token_provider, verify=(dev.ca_bundle if dev and dev.ca_bundle else True))
 
@@ -104,3 +116,7 @@ def reset_services() -> None:
     global _services
     with _services_lock:
         _services = None
+
+
+
+

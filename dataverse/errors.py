@@ -1,4 +1,6 @@
-"""Typed Dataverse errors, derived from the real HTTP status and error code (research/dataverse.md §7).
+"""Typed Dataverse errors, derived from the real HTTP status and error code
+(https://learn.microsoft.com/power-apps/developer/data-platform/reference/web-service-error-codes,
+https://learn.microsoft.com/power-apps/developer/data-platform/webapi/compose-http-requests-handle-errors).
 
     DataverseError            base; .status, .code (hex string or ""), .category, readable str()
     ├── Throttled             429; .retry_after seconds (Retry-After), reschedule the work that long
@@ -17,13 +19,11 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 from core.errors import AppError
+from core.retry_after import retry_after_seconds
 
-DEFAULT_RETRY_AFTER = 5.0
 _PRIVILEGE_RE = re.compile(r"missing (prv\w+) privilege")
 _ATTRIBUTE_RE = re.compile(r"The length of the '([^']+)' attribute")
 _PROPERTY_RE = re.compile(r"propert(?:y|ies)(?: named)? '([^']+)'")
@@ -94,20 +94,6 @@ class Conflict(DataverseError):
 
 class Transient(DataverseError):
     category = "transient"
-
-
-def retry_after_seconds(value: str | None) -> float:
-    """Retry-After as seconds: a number, or an HTTP date."""
-    if not value:
-        return DEFAULT_RETRY_AFTER
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
-    except (TypeError, ValueError):
-        return DEFAULT_RETRY_AFTER
 
 
 def parse_error_body(body: bytes | str | None) -> tuple[str, str]:

@@ -1,8 +1,18 @@
-"""HTTP and timer functions of the connect flow (README "Connecting Dynamics"). Thin: parse, validate, call
-oauth.connect.
+"""The connections API (Functions key auth, called by Wave's backend) and the OAuth callback. Thin: parse,
+validate, call oauth/connect.py or sync/, answer.
+
+    POST /api/connections/{account_id}/connect          start a sign-in -> 200 {authorize_url, expires_at}
+    GET  /api/oauth/callback                            (anonymous, the admin's browser) keep the sign-in pending
+    POST /api/connections/{account_id}/confirm          make the pending sign-in live -> 200 status
+    GET  /api/connections/{account_id}                  status
+    POST /api/connections/{account_id}/disconnect       stop the sync, delete tokens and contact data -> 200 status
+    POST /api/connections/{account_id}/sync             start a full backfill now -> 202 {"run_id"}
+    POST /api/connections/{account_id}/failures/retry   re-queue the contacts that failed -> 202
+                                                        {"requeued", "already_queued", "backfill_run_id"}
 
 The route's account id is the only key any of these functions reads or writes by, so one account can
-never see or change another's connection.
+never see or change another's connection; a malformed one is answered 400 `invalid_account_id` by every
+route, and `sync` and `failures/retry` answer 409 `not_connected` without a live connection.
 """
 
 from __future__ import annotations
@@ -12,14 +22,14 @@ import logging
 import azure.functions as func
 from azure.core.exceptions import AzureError
 
-from core.connections import utcnow, valid_account_id
-from core.http import Blueprint, error_response, json_response
+from core.connections import invalid_account_id, live_connection, utcnow, valid_account_id
+from core.errors import FieldError
 from core.log import outcome
-from core.services import services
+from functions.http import Blueprint, error_response, json_response
+from functions.pages import page, redirect
+from functions.services import services
 from oauth import connect as flow
-from oauth.errors import InvalidInput, SessionInvalid
-from oauth.maintenance import refresh_idle_connections
-from oauth.pages import page, redirect
+from oauth.errors import SessionInvalid
 from oauth.pending import TABLE as PENDING_TABLE
 from oauth.pending import PendingStore
 from oauth.return_url import with_result
@@ -27,6 +37,7 @@ from oauth.sessions import TABLE as SESSIONS_TABLE
 from oauth.sessions import SessionStore
 from oauth.status import connection_status
 from sync.backfill import start_backfill
+from sync.retry import retry_failures
 from sync.upkeep import DISCONNECT_ROWS, forget_contact_data
 
 log = logging.getLogger(__name__)
@@ -53,9 +64,12 @@ def _account(req: func.HttpRequest) -> str | None:
     return account_id if valid_account_id(account_id) else None
 
 
+def _refused(error: FieldError) -> func.HttpResponse:
+    return error_response(error.status, error.code, error.message, field=error.field)
+
+
 def _bad_account() -> func.HttpResponse:
-    return error_response(400, "invalid_account_id", "account_id must be 1-64 letters, digits, '_' or '-'",
-                          field="account_id")
+    return _refused(invalid_account_id())
 
 
 def _status(account_id: str) -> func.HttpResponse:
@@ -73,9 +87,9 @@ def connect(req: func.HttpRequest) -> func.HttpResponse:
     s = services()
     try:
         request = flow.parse_connect_request(req.route_params.get("account_id", ""), _json_body(req), s.settings)
-    except InvalidInput as exc:
+    except FieldError as exc:
         outcome(log, "connect", "rejected", field=exc.field, code=exc.code)
-        return error_response(exc.status, exc.code, exc.message, field=exc.field)
+        return _refused(exc)
     try:
         answer = flow.start_connect(request, settings=s.settings, sessions=_sessions(), connections=s.connections)
     except (OSError, ValueError) as exc:  # the cloud's Entra metadata could not be fetched
@@ -122,9 +136,9 @@ def confirm(req: func.HttpRequest) -> func.HttpResponse:
         request = flow.parse_confirm_request(req.route_params.get("account_id", ""), _json_body(req))
         flow.confirm_connect(request, pending=_pending(), connections=s.connections, tokens=s.tokens,
                              queues=s.queues, start_backfill=start_backfill)
-    except InvalidInput as exc:
+    except FieldError as exc:
         outcome(log, "confirm", "refused", code=exc.code)
-        return error_response(exc.status, exc.code, exc.message, field=exc.field)
+        return _refused(exc)
     return _status(request.account_id)
 
 
@@ -161,13 +175,6 @@ def disconnect(req: func.HttpRequest) -> func.HttpResponse:
     return _status(account_id)
 
 
-@bp.function_name("purge_expired_sign_ins")
-@bp.timer_trigger(schedule="0 */5 * * * *", arg_name="timer", run_on_startup=False)
-def purge_expired_sign_ins(timer: func.TimerRequest) -> None:
-    # Every 5 minutes, so tokens of a sign-in nobody confirmed outlive its 10 minutes by little.
-    flow.purge_expired_sign_ins(_pending(), services().tokens)
-
-
 def _forget_contact_data(account_id: str, before: str) -> None:
     """The disconnected account's contact content goes now, as far as DISCONNECT_ROWS per table; the daily
     purge_expired_sync_rows finishes what is left (or what a storage error here left)."""
@@ -181,8 +188,36 @@ def _forget_contact_data(account_id: str, before: str) -> None:
             **forgotten.rows)
 
 
-@bp.function_name("refresh_idle_tokens")
-@bp.timer_trigger(schedule="0 17 3 * * *", arg_name="timer", run_on_startup=False)
-def refresh_idle_tokens(timer: func.TimerRequest) -> None:
+def _not_connected(account_id: str) -> func.HttpResponse:
+    return error_response(409, "not_connected", f"account {account_id} has no active Dynamics connection")
+
+
+@bp.function_name("start_sync")
+@bp.route(route="connections/{account_id}/sync", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def start_sync(req: func.HttpRequest) -> func.HttpResponse:
+    account_id = _account(req)
+    if account_id is None:
+        return _bad_account()
     s = services()
-    refresh_idle_connections(s.connections, s.tokens, _sessions())
+    run_id = start_backfill(s.connections, s.queues, account_id)
+    if run_id is None:
+        return _not_connected(account_id)
+    outcome(log, "sync", "backfill_started", account_id=account_id, run_id=run_id)
+    return json_response({"run_id": run_id, "state": "running"}, 202)
+
+
+@bp.function_name("retry_failures")
+@bp.route(route="connections/{account_id}/failures/retry", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
+def retry(req: func.HttpRequest) -> func.HttpResponse:
+    account_id = _account(req)
+    if account_id is None:
+        return _bad_account()
+    ctx = services().sync
+    conn = live_connection(ctx.connections.get(account_id))
+    if conn is None:
+        return _not_connected(account_id)
+    result = retry_failures(ctx, account_id, conn.generation)
+    outcome(log, "sync", "failures_requeued", account_id=account_id, requeued=result.requeued,
+            already_queued=result.already_queued, run_id=result.backfill_run_id)
+    return json_response({"requeued": result.requeued, "already_queued": result.already_queued,
+                          "backfill_run_id": result.backfill_run_id}, 202)

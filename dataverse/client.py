@@ -1,6 +1,7 @@
-"""Dataverse Web API client for contact sync (research/dataverse.md; DESIGN.md §2.4).
+"""The Dataverse operations contact sync uses, over dataverse/transport.py (which retries, refreshes the
+token and keeps Dataverse's penalties).
 
-    client = DataverseClient(instance_url, token_provider, verify=ca_bundle_or_True)
+    client = DataverseClient(instance_url, token_provider, verify=ca_bundle_or_True, session=None)
     token_provider(force_refresh: bool = False) -> str     # an access token for the instance
 
     whoami() -> WhoAmI
@@ -21,36 +22,23 @@
     requests_made                                              requests sent by the calling thread (for reports)
     dop_hint                                                   the last x-ms-dop-hint seen (int or None)
 
-Behaviour shared by every call: one pooled `requests.Session`, (connect, read) timeouts on every request;
-a 401 forces one token refresh and one retry, then raises AuthExpired; a 429 whose Retry-After is at most
-`max_inline_wait` seconds is waited out inline (a few times), a longer one raises Throttled(retry_after)
-so the caller can reschedule its queue message instead of holding a function instance. Until a 429's
-Retry-After has passed, no thread sends through the client (a request during the penalty would only
-extend it): each waits the rest inline under the same rule or raises Throttled without sending. 5xx, dropped
-connections and timeouts are retried `transient_retries` times, then raise Transient. Every write here
-is idempotent (upserts by a deterministic id or key), which is what makes those retries safe.
-
 Reactivation: Dataverse treats inactive contacts as read-only. A contact deactivated by the `deactivate`
 delete policy comes back when a newer Wave update arrives: pass reactivate=True (the ContactRef from a
-lookup says statecode 1) and the same PATCH sets statecode 0 / statuscode 1 with the new values.
+lookup says statecode 1) and the same PATCH sets statecode 0 / statuscode 1 with the new values
+(https://learn.microsoft.com/power-apps/developer/data-platform/webapi/update-delete-entities-using-web-api).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-from urllib.parse import quote, urlencode, urlsplit
+from typing import Any, Unpack
 
 import requests
-from requests.adapters import HTTPAdapter
 
-from sync.dataverse_batch import BatchFormatError, BatchPart, build_batch, parse_batch_response
-from sync.dataverse_errors import (
+from core.emails import normalise_email
+from dataverse.batch import BatchFormatError, BatchPart, build_batch, parse_batch_response
+from dataverse.errors import (
     AuthExpired,
     Conflict,
     DataverseError,
@@ -60,31 +48,16 @@ from sync.dataverse_errors import (
     Transient,
     ValidationFailed,
     error_for,
-    retry_after_seconds,
 )
-from sync.rules import normalise_email
-from sync.throttle import Penalties
+from dataverse.odata import in_filter, in_filter_chunks, odata_string
+from dataverse.transport import API_PATH, JsonBody, TokenProvider, Transport, TransportOptions
 
-log = logging.getLogger("sync.dataverse")
-_PENALTY = "user"  # the client's one key in its Penalties: every request goes as the connection's user
-
-API_PATH = "/api/data/v9.2/"
 CONTACT_TYPE = "Microsoft.Dynamics.CRM.contact"
 EXTERNAL_ID = "externaluseridentifier"
 CONTACT_SELECT = "contactid,externaluseridentifier,statecode,_ownerid_value,createdon"
 ACTIVE = {"statecode": 0, "statuscode": 1}
 INACTIVE = {"statecode": 1, "statuscode": 2}
 
-__all__ = [
-    "AuthExpired", "BulkResult", "Conflict", "ContactRef", "DataverseClient", "DataverseError", "NotFound",
-    "PermissionDenied", "RecordFailure", "Throttled", "TokenProvider", "Transient", "UpsertItem", "UserRef",
-    "ValidationFailed", "WhoAmI", "WriteResult", "encode_query", "encoded_length", "in_filter", "in_filter_chunks",
-    "json_string", "odata_string",
-]
-
-
-class TokenProvider(Protocol):
-    def __call__(self, force_refresh: bool = False) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -143,78 +116,6 @@ class BulkResult:
     method: str = ""  # "UpsertMultiple" or "$batch"
 
 
-def odata_string(value: str) -> str:
-    """An OData string literal: single quotes, embedded quotes doubled.
-
-    https://learn.microsoft.com/power-apps/developer/data-platform/webapi/query/filter-rows#use-single-quotes-in-filter-values
-    """
-    return "'" + value.replace("'", "''") + "'"
-
-
-# Inside a `[...]` array literal ODataLib's lexer (ExpressionLexer.AdvanceThroughBalancedExpression in
-# github.com/OData/odata.net) counts every `[` and `]`, also inside JSON strings; skips from one `'` to the
-# next (before 7.7 also inside JSON strings); and takes a `"` after a backslash as escaped, so a value ending
-# in `\` turns its idea of what is quoted upside down. None of those characters may appear literally, then:
-# JSON's \uXXXX escapes say the same to the JSON reader that parses the array afterwards (RFC 8259 §7).
-_JSON_ESCAPED = frozenset("\"'\\[]{}")
-
-
-def json_string(value: str) -> str:
-    """A JSON string for an OData array literal, with no character that ODataLib's lexer would act on."""
-    out = ['"']
-    for ch in value:
-        code = ord(ch)
-        if ch in _JSON_ESCAPED or code < 0x20 or code == 0x7F or 0xD800 <= code <= 0xDFFF:
-            out.append(f"\\u{code:04x}")  # lone surrogates too: they have no UTF-8 form for the URL
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def in_filter(prop: str, values: Sequence[str]) -> str:
-    """`Microsoft.Dynamics.CRM.In` over string values.
-
-    https://learn.microsoft.com/power-apps/developer/data-platform/webapi/reference/in
-    """
-    items = ",".join(json_string(v) for v in values)
-    return f"Microsoft.Dynamics.CRM.In(PropertyName={odata_string(prop)},PropertyValues=[{items}])"
-
-
-_QUERY_SAFE = "$'(),=/:@*"
-
-
-def encode_query(params: dict[str, str]) -> str:
-    """A query string as the client sends it (percent-encoded UTF-8; `+` as %2B, never a space)."""
-    return urlencode(params, quote_via=quote, safe=_QUERY_SAFE)
-
-
-def encoded_length(text: str) -> int:
-    """Length of `text` once percent-encoded in a query string, as encode_query sends it."""
-    return len(quote(text, safe=_QUERY_SAFE))
-
-
-def in_filter_chunks(values: Sequence[str], make_filter: Callable[[list[str]], str],
-                     budget: int) -> Iterator[list[str]]:
-    """Chunks of `values` whose `$filter=<make_filter(chunk)>`, escaped and URL-encoded, fits `budget`.
-
-    The array's items are added up one by one (percent-encoding works per character, so the lengths add
-    up exactly); a value too long on its own goes alone, as a request of its own.
-    """
-    fixed = len(encode_query({"$filter": make_filter([])}))
-    chunk: list[str] = []
-    size = fixed
-    for value in values:
-        item = encoded_length(json_string(value)) + (1 if chunk else 0)  # the comma before it
-        if chunk and size + item > budget:
-            yield chunk
-            chunk, size, item = [], fixed, item - 1
-        chunk.append(value)
-        size += item
-    if chunk:
-        yield chunk
-
-
 def _contact_ref(row: dict[str, Any]) -> ContactRef:
     return ContactRef(row["contactid"], row.get("@odata.etag"), row.get("statecode"),
                       row.get(EXTERNAL_ID), row.get("_ownerid_value"))
@@ -226,47 +127,22 @@ class DataverseClient:
         instance_url: str,
         token_provider: TokenProvider | Callable[..., str],
         *,
-        verify: str | bool = True,
-        timeout: tuple[float, float] = (5.0, 60.0),
-        max_inline_wait: float = 2.0,
-        max_throttle_retries: int = 3,
-        transient_retries: int = 1,
         url_budget: int = 16_000,  # encoded $filter length per lookup request (Dataverse takes URLs to 32 KB)
         upsert_multiple_size: int = 500,
         batch_size: int = 100,
-        pool_size: int = 16,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-        user_agent: str = "wave-dynamics365-sync/1",
+        **options: Unpack[TransportOptions],
     ) -> None:
-        parts = urlsplit(instance_url)
-        self.instance_url = f"{parts.scheme}://{parts.netloc}"
-        self.api_url = self.instance_url + API_PATH
-        self._token_provider = token_provider
-        self.verify = verify
-        self.timeout = timeout
-        self.max_inline_wait = max_inline_wait
-        self.max_throttle_retries = max_throttle_retries
-        self.transient_retries = transient_retries
+        self.transport = Transport(instance_url, token_provider, **options)
+        self.instance_url = self.transport.instance_url
+        self.api_url = self.transport.api_url
         self.url_budget = url_budget
         self.upsert_multiple_size = upsert_multiple_size
         self.batch_size = min(batch_size, 1000)
-        self._sleep = sleep
-        self._penalty = Penalties(clock)  # the last Retry-After seen, for every thread of this client
-        self.dop_hint: int | None = None
-        self._session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
-        self._session.mount("https://", adapter)
-        self._session.mount("http://", adapter)
-        self._session.headers.update({
-            "Accept": "application/json", "OData-MaxVersion": "4.0", "OData-Version": "4.0",
-            "User-Agent": user_agent,
-        })
-        self._local = threading.local()
-        self._capabilities: dict[str, Any] = {}
+        self._key_status: tuple[str | None] | None = None  # (status,) once read
+        self._upsert_multiple: bool | None = None
 
     def close(self) -> None:
-        self._session.close()
+        self.transport.close()
 
     def __enter__(self) -> DataverseClient:
         return self
@@ -274,102 +150,26 @@ class DataverseClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- transport -------------------------------------------------------------------------------
-
     @property
     def requests_made(self) -> int:
-        """HTTP requests this thread has sent through this client (retries included)."""
-        return getattr(self._local, "count", 0)
+        """HTTP requests the calling thread has sent through this client (retries included)."""
+        return self.transport.requests_made
 
-    _requests_made = requests_made  # the name sync/backfill.py reads
+    @property
+    def dop_hint(self) -> int | None:
+        return self.transport.dop_hint
 
-    def _token(self, force: bool) -> str:
-        return self._token_provider(force_refresh=True) if force else self._token_provider()
+    @property
+    def max_inline_wait(self) -> float:
+        """The longest 429 penalty a call waits out inline before raising Throttled."""
+        return self.transport.max_inline_wait
 
-    def request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: dict[str, str] | None = None,
-        body: Any = None,
-        data: bytes | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> requests.Response:
-        """One Web API call with the retry rules of the module docstring; raises a DataverseError subclass."""
-        if path.startswith(("http://", "https://")):
-            # An absolute URL comes from the service (@odata.nextLink): never send the token elsewhere.
-            if not path.startswith(self.api_url):
-                raise DataverseError(f"refusing to follow a link outside the instance: {urlsplit(path).netloc}")
-            url = path
-        else:
-            url = self.api_url + path
-        if params:
-            url += "?" + encode_query(params)
-        send_headers = dict(headers or {})
-        if "If-Match" not in send_headers and "If-None-Match" not in send_headers:
-            send_headers["If-None-Match"] = "null"
-        if body is not None:
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            send_headers.setdefault("Content-Type", "application/json")
-        refreshed = force_refresh = False
-        throttled = transient = 0
-        while True:
-            left = self._penalty.remaining(_PENALTY)
-            if left > 0:
-                if left > self.max_inline_wait or throttled >= self.max_throttle_retries:
-                    raise Throttled(f"{method} {urlsplit(url).path}: held back while Dataverse throttles this user",
-                                    retry_after=left)
-                throttled += 1
-                self._sleep(self._penalty.turn(_PENALTY))
-                continue
-            send_headers["Authorization"] = "Bearer " + self._token(force_refresh)
-            force_refresh = False
-            self._local.count = self.requests_made + 1
-            try:
-                resp = self._session.request(method, url, data=data, headers=send_headers, timeout=self.timeout,
-                                             verify=self.verify, allow_redirects=False)
-            except requests.exceptions.SSLError:
-                # Not transient: the instance's certificate is not trusted (wrong CA bundle or interception).
-                raise DataverseError(f"{method} {urlsplit(url).path}: TLS certificate verification failed") from None
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                if transient < self.transient_retries:
-                    transient += 1
-                    self._sleep(0.2 * transient)
-                    continue
-                raise Transient(f"{method} {urlsplit(url).path}: {type(exc).__name__}") from None
-            hint = resp.headers.get("x-ms-dop-hint")
-            if hint and hint.isdigit():
-                self.dop_hint = int(hint)
-            status = resp.status_code
-            if status < 400 or status == 304:
-                return resp
-            if status == 401 and not refreshed:
-                refreshed = force_refresh = True
-                continue
-            if status == 429:
-                wait = retry_after_seconds(resp.headers.get("Retry-After"))
-                self._penalty.note(_PENALTY, wait)
-                if wait <= self.max_inline_wait and throttled < self.max_throttle_retries:
-                    log.info("Dataverse throttled %s %s; waiting %.1f s inline", method, urlsplit(url).path, wait)
-                    continue  # the top of the loop waits the penalty out
-            error = error_for(status, resp.content, dict(resp.headers))
-            if isinstance(error, Transient) and transient < self.transient_retries:
-                transient += 1
-                self._sleep(0.2 * transient)
-                continue
-            raise error
+    def request(self, method: str, path: str, *, params: dict[str, str] | None = None, body: JsonBody | None = None,
+                data: bytes | None = None, headers: dict[str, str] | None = None) -> requests.Response:
+        return self.transport.request(method, path, params=params, body=body, data=data, headers=headers)
 
     def _get_all(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
-        """A collection query, following @odata.nextLink."""
-        rows: list[dict[str, Any]] = []
-        headers = {"Prefer": "odata.maxpagesize=5000"}
-        data = self.request("GET", path, params=params, headers=headers).json()
-        rows += data.get("value", [])
-        while data.get("@odata.nextLink"):
-            data = self.request("GET", data["@odata.nextLink"], headers=headers).json()
-            rows += data.get("value", [])
-        return rows
+        return self.transport.get_all(path, params)
 
     # -- identity and privileges -----------------------------------------------------------------
 
@@ -497,22 +297,22 @@ class DataverseClient:
 
     def external_id_key_status(self, refresh: bool = False) -> str | None:
         """EntityKeyIndexStatus (Active, Pending, InProgress, Failed) of a key on externaluseridentifier alone."""
-        if refresh or "key" not in self._capabilities:
+        if refresh or self._key_status is None:
             data = self.request("GET", "EntityDefinitions(LogicalName='contact')/Keys",
                                 params={"$select": "LogicalName,KeyAttributes,EntityKeyIndexStatus"}).json()
             status = next((k.get("EntityKeyIndexStatus") for k in data.get("value", [])
                            if k.get("KeyAttributes") == [EXTERNAL_ID]), None)
-            self._capabilities["key"] = status
-        return self._capabilities["key"]
+            self._key_status = (status,)
+        return self._key_status[0]
 
     def bulk_upsert_supported(self, refresh: bool = False) -> bool:
-        if refresh or "upsert_multiple" not in self._capabilities:
+        if refresh or self._upsert_multiple is None:
             rows = self.request("GET", "sdkmessagefilters", params={
                 "$select": "sdkmessagefilterid",
                 "$filter": "sdkmessageid/name eq 'UpsertMultiple' and primaryobjecttypecode eq 'contact'",
             }).json().get("value", [])
-            self._capabilities["upsert_multiple"] = bool(rows)
-        return self._capabilities["upsert_multiple"]
+            self._upsert_multiple = bool(rows)
+        return self._upsert_multiple
 
     # -- bulk ------------------------------------------------------------------------------------
 

@@ -1,0 +1,73 @@
+"""core/tables.py's transaction shortcut against the pinned azure-data-tables and Azurite.
+
+`submit_changeset` sends a hand-built `$batch` through the SDK's private `TableClient._client`; these tests
+fail when an upgrade of the SDK removes or changes what it uses (so the change is seen, not silently
+slower), and show that the fallback through the SDK's own `submit_transaction` writes the same rows."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import uuid
+from pathlib import Path
+
+import azure.data.tables
+import pytest
+from azure.data.tables import TableClient
+
+from core.storage import Tables, int64, read_int
+from core.tables import ChangesetFailed, etag_of, fast_path_available, submit_changeset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WithoutPrivateClient:
+    """A TableClient as a newer SDK might have it: everything public, no `_client`."""
+
+    def __init__(self, table: TableClient) -> None:
+        self._table = table
+
+    def __getattr__(self, name: str) -> object:
+        if name == "_client":
+            raise AttributeError(name)
+        return getattr(self._table, name)
+
+
+@pytest.fixture
+def table(tables: Tables) -> TableClient:
+    return tables("txcontract")
+
+
+def test_the_sdk_is_the_pinned_version_with_the_private_shape_the_shortcut_uses(table: TableClient) -> None:
+    pinned = re.search(r"^azure-data-tables==(\S+)$", (ROOT / "requirements.txt").read_text(), re.M)
+    assert pinned and azure.data.tables.__version__ == pinned.group(1)
+    assert fast_path_available(table)
+    send = inspect.signature(table._client.send_request)
+    assert next(iter(send.parameters)) == "request"  # send_request(request, *, stream=..., **kwargs)
+    assert isinstance(table.api_version, str) and table.table_name == "txcontract"
+
+
+@pytest.mark.parametrize("shape", ["private", "sdk"])
+def test_a_transaction_round_trips_and_a_conflict_applies_nothing(table: TableClient, shape: str) -> None:
+    target = table if shape == "private" else WithoutPrivateClient(table)
+    assert fast_path_available(target) is (shape == "private")  # type: ignore[arg-type]
+    pk = f"p{uuid.uuid4().hex}"
+    rows = [{"PartitionKey": pk, "RowKey": f"r{i}", "name": f"n'{i}/#?", "big": int64(2**53), "small": i,
+             "flag": True} for i in range(3)]
+    submit_changeset(target, [("create", r, None) for r in rows])  # type: ignore[arg-type]
+    stored = {e["RowKey"]: e for e in table.query_entities("PartitionKey eq @pk", parameters={"pk": pk})}
+    assert sorted(stored) == ["r0", "r1", "r2"]
+    assert stored["r1"]["name"] == "n'1/#?" and read_int(stored["r1"]["big"]) == 2**53 and stored["r1"]["small"] == 1
+
+    first = stored["r0"]
+    submit_changeset(target, [("replace", {**rows[0], "name": "renamed"}, etag_of(first))])  # type: ignore[arg-type]
+    assert table.get_entity(pk, "r0")["name"] == "renamed"
+
+    # the ETag read before the rename no longer matches: the whole transaction is refused
+    with pytest.raises(ChangesetFailed):
+        submit_changeset(target, [("replace", {**rows[1], "name": "lost"}, etag_of(stored["r1"])),  # type: ignore[arg-type]
+                                  ("replace", {**rows[0], "name": "stale"}, etag_of(first))])
+    assert table.get_entity(pk, "r1")["name"] == "n'1/#?" and table.get_entity(pk, "r0")["name"] == "renamed"
+
+    with pytest.raises(ChangesetFailed):  # a create of a row that exists
+        submit_changeset(target, [("create", rows[2], None)])  # type: ignore[arg-type]
