@@ -1,4 +1,4 @@
-"""sync.dataverse_batch: the client's $batch request builder and response parser, on documented shapes."""
+"""dataverse.batch: the client's $batch request builder and response parser, on documented shapes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""sync.dataverse.DataverseClient against the simulator: every operation and every error class."""
+"""dataverse.client.DataverseClient against the simulator: every operation and every error class."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""sync.dataverse_errors.error_for: status and Dataverse error code -> typed error (pure, table-driven)."""
+"""dataverse.errors.error_for: status and Dataverse error code -> typed error (pure, table-driven)."""
 
 from __future__ import annotations
 

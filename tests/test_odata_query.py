@@ -24,7 +24,7 @@ HOSTILE = [
 
 
 def url_round_trip(filter_text: str) -> str:
-    """What the server sees: the query as sync.dataverse sends it, then decoded as a query string."""
+    """What the server sees: the query as dataverse.client sends it, then decoded as a query string."""
     return dict(parse_qsl(encode_query({"$filter": filter_text}), keep_blank_values=True))["$filter"]
 
 
