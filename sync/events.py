@@ -20,6 +20,10 @@ STRING_FIELDS = ("first_name", "last_name", "email", "phone", "company", "job_ti
                  "updated_at")
 MAX_VERSION = 2**53  # JSON-safe integers only
 MAX_STRING = 100_000
+# A \uD800-\uDFFF escape that is not half of a pair is valid JSON text but no Unicode character
+# (https://www.rfc-editor.org/rfc/rfc8259#section-8.2): it cannot be encoded as UTF-8, so no table, queue or
+# Dataverse request could carry it.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class SchemaError(AppError):
@@ -75,6 +79,8 @@ def _optional_string(obj: dict[str, Any], key: str, field: str) -> str | None:
         raise SchemaError(field, "must be a string or null")
     if len(value) > MAX_STRING:
         raise SchemaError(field, f"must be at most {MAX_STRING} characters")
+    if _LONE_SURROGATE.search(value):
+        raise SchemaError(field, "must be Unicode text (it holds an unpaired surrogate escape)")
     return value
 
 
