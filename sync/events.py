@@ -20,6 +20,10 @@ STRING_FIELDS = ("first_name", "last_name", "email", "phone", "company", "job_ti
                  "updated_at")
 MAX_VERSION = 2**53  # JSON-safe integers only
 MAX_STRING = 100_000
+# A \uD800-\uDFFF escape that is not half of a pair is valid JSON text but no Unicode character
+# (https://www.rfc-editor.org/rfc/rfc8259#section-8.2): it cannot be encoded as UTF-8, so no table, queue or
+# Dataverse request could carry it.
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ def _optional_string(obj: dict[str, Any], key: str, field: str) -> str | None:
         raise FieldError("must be a string or null", field=field)
     if len(value) > MAX_STRING:
         raise FieldError(f"must be at most {MAX_STRING} characters", field=field)
+    if _LONE_SURROGATE.search(value):
+        raise FieldError("must be Unicode text (it holds an unpaired surrogate escape)", field=field)
     return value
 
 

@@ -109,17 +109,19 @@ def cut(text: str, max_units: int) -> str:
             break
         units += size
         end += 1
-    # Back off while the cut would separate a cluster: the first dropped char extends the last kept one,
-    # or the last kept char is a joiner waiting for its partner.
-    while end > 0 and (_extends_cluster(text[end]) or text[end - 1] == "\u200d"):
+    while True:
+        # Back off while the cut would separate a cluster: the first dropped char extends the last kept
+        # one, or the last kept char is a joiner waiting for its partner.
+        while end > 0 and (_extends_cluster(text[end]) or text[end - 1] == "\u200d"):
+            end -= 1
+        # Flags are pairs of regional indicators: never keep an odd one at the end.
+        run = 0
+        while run < end and _is_regional_indicator(text[end - 1 - run]):
+            run += 1
+        if not (run % 2 == 1 and end < len(text) and _is_regional_indicator(text[end])):
+            return text[:end]
+        # Dropping that indicator may leave a joiner whose partner it was: check the new end again.
         end -= 1
-    # Flags are pairs of regional indicators: never keep an odd one at the end.
-    run = 0
-    while run < end and _is_regional_indicator(text[end - 1 - run]):
-        run += 1
-    if run % 2 == 1 and end < len(text) and _is_regional_indicator(text[end]):
-        end -= 1
-    return text[:end]
 
 
 def _is_regional_indicator(ch: str) -> bool:
