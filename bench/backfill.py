@@ -248,7 +248,7 @@ def run_batch10(stack: Stack, seconds: float) -> Run:
 
     def step(i: int) -> int:
         items = [UpsertItem(str(j), *baseline_payload(j)) for j in range(i * 10, i * 10 + 10)]
-        result = _waiting_out_throttles(lambda: client.bulk_upsert(items, use_key=False, method="$batch"))
+        result = _waiting_out_throttles(lambda: client.bulk_upsert(items, method="$batch"))
         return len(result.succeeded)
 
     try:

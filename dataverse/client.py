@@ -8,17 +8,12 @@ token and keeps Dataverse's penalties).
     retrieve_user_privileges(user_id) -> set[str]
     find_contact(external_id) -> ContactRef | None
     find_contacts(external_ids) -> dict[external_id, ContactRef]          (batched, chunked by URL length)
-    get_contact(contact_id) -> ContactRef | None
     upsert_contact(contact_id, payload, *, reactivate=False) -> WriteResult     PATCH contacts(<id>)
-    upsert_contact_by_key(external_id, payload, *, reactivate=False) -> WriteResult (needs an Active key)
-    update_contact(contact_id, payload, *, etag="*", reactivate=False) -> WriteResult   (If-Match)
     delete_contact(contact_id, *, etag=None) -> bool           False when it was already gone
-    deactivate_contact(contact_id) / reactivate_contact(contact_id) -> bool
-    find_user_by_email(email) -> str | None                    enabled users only
+    deactivate_contact(contact_id) -> bool
     find_users_by_email(emails) -> dict[normalised email, UserRef]
-    external_id_key_status() -> str | None                     EntityKeyIndexStatus of a key on externaluseridentifier
     bulk_upsert_supported() -> bool                            UpsertMultiple available for contact
-    bulk_upsert(items, *, use_key=False, method=None) -> BulkResult
+    bulk_upsert(items, *, method=None) -> BulkResult
     requests_made                                              requests sent by the calling thread (for reports)
     dop_hint                                                   the last x-ms-dop-hint seen (int or None)
 
@@ -138,7 +133,6 @@ class DataverseClient:
         self.url_budget = url_budget
         self.upsert_multiple_size = upsert_multiple_size
         self.batch_size = min(batch_size, 1000)
-        self._key_status: tuple[str | None] | None = None  # (status,) once read
         self._upsert_multiple: bool | None = None
 
     def close(self) -> None:
@@ -206,13 +200,6 @@ class DataverseClient:
         rows = [r for r in rows if r.get(EXTERNAL_ID) == external_id]
         return _contact_ref(self._pick(rows)) if rows else None
 
-    def get_contact(self, contact_id: str) -> ContactRef | None:
-        try:
-            row = self.request("GET", f"contacts({contact_id})", params={"$select": CONTACT_SELECT}).json()
-        except NotFound:
-            return None
-        return _contact_ref(row)
-
     # -- contact writes --------------------------------------------------------------------------
 
     def _write(self, path: str, payload: dict[str, Any], headers: dict[str, str]) -> WriteResult:
@@ -226,20 +213,6 @@ class DataverseClient:
         body = {**payload, **ACTIVE} if reactivate else payload
         return self._write(f"contacts({contact_id})", body, {})
 
-    def upsert_contact_by_key(self, external_id: str, payload: dict[str, Any], *,
-                              reactivate: bool = False) -> WriteResult:
-        """Create-or-update through the alternate key on externaluseridentifier (it must be Active)."""
-        body = {k: v for k, v in payload.items() if k != EXTERNAL_ID}
-        if reactivate:
-            body.update(ACTIVE)
-        return self._write(f"contacts({EXTERNAL_ID}={odata_string(external_id)})", body, {})
-
-    def update_contact(self, contact_id: str, payload: dict[str, Any], *, etag: str = "*",
-                       reactivate: bool = False) -> WriteResult:
-        """Update only (If-Match): NotFound when the row is gone, Conflict when `etag` no longer matches."""
-        body = {**payload, **ACTIVE} if reactivate else payload
-        return self._write(f"contacts({contact_id})", body, {"If-Match": etag})
-
     def delete_contact(self, contact_id: str, *, etag: str | None = None) -> bool:
         try:
             self.request("DELETE", f"contacts({contact_id})", headers={"If-Match": etag} if etag else None)
@@ -247,18 +220,12 @@ class DataverseClient:
             return False
         return True
 
-    def _set_state(self, contact_id: str, state: dict[str, int]) -> bool:
+    def deactivate_contact(self, contact_id: str) -> bool:
         try:
-            self.request("PATCH", f"contacts({contact_id})", body=state, headers={"If-Match": "*"})
+            self.request("PATCH", f"contacts({contact_id})", body=INACTIVE, headers={"If-Match": "*"})
         except NotFound:
             return False
         return True
-
-    def deactivate_contact(self, contact_id: str) -> bool:
-        return self._set_state(contact_id, INACTIVE)
-
-    def reactivate_contact(self, contact_id: str) -> bool:
-        return self._set_state(contact_id, ACTIVE)
 
     # -- users -----------------------------------------------------------------------------------
 
@@ -287,23 +254,7 @@ class DataverseClient:
                     by_email.setdefault(email, []).append(row)
         return {email: self._best_user(rows) for email, rows in by_email.items()}
 
-    def find_user_by_email(self, email: str) -> str | None:
-        rows = self._get_all("systemusers", {
-            "$select": "systemuserid,internalemailaddress,isdisabled,accessmode,fullname",
-            "$filter": f"internalemailaddress eq {odata_string(email.strip())} and isdisabled eq false"})
-        return self._best_user(rows).systemuserid if rows else None
-
     # -- capabilities ----------------------------------------------------------------------------
-
-    def external_id_key_status(self, refresh: bool = False) -> str | None:
-        """EntityKeyIndexStatus (Active, Pending, InProgress, Failed) of a key on externaluseridentifier alone."""
-        if refresh or self._key_status is None:
-            data = self.request("GET", "EntityDefinitions(LogicalName='contact')/Keys",
-                                params={"$select": "LogicalName,KeyAttributes,EntityKeyIndexStatus"}).json()
-            status = next((k.get("EntityKeyIndexStatus") for k in data.get("value", [])
-                           if k.get("KeyAttributes") == [EXTERNAL_ID]), None)
-            self._key_status = (status,)
-        return self._key_status[0]
 
     def bulk_upsert_supported(self, refresh: bool = False) -> bool:
         if refresh or self._upsert_multiple is None:
@@ -317,72 +268,62 @@ class DataverseClient:
     # -- bulk ------------------------------------------------------------------------------------
 
     @staticmethod
-    def _target(item: UpsertItem, use_key: bool) -> tuple[str, dict[str, Any]]:
+    def _target(item: UpsertItem) -> tuple[str, dict[str, Any]]:
         """(URL of the row, body without identity) for one item."""
         body = {**item.payload, **ACTIVE} if item.reactivate else dict(item.payload)
-        if use_key:
-            external = body.pop(EXTERNAL_ID)  # a key column in the body breaks the create path (0x80040216)
-            return f"contacts({EXTERNAL_ID}={odata_string(external)})", body
         return f"contacts({item.contact_id})", body
 
-    def bulk_upsert(self, items: Sequence[UpsertItem], *, use_key: bool = False,
-                    method: str | None = None) -> BulkResult:
+    def bulk_upsert(self, items: Sequence[UpsertItem], *, method: str | None = None) -> BulkResult:
         """Upsert many contacts: UpsertMultiple when the table offers it (else a continue-on-error $batch).
 
         A rejected request is split in halves until the bad records are isolated, so every good record
         lands and each bad one is reported with its field and reason. Throttled, Transient, AuthExpired
         and PermissionDenied are raised (the records that already landed stay: every write is an upsert).
         Rows are addressed by `item.contact_id` (the existing row's id, or the deterministic id for a new
-        one), so the caller knows every row's id afterwards. `use_key=True` addresses them by the alternate
-        key on externaluseridentifier instead (check external_id_key_status() == "Active" first): no lookup
-        is needed, but new rows get server-generated ids that only a later lookup reveals.
+        one), so the caller knows every row's id afterwards.
         `method` forces "UpsertMultiple" or "$batch" (default: UpsertMultiple when the table offers it).
         """
         start = self.requests_made
         if method is None:
             method = "UpsertMultiple" if self.bulk_upsert_supported() else "$batch"
-        unique = list({(i.payload.get(EXTERNAL_ID) if use_key else i.contact_id): i for i in items}.values())
+        unique = list({i.contact_id: i for i in items}.values())
         result = BulkResult(method=method)
         send = self._send_upsert_multiple if method == "UpsertMultiple" else self._send_batch
         size = self.upsert_multiple_size if method == "UpsertMultiple" else self.batch_size
         for i in range(0, len(unique), size):
-            self._bisect(unique[i : i + size], use_key, send, result)
+            self._bisect(unique[i : i + size], send, result)
         superseded = {i.key for i in items} - {i.key for i in unique}  # duplicates of a later snapshot
         result.succeeded += sorted(superseded)
         result.requests_made = self.requests_made - start
         return result
 
-    def _bisect(self, items: list[UpsertItem], use_key: bool,
-                send: Callable[[list[UpsertItem], bool], list[RecordFailure]], result: BulkResult) -> None:
+    def _bisect(self, items: list[UpsertItem], send: Callable[[list[UpsertItem]], list[RecordFailure]],
+                result: BulkResult) -> None:
         try:
-            failures = send(items, use_key)
+            failures = send(items)
         except (ValidationFailed, NotFound, Conflict) as err:
             if len(items) == 1:
                 failures = [RecordFailure(items[0].key, getattr(err, "field", None) or _field_of(err), err.code,
                                           err.message, err.category)]
             else:
                 middle = len(items) // 2
-                self._bisect(items[:middle], use_key, send, result)
-                self._bisect(items[middle:], use_key, send, result)
+                self._bisect(items[:middle], send, result)
+                self._bisect(items[middle:], send, result)
                 return
         failed = {f.key for f in failures}
         result.failed += failures
         result.succeeded += [i.key for i in items if i.key not in failed]
 
-    def _send_upsert_multiple(self, items: list[UpsertItem], use_key: bool) -> list[RecordFailure]:
+    def _send_upsert_multiple(self, items: list[UpsertItem]) -> list[RecordFailure]:
         targets = []
         for item in items:
-            url, body = self._target(item, use_key)
-            if use_key:
-                body["@odata.id"] = url
-            else:
-                body["contactid"] = item.contact_id
-            targets.append({"@odata.type": CONTACT_TYPE, **body})
+            _, body = self._target(item)
+            targets.append({"@odata.type": CONTACT_TYPE, **body, "contactid": item.contact_id})
         self.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", body={"Targets": targets})
         return []  # all or nothing on standard tables: success means every record landed
 
-    def _send_batch(self, items: list[UpsertItem], use_key: bool) -> list[RecordFailure]:
-        parts = [BatchPart("PATCH", url, body) for url, body in (self._target(i, use_key) for i in items)]
+    def _send_batch(self, items: list[UpsertItem]) -> list[RecordFailure]:
+        parts = [BatchPart("PATCH", url, body) for url, body in map(self._target, items)]
         content_type, data = build_batch(parts, API_PATH)
         resp = self.request("POST", "$batch", data=data,
                             headers={"Content-Type": content_type, "Prefer": "odata.continue-on-error"})

@@ -62,7 +62,7 @@ class Services:
 
     @cached_property
     def tokens(self) -> TokenStore:
-        """Access tokens per connection: `tokens.provider(conn)(force_refresh) -> str` (raises ReauthRequired)."""
+        """Access tokens per connection: `tokens.provider(conn)(force_refresh) -> str` (raises ConnectionGone)."""
         return TokenStore(self.settings, self.secrets, self.connections)
 
     @cached_property

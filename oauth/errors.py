@@ -26,11 +26,8 @@ class ConnectFailed(OAuthError):
         self.message = message
 
 
-class ReauthRequired(OAuthError):
-    """Microsoft no longer accepts the connection's sign-in (invalid_grant); an admin must reconnect.
-
-    The connection has been moved to `needs_reauth` already; callers drop their work.
-    """
+class ConnectionGone(OAuthError):
+    """There is no live connection to do this work for any more: callers drop their work."""
 
     def __init__(self, account_id: str, message: str) -> None:
         super().__init__(message)
@@ -38,7 +35,14 @@ class ReauthRequired(OAuthError):
         self.message = message
 
 
-class NotConnected(ReauthRequired):
+class ReauthRequired(ConnectionGone):
+    """Microsoft no longer accepts the connection's sign-in (invalid_grant); an admin must reconnect.
+
+    The connection has been moved to `needs_reauth` already.
+    """
+
+
+class NotConnected(ConnectionGone):
     """The connection is not active (disconnected, pending, or a newer generation replaced it)."""
 
 

@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from core.connections import ConnectionStore, live_connection
 from core.log import outcome
 from core.storage import iso
-from oauth.errors import ReauthRequired, TokenUnavailable
+from oauth.errors import ConnectionGone, TokenUnavailable
 from oauth.sessions import SessionStore
 from oauth.token_store import TokenStore
 
@@ -43,7 +43,7 @@ def refresh_idle_connections(connections: ConnectionStore, tokens: TokenStore, s
         try:
             tokens.access_token(conn, force_refresh=True)
             refreshed += 1
-        except ReauthRequired:
+        except ConnectionGone:  # moved to needs_reauth, or its instance URL is no longer accepted
             reauth += 1
         except TokenUnavailable as exc:  # tomorrow's run tries again, with weeks to spare
             unavailable += 1

@@ -33,5 +33,5 @@ class SyncContext:
     owners: OwnerCache
     queues: Queues
     holds: HoldStore  # which account holds which Dynamics row of an org (sync/holds.py)
-    dataverse: Callable[[LiveConnection], DataverseClient]  # raises oauth.errors.ReauthRequired
+    dataverse: Callable[[LiveConnection], DataverseClient]  # raises oauth.errors.ConnectionGone
     wave: ContactsSource | None = None  # Wave's contacts API, for the backfill

@@ -3,7 +3,7 @@ readable reasons of the errors they meet. Pure: the workers act on the verdict.
 
 The ladder, so that only true bugs reach the poison queue:
 - a sign-in Microsoft no longer accepts (ReauthRequired: the token layer has set needs_reauth), or a
-  connection that is not live any more (its subclass NotConnected): the work is dropped;
+  connection that is not live any more (NotConnected; both are ConnectionGone): the work is dropped;
 - throttling (Dataverse's 429, Wave's 429): the message goes back to its queue, visible after Retry-After
   (and the original completes: the host's dequeue count is not burned); Dataverse's penalty is noted for
   the connection so that its other messages hold back;
@@ -22,13 +22,13 @@ from dataclasses import dataclass
 
 from core.errors import FieldError
 from dataverse.errors import AuthExpired, DataverseError, Throttled, Transient
-from oauth.errors import ReauthRequired, TokenUnavailable
+from oauth.errors import ConnectionGone, NotConnected, ReauthRequired, TokenUnavailable
 from sync.holds import HeldElsewhere
 from sync.rules import MAX_TRANSIENT_ATTEMPTS, retry_delay, throttle_delay
 from sync.wave_api import WaveError, WaveThrottled, WaveUnavailable
 
 # The errors a worker expects; anything else is a bug, left to the host's retries and the poison queue.
-EXPECTED: tuple[type[Exception], ...] = (ReauthRequired, TokenUnavailable, DataverseError, WaveError, FieldError,
+EXPECTED: tuple[type[Exception], ...] = (ConnectionGone, TokenUnavailable, DataverseError, WaveError, FieldError,
                                          HeldElsewhere)
 _CATEGORIES = ("validation", "permission", "not_found", "throttled", "transient", "auth", "conflict")
 
@@ -77,6 +77,8 @@ def verdict(error: Exception, attempt: int, *, jitter: float = 0.0) -> Verdict:
     throttled messages over up to twice their Retry-After (sync/rules.py throttle_delay)."""
     if isinstance(error, ReauthRequired):
         return Verdict(Action.DROP, "dropped:needs_reauth")
+    if isinstance(error, NotConnected):
+        return Verdict(Action.DROP, "dropped:not_connected")
     if isinstance(error, (Throttled, WaveThrottled)):
         penalty = error.retry_after if isinstance(error, Throttled) else None
         return Verdict(Action.RESCHEDULE, "rescheduled:throttled", delay=throttle_delay(error.retry_after, jitter),

@@ -239,7 +239,7 @@ def test_a_failed_reconnect_leaves_the_live_connection_alone(devhost, identity, 
 
 def test_disconnect_deletes_the_secret_and_reconnect_uses_a_new_one(devhost, identity, fresh_entra, store):
     from functions.services import services
-    from oauth.errors import ReauthRequired
+    from oauth.errors import ConnectionGone, NotConnected
 
     acct = new_account()
     connect_account(devhost, identity, acct)
@@ -252,9 +252,9 @@ def test_disconnect_deletes_the_secret_and_reconnect_uses_a_new_one(devhost, ide
     assert live.secret_name in identity.keyvault.deleted_names()  # soft-deleted, as a real vault does
     gone = store.get(acct)
     assert gone.generation is None and not gone.accepts(live.generation)
-    with pytest.raises(ReauthRequired):  # a worker still holding the old connection gets no token
+    with pytest.raises(ConnectionGone):  # a worker still holding the old connection gets no token
         services().tokens.provider(live)(False)
-    with pytest.raises(ReauthRequired):  # nor a client for the disconnected row
+    with pytest.raises(NotConnected):  # nor a client for the disconnected row
         services().dataverse(gone)
     assert store.get(acct).state == "disconnected"  # ...and does not disturb the row
 
