@@ -40,6 +40,7 @@ from urllib.parse import quote, urlsplit
 from azure.core.exceptions import AzureError
 from azure.data.tables import TableClient, TableEntity, UpdateMode
 
+from core.errors import ConcurrencyError
 from core.penalties import Penalties
 from core.tables import update_row
 
@@ -173,11 +174,14 @@ class Budget:
 
     def _refresh(self, fresh: bool = False) -> None:
         """Read the user's rows when the view is older than `refresh` (one thread at a time; the others go
-        on with the view they have) or when `fresh`, heartbeating first when due."""
+        on with the view they have, except before the first read) or when `fresh`, heartbeating first when
+        due. Waiters for a slot are woken: a share may have grown."""
         if self.store is None:
             return
         now = self._clock()
         with self._cond:
+            while self._refreshing and self._read_at == -math.inf:
+                self._cond.wait()  # before the first read there is no view to go on with: wait for it
             if not fresh and (self._refreshing or now - self._read_at < self.refresh):
                 return
             self._refreshing = True
@@ -191,19 +195,19 @@ class Budget:
             log.warning("Dataverse budget %s: storage unavailable (%s); going on with what this instance knows",
                         self.key, type(exc).__name__)
         finally:
+            if shared is not None and shared.penalty_until > now:
+                self._local.note(_KEY, shared.penalty_until - now)
             with self._cond:
-                self._refreshing, self._read_at = False, now
                 if shared is not None:
                     self._shared = Shared(shared.penalty_until, shared.dop_hint,
                                           tuple(sorted({*shared.instances, self.instance})))
-                    self._cond.notify_all()  # a share may have grown
-        if shared is not None and shared.penalty_until > now:
-            self._local.note(_KEY, shared.penalty_until - now)
+                self._refreshing, self._read_at = False, now
+                self._cond.notify_all()
 
     def _write(self, what: str, call: Callable[[], None]) -> None:
         try:
             call()
-        except AzureError as exc:
+        except (AzureError, ConcurrencyError) as exc:
             log.warning("Dataverse budget %s: could not share the %s (%s)", self.key, what, type(exc).__name__)
 
     # -- penalties ------------------------------------------------------------------------------

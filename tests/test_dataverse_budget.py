@@ -336,3 +336,30 @@ def test_the_table_rows_one_penalty_row_and_one_row_per_live_instance(table_stor
     assert table_store.read(key, live_since=500.0) == Shared(1000.0, 8, ("new",))
     table_store.note_penalty(key, 1100.0)
     assert table_store.read(key, live_since=0.0) == Shared(1100.0, 8, ("new", "old"))
+
+
+def test_before_its_first_read_no_thread_sends_on_an_empty_view(key: str) -> None:
+    """Many messages arrive at a fresh instance at once: all wait for the one storage read, none sends on
+    the empty view meanwhile (the end-to-end test in tests/test_shared_budget.py found this)."""
+    clock, reading, go = Clock(), threading.Event(), threading.Event()
+    store = MemoryStore()
+    store.note_penalty(key, clock.now + 30)  # another instance's penalty
+
+    class SlowStore(MemoryStore):
+        def read(self, key: str, live_since: float) -> Shared:
+            reading.set()
+            assert go.wait(30)
+            return store.read(key, live_since)
+
+    fresh = instance(SlowStore(), key, clock)
+    seen: list[float] = []
+    first = threading.Thread(target=lambda: seen.append(fresh.budget.remaining()))
+    first.start()
+    assert reading.wait(30)
+    second = threading.Thread(target=lambda: seen.append(fresh.budget.remaining()))
+    second.start()
+    assert wait_until(lambda: fresh.budget._cond._waiters)  # type: ignore[attr-defined]  # blocked on the read
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert seen == [30.0, 30.0]
