@@ -219,15 +219,13 @@ class Budget:
         self._refresh(fresh)
         return self._local.remaining(_KEY)
 
-    def turn(self) -> float:
+    def turn(self, limit: float | None = None) -> float:
         """Seconds a caller waits before trying again: the penalty's end plus its place among this
-        process's waiters (core/penalties.py `turn`), offset by this instance's rank among the user's
-        instances, so that instances do not let their first waiters go at the same instant either."""
-        wait = self._local.turn(_KEY)
-        if wait <= 0:
-            return 0.0
+        process's waiters (core/penalties.py `turn`; a turn longer than `limit` takes no place), offset by
+        this instance's rank among the user's instances, so that instances do not let their first waiters
+        go at the same instant either."""
         live = sorted({*self._shared.instances, self.instance})
-        return wait + self._local.stagger * live.index(self.instance) / len(live)
+        return self._local.turn(_KEY, limit, self._local.stagger * live.index(self.instance) / len(live))
 
     def note(self, retry_after: float) -> None:
         """A 429's Retry-After: held back here at once, and shared when it ends later than the known one."""

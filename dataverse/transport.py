@@ -166,10 +166,11 @@ class Transport:
             left = self.budget.remaining(fresh=waited)
             waited = False
             if left > 0:
-                if left > self.max_inline_wait or throttled >= self.max_throttle_retries:
-                    raise Throttled(f"{where}: held back while Dataverse throttles this user", retry_after=left)
+                turn = self.budget.turn(self.max_inline_wait) if throttled < self.max_throttle_retries else left
+                if turn > self.max_inline_wait or throttled >= self.max_throttle_retries:
+                    raise Throttled(f"{where}: held back while Dataverse throttles this user", retry_after=turn)
                 throttled += 1
-                self._sleep(self.budget.turn())
+                self._sleep(turn)
                 waited = True
                 continue
             send_headers["Authorization"] = "Bearer " + self._token(force_refresh)

@@ -83,11 +83,13 @@ PAGE_SIZE = 500
 # waiting for the penalty to end, while the last one's states are written.
 PAGES_AHEAD = 16
 # A prepared page waits out a Dataverse penalty of up to INLINE_WAIT_SECONDS in-process, up to
-# PAGE_WAIT_SECONDS in all; beyond that it goes back to the queue, visible again shortly before the
-# penalty ends (sync/throttle.py return_delay). Short, because a waiting page holds one of the worker's
-# threads, which every function of the instance shares (README, host.json choices).
+# PAGE_WAIT_SECONDS in all: short, because a waiting page holds one of the worker's threads, which every
+# function of the instance shares (README, host.json choices). A page that would wait longer goes back to
+# the queue, visible again PREPARE_AHEAD_SECONDS before the penalty ends (sync/throttle.py return_delay),
+# so that it is read from Wave and prepared while the penalty runs out, and is ready when it ends.
 INLINE_WAIT_SECONDS = 2.0
 PAGE_WAIT_SECONDS = 5.0
+PREPARE_AHEAD_SECONDS = 3.0
 PAGE_FAILURE_PREFIX = "~backfill-page-"  # failure rows of a whole page; '~' is never in a Wave contact id
 
 
@@ -316,7 +318,7 @@ def _settle_failure(ctx: SyncContext, msg: PageMessage, error: Exception) -> str
         penalties.note(msg.account_id, found.penalty)  # the live lane of this process holds back too
     if found.action is Action.RESCHEDULE:
         # a Dataverse penalty: back shortly before it ends, to be prepared while the rest runs out
-        delay = return_delay(error.retry_after, INLINE_WAIT_SECONDS) if isinstance(error, Throttled) else found.delay
+        delay = return_delay(error.retry_after, PREPARE_AHEAD_SECONDS) if isinstance(error, Throttled) else found.delay
         ctx.queues.send(BACKFILL_PAGES, (msg.retry() if found.next_attempt else msg).to_dict(), delay_seconds=delay)
     elif found.action is Action.DROP:
         _fail_run(ctx, msg, "auth", "Microsoft no longer accepts the connection's sign-in; reconnect to finish")
@@ -372,8 +374,8 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
     try:
         # Dataverse throttles this user (seen by any instance) for a while: come back shortly before it ends
         wait = ctx.dataverse(conn).budget.remaining()
-        if wait > INLINE_WAIT_SECONDS:
-            ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=return_delay(wait, INLINE_WAIT_SECONDS))
+        if wait > PREPARE_AHEAD_SECONDS:
+            ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=return_delay(wait, PREPARE_AHEAD_SECONDS))
             return "rescheduled:throttled", report
         page = ctx.wave.contacts_page(msg.account_id, msg.cursor, PAGE_SIZE)
         report.contacts = len(page.contacts)

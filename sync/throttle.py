@@ -29,11 +29,11 @@ def reschedule_delay(retry_after: float | None) -> int:
     return throttle_delay(retry_after, random.random())
 
 
-def return_delay(wait: float, inline: float) -> int:
+def return_delay(wait: float, ahead: float) -> int:
     """Whole seconds (a queue's visibility delay) after which work held back for `wait` seconds comes back:
-    about `inline` / 2 before the penalty ends, so that it is read and prepared again meanwhile and waits
-    the last moments in-process (at most `inline`), instead of arriving after the budget came back."""
-    return max(1, math.floor(wait - inline / 2))
+    at most `ahead` seconds before the penalty ends, so that it is read and prepared again meanwhile and
+    waits the last moments in-process, instead of arriving after the budget came back."""
+    return max(1, math.ceil(wait - ahead))
 
 
 penalties = Penalties()
@@ -44,15 +44,16 @@ class Waits(Protocol):
 
     def remaining(self, fresh: bool = False) -> float: ...
 
-    def turn(self) -> float: ...
+    def turn(self, limit: float | None = None) -> float: ...
 
 
 class Patience:
     """Dataverse calls of one piece of prepared work, waiting out the user's penalties in-process.
 
-    A penalty of at most `longest` seconds is slept through (while the work's `budget` of waiting lasts)
-    and the call is made after it; a 429 the call meets (the client notes it in `waits`) is waited out the
-    same way. A longer penalty raises Throttled(retry_after), for the caller to put the work back on its
+    A turn of at most `longest` seconds (the penalty's rest and the place among its waiters) is slept
+    through while the work's `budget` of waiting lasts, and the call is made after it; a 429 the call
+    meets (the client notes it in `waits`) is waited out the same way. A longer one raises
+    Throttled(retry_after), for the caller to put the work back on its
     queue: a worker thread should not sit idle while it waits (the Python worker runs every function on
     one pool of PYTHON_THREADPOOL_THREAD_COUNT threads).
     """
@@ -66,11 +67,11 @@ class Patience:
     def call(self, fn: Callable[[], T]) -> T:
         waited = False
         while True:
-            wait = self.waits.remaining(fresh=waited)
-            if wait > 0:
-                if wait > min(self.longest, self.budget - self.waited):
-                    raise Throttled("held back while Dataverse throttles this connection", retry_after=wait)
-                turn = self.waits.turn()
+            if self.waits.remaining(fresh=waited) > 0:
+                limit = min(self.longest, self.budget - self.waited)
+                turn = self.waits.turn(limit)
+                if turn > limit:
+                    raise Throttled("held back while Dataverse throttles this connection", retry_after=turn)
                 self.waited += turn
                 self._sleep(turn)
                 waited = True

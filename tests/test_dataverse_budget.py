@@ -206,7 +206,8 @@ def test_a_429_seen_by_one_instance_holds_back_another_without_a_request(store: 
     clock.now += 1.5  # b's view of the budget is older than its refresh interval: it reads storage
     with pytest.raises(Throttled) as held:
         b.transport.request("GET", "contacts")
-    assert held.value.retry_after == pytest.approx(28.5) and b.session.sent == 1  # nothing sent into the penalty
+    # nothing sent into the penalty; back after its rest (plus b's place among the instances' waiters)
+    assert held.value.retry_after == pytest.approx(28.5, abs=0.2) and b.session.sent == 1
     assert b.budget.remaining() == pytest.approx(28.5)
     clock.now += 28.5
     assert b.transport.request("GET", "contacts").status_code == 200 and b.session.sent == 2

@@ -99,7 +99,28 @@ def test_the_budget_of_waiting_bounds_a_page_throttled_again_and_again() -> None
     assert err.value.retry_after == 2
 
 
-@pytest.mark.parametrize(("wait", "inline", "delay"), [(8.6, 2, 7), (3.5, 2, 2), (2.5, 2, 1), (0.4, 2, 1), (60, 2, 59)])
-def test_work_sent_back_returns_shortly_before_the_penalty_ends(wait: float, inline: float, delay: int) -> None:
-    assert return_delay(wait, inline) == delay
-    assert delay >= 1 and (delay <= wait or wait < 1)
+@pytest.mark.parametrize(("wait", "delay"), [(8.6, 6), (9, 6), (3.5, 1), (2.5, 1), (0.4, 1), (60, 57)])
+def test_work_sent_back_returns_shortly_before_the_penalty_ends(wait: float, delay: int) -> None:
+    assert return_delay(wait, 3.0) == delay
+    assert delay >= 1 and (wait - delay <= 3.0)  # back at most 3 s before the end: time to prepare
+
+
+def test_a_turn_beyond_the_limit_takes_no_place() -> None:
+    t = FakeTime()
+    p = Penalties(t.clock, stagger=0.5)
+    p.note("a", 1)
+    assert [p.turn("a", limit=2) for _ in range(3)] == [1.0, 1.5, 2.0]
+    assert p.turn("a", limit=2) == 2.5  # would wait too long: not counted as waiting ...
+    assert p.turn("a", limit=2) == 2.5  # ... so the next caller is told the same
+    assert p.turn("a") == 2.5 and p.turn("a") == 3.0
+
+
+def test_waiters_beyond_the_patience_limit_go_back_instead_of_queueing_up() -> None:
+    t = FakeTime()
+    b = Budget(clock=t.clock)
+    b.note(1.5)
+    assert [round(b.turn(), 3) for _ in range(3)] == [1.5, 1.7, 1.9]  # three pages of this instance wait
+    patience = Patience(b, longest=2, budget=5, sleep=t.sleep)
+    with pytest.raises(Throttled) as err:  # a fourth would wait 2.1 s: back to the queue instead
+        patience.call(lambda: pytest.fail("called"))
+    assert err.value.retry_after == pytest.approx(2.1) and t.slept == []
