@@ -168,6 +168,7 @@ class Budget:
         self.dop_hint: int | None = None  # the last hint this process saw
         self.in_flight = 0
         self.waiting = 0  # callers waiting for a slot
+        self._callers = threading.local()  # threads whose caller waits out penalties itself
         self.most_in_flight = 0  # the highest `in_flight` seen (for tests and reports)
 
     # -- the shared view ------------------------------------------------------------------------
@@ -226,6 +227,21 @@ class Budget:
         go at the same instant either."""
         live = sorted({*self._shared.instances, self.instance})
         return self._local.turn(_KEY, limit, self._local.stagger * live.index(self.instance) / len(live))
+
+    @contextlib.contextmanager
+    def caller_waits(self) -> Iterator[None]:
+        """In this thread, for the block: the client raises Throttled instead of waiting a penalty inline,
+        because its caller waits (sync/throttle.py Patience), within a budget of its own."""
+        before = getattr(self._callers, "on", False)
+        self._callers.on = True
+        try:
+            yield
+        finally:
+            self._callers.on = before
+
+    @property
+    def caller_waiting(self) -> bool:
+        return bool(getattr(self._callers, "on", False))
 
     def note(self, retry_after: float) -> None:
         """A 429's Retry-After: held back here at once, and shared when it ends later than the known one."""

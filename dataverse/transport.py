@@ -4,10 +4,11 @@ One pooled HTTP session (a `requests.Session`, or anything with its `request` me
 (connect, read) timeouts on every request, and these rules:
 
 - a 401 forces one token refresh and one retry, then raises AuthExpired;
-- a 429 whose Retry-After is at most `max_inline_wait` seconds is waited out inline (a few times), a longer
-  one raises Throttled(retry_after) so the caller can reschedule its queue message instead of holding a
-  function instance. Until a 429's Retry-After has passed, nothing is sent to the user (a request during
-  the penalty would only extend it: service protection counts per user,
+- a 429 whose Retry-After is at most `max_inline_wait` seconds is waited out inline (a few times; not when
+  the caller waits itself: `Budget.caller_waits`), a longer one raises Throttled(retry_after) so the caller
+  can reschedule its queue message instead of holding a function instance. Until a 429's Retry-After has
+  passed, nothing is sent to the user (a request during the penalty would only extend it: service
+  protection counts per user,
   https://learn.microsoft.com/power-apps/developer/data-platform/api-limits): each caller waits the rest
   inline under the same rule or raises Throttled without sending. The penalty lives in the user's
   `Budget` (dataverse/budget.py), which every instance of the app shares;
@@ -166,8 +167,9 @@ class Transport:
             left = self.budget.remaining(fresh=waited)
             waited = False
             if left > 0:
-                turn = self.budget.turn(self.max_inline_wait) if throttled < self.max_throttle_retries else left
-                if turn > self.max_inline_wait or throttled >= self.max_throttle_retries:
+                inline = 0.0 if self.budget.caller_waiting else self.max_inline_wait
+                turn = self.budget.turn(inline) if throttled < self.max_throttle_retries else left
+                if turn > inline or throttled >= self.max_throttle_retries:
                     raise Throttled(f"{where}: held back while Dataverse throttles this user", retry_after=turn)
                 throttled += 1
                 self._sleep(turn)
@@ -204,7 +206,8 @@ class Transport:
             if status == 429:
                 wait = retry_after_seconds(resp.headers.get("Retry-After"))
                 self.budget.note(wait)
-                if wait <= self.max_inline_wait and throttled < self.max_throttle_retries:
+                inline = not self.budget.caller_waiting
+                if inline and wait <= self.max_inline_wait and throttled < self.max_throttle_retries:
                     log.info("Dataverse throttled %s; waiting %.1f s inline", where, wait)
                     continue  # the top of the loop waits the penalty out
             error = error_for(status, resp.content, dict(resp.headers))

@@ -87,8 +87,8 @@ PAGES_AHEAD = 16
 # function of the instance shares (README, host.json choices). A page that would wait longer goes back to
 # the queue, visible again PREPARE_AHEAD_SECONDS before the penalty ends (sync/throttle.py return_delay),
 # so that it is read from Wave and prepared while the penalty runs out, and is ready when it ends.
-INLINE_WAIT_SECONDS = 2.0
-PAGE_WAIT_SECONDS = 5.0
+INLINE_WAIT_SECONDS = 3.0
+PAGE_WAIT_SECONDS = 6.0
 PREPARE_AHEAD_SECONDS = 3.0
 PAGE_FAILURE_PREFIX = "~backfill-page-"  # failure rows of a whole page; '~' is never in a Wave contact id
 

@@ -15,6 +15,7 @@ import math
 import random
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Protocol, TypeVar
 
 from core.penalties import Penalties
@@ -45,6 +46,8 @@ class Waits(Protocol):
     def remaining(self, fresh: bool = False) -> float: ...
 
     def turn(self, limit: float | None = None) -> float: ...
+
+    def caller_waits(self) -> AbstractContextManager[None]: ...
 
 
 class Patience:
@@ -77,7 +80,8 @@ class Patience:
                 waited = True
                 continue  # another call of this user may have been throttled meanwhile
             try:
-                return fn()
+                with self.waits.caller_waits():  # the client does not wait inline besides: this loop does
+                    return fn()
             except Busy:
                 raise  # no penalty to wait for: this instance's requests to the user are all in flight
             except Throttled:
