@@ -101,6 +101,7 @@ class PageReport:
     failed: int = 0
     repairs: int = 0  # contacts a live worker changed meanwhile: re-applied through the live lane
     dataverse_requests: int = 0
+    waited: float = 0.0  # seconds the page waited in-process for Dataverse penalties to end
 
 
 def _live(conn: Connection | None, msg: PageMessage) -> LiveConnection | None:
@@ -289,11 +290,14 @@ def _write_page(ctx: SyncContext, conn: LiveConnection, contacts: dict[str, dict
     # the page is read and prepared: a short penalty is waited out here rather than through the queue
     patience = Patience(dv.budget, longest=INLINE_WAIT_SECONDS, budget=PAGE_WAIT_SECONDS)
     before = dv.requests_made
-    owners = patience.call(lambda: ctx.owners.lookup(dv, conn.account_id, conn.generation,
-                                                     [owner_email(c) for c in todo.values()]))
-    _map(ctx, conn, plan, todo, owners, report)
-    _resolve_ids(ctx, conn, dv, patience, plan, report)
-    _write(ctx, conn, dv, patience, plan, report)
+    try:
+        owners = patience.call(lambda: ctx.owners.lookup(dv, conn.account_id, conn.generation,
+                                                         [owner_email(c) for c in todo.values()]))
+        _map(ctx, conn, plan, todo, owners, report)
+        _resolve_ids(ctx, conn, dv, patience, plan, report)
+        _write(ctx, conn, dv, patience, plan, report)
+    finally:
+        report.waited += patience.waited
     report.dataverse_requests += dv.requests_made - before
     _settle(ctx, conn, plan, report)
 

@@ -364,3 +364,17 @@ def test_before_its_first_read_no_thread_sends_on_an_empty_view(key: str) -> Non
     first.join(30)
     second.join(30)
     assert seen == [30.0, 30.0]
+
+
+def test_inside_a_caller_that_waits_itself_the_client_raises_instead_of_waiting_inline(key: str) -> None:
+    clock = Clock()
+    a = instance(MemoryStore(), key, clock, max_inline_wait=2.0)
+    a.session.script = [response(429, {"Retry-After": "1"})]
+    with a.budget.caller_waits(), pytest.raises(Throttled) as err:
+        a.transport.request("GET", "contacts")
+    assert err.value.retry_after == 1 and clock.slept == [] and a.session.sent == 1
+    with a.budget.caller_waits(), pytest.raises(Throttled):  # held back during the penalty, not waited
+        a.transport.request("GET", "contacts")
+    assert clock.slept == [] and a.session.sent == 1
+    assert a.transport.request("GET", "contacts").status_code == 200  # outside: the short rest is waited
+    assert clock.slept == [1.0] and a.session.sent == 2
