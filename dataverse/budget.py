@@ -221,12 +221,13 @@ class Budget:
         return self._local.remaining(_KEY)
 
     def turn(self, limit: float | None = None) -> float:
-        """Seconds a caller waits before trying again: the penalty's end plus its place among this
-        process's waiters (core/penalties.py `turn`; a turn longer than `limit` takes no place), offset by
-        this instance's rank among the user's instances, so that instances do not let their first waiters
-        go at the same instant either."""
+        """Seconds a caller waits before trying again: the penalty's end plus its place among the waiters
+        (core/penalties.py `turn`; a turn longer than `limit` takes no place). The user's instances take
+        turns in the order of their rank, so that after a penalty their requests go one after another as
+        one instance's would, and each reads storage before sending (`remaining(fresh=True)`): a 429 one
+        meets stops the others too."""
         live = sorted({*self._shared.instances, self.instance})
-        return self._local.turn(_KEY, limit, self._local.stagger * live.index(self.instance) / len(live))
+        return self._local.turn(_KEY, limit, rank=live.index(self.instance), processes=len(live))
 
     @contextlib.contextmanager
     def caller_waits(self) -> Iterator[None]:
