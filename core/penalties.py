@@ -35,15 +35,15 @@ class Penalties:
         every caller already waiting on it. All sending at the moment a penalty ends would be refused,
         all but one, and extend it; one by one, the first 429 stops the rest (Microsoft: ramp up
         gradually and let the server tell you its capacity). With `processes` sharing the penalty, this
-        one (`rank` among them) takes every `processes`-th turn, so that together they go one after
-        another as one process's callers would. A turn longer than `limit` is answered without taking
-        the place: that caller does not wait here."""
+        one (`rank` among them) starts `rank / processes` of a stagger later, so that their first callers
+        do not go at the same instant either. A turn longer than `limit` is answered without taking the
+        place: that caller does not wait here."""
         with self._lock:
             left = self._until.get(key, 0.0) - self._clock()
             if left <= 0:
                 return 0.0
             place = self._waiting.get(key, 0)
-            wait = left + (place * processes + rank) * self.stagger
+            wait = left + (place + rank / processes) * self.stagger
             if limit is None or wait <= limit:
                 self._waiting[key] = place + 1
             return wait
