@@ -169,7 +169,6 @@ class Budget:
         self.in_flight = 0
         self.waiting = 0  # callers waiting for a slot
         self._callers = threading.local()  # threads whose caller waits out penalties itself
-        self.most_in_flight = 0  # the highest `in_flight` seen (for tests and reports)
 
     # -- the shared view ------------------------------------------------------------------------
 
@@ -297,7 +296,6 @@ class Budget:
                 finally:
                     self.waiting -= 1
             self.in_flight += 1
-            self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
             yield
         finally:
