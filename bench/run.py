@@ -62,8 +62,8 @@ ANALYSIS = [
     "waiting pages go 0.2 s apart (the instances offset by rank), each reading the row before sending. A page "
     "waits at most 3 s in-process (it was 15 s: a waiting page holds a thread of the worker's one pool); "
     "otherwise it goes back to its queue and returns 3 s before the penalty ends, to be read and prepared "
-    "meanwhile. In the runs made while designing this, three instances reached 93% of the ceiling against "
-    "99-100% for one, with the steady rate 75-77% against 81-82%: on this 2-core machine the extra instances' "
+    "meanwhile. In the runs made while designing this, three instances reached 93-98% of the ceiling against "
+    "99-100% for one, with the steady rate 75-80% against 81-82%: on this 2-core machine the extra instances' "
     "polling and the pages re-read after going back cost more than the budget's coordination, which a 10 s "
     "window makes 30 times more visible than the real 300 s one.",
     "- What is left: Retry-After is whole seconds, so each window loses up to a second to rounding (10% of a "
