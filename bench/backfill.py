@@ -73,6 +73,11 @@ class Run:
     requests: int  # Web API requests (429s included)
     throttled: int  # 429 answers
     breakdown: PageBreakdown | None = None
+    during_penalty: int = 0  # requests sent while Dataverse had the user in penalty (each extends it)
+
+    @property
+    def throttled_per_1000(self) -> float:
+        return self.throttled * 1000 / self.contacts if self.contacts else float("nan")
 
     @property
     def per_second(self) -> float:
@@ -130,12 +135,14 @@ class PageBreakdown:
         return sum(rows for _, rows in self.bursts[1:]) / (self.last_write_s - self.bursts[0][0])
 
 
-def page_breakdown(stack: Stack, seconds: float, started_at: float) -> PageBreakdown:
+def page_breakdown(stack: Stack, seconds: float, started_at: float, account: str) -> PageBreakdown:
     times = []
     logs = stack.instance_logs("backfill_worker")
     for line in (line for log in logs for line in log.read_text(errors="replace").splitlines()):
         if '"backfill_page"' in line:
-            times.append(float(json.loads(line[line.index("{"):])["ms"]))
+            page = json.loads(line[line.index("{"):])
+            if page.get("account_id") == account:
+                times.append(float(page["ms"]))
     log: list[dict[str, Any]] = dataverse_control(stack, "GET", "log")  # type: ignore[assignment]
     dataverse = sum(float(e.get("seconds") or 0) for e in log) * 1000
     writes = sorted((e["t"] - started_at, int(e["writes"])) for e in log
@@ -149,8 +156,13 @@ def page_breakdown(stack: Stack, seconds: float, started_at: float) -> PageBreak
                          writes[-1][0] if writes else 0.0)
 
 
-def run_pipeline(stack: Stack, account: str, contacts: int, show: bool = True) -> Run:
-    seed_dynamics_users(stack)
+PIPELINE = "pipeline (connect, auto-sync backfill through the queues)"
+
+
+def run_pipeline(stack: Stack, account: str, contacts: int, show: bool = True, name: str = PIPELINE,
+                 seed_users: bool = True) -> Run:
+    if seed_users:  # once per stack: the simulator would hold each team member twice
+        seed_dynamics_users(stack)
     members = [{"id": m.id, "email": m.email} for m in TEAM] + [None]
     requests.post(f"{stack.wave_url}/_control/accounts/{account}/populate", timeout=600,
                   json={"count": contacts, "team_members": members, "seed": 11}).raise_for_status()
@@ -163,9 +175,10 @@ def run_pipeline(stack: Stack, account: str, contacts: int, show: bool = True) -
     after = _counters(stack)
     if final["backfill"]["state"] != "done":
         raise RuntimeError(f"backfill ended {final['backfill']['state']}")
-    return Run("pipeline (connect, auto-sync backfill through the queues)", final["backfill"]["contacts"],
-               seconds, after.get("requests", 0) - before.get("requests", 0),
-               after.get("status_429", 0) - before.get("status_429", 0), page_breakdown(stack, seconds, started_at))
+    return Run(name, final["backfill"]["contacts"], seconds, after.get("requests", 0) - before.get("requests", 0),
+               after.get("status_429", 0) - before.get("status_429", 0),
+               page_breakdown(stack, seconds, started_at, account),
+               during_penalty=after.get("sent_during_penalty", 0) - before.get("sent_during_penalty", 0))
 
 
 def run_for(name: str, stack: Stack, seconds: float, step: Callable[[int], int]) -> Run:

@@ -30,18 +30,23 @@ class Penalties:
                 self._until[key] = until
                 self._waiting[key] = 0
 
-    def turn(self, key: str) -> float:
+    def turn(self, key: str, limit: float | None = None, *, rank: int = 0, processes: int = 1) -> float:
         """Seconds an in-process caller waits before trying again: the penalty's end, plus `stagger` for
         every caller already waiting on it. All sending at the moment a penalty ends would be refused,
         all but one, and extend it; one by one, the first 429 stops the rest (Microsoft: ramp up
-        gradually and let the server tell you its capacity)."""
+        gradually and let the server tell you its capacity). With `processes` sharing the penalty, this
+        one (`rank` among them) starts `rank / processes` of a stagger later, so that their first callers
+        do not go at the same instant either. A turn longer than `limit` is answered without taking the
+        place: that caller does not wait here."""
         with self._lock:
             left = self._until.get(key, 0.0) - self._clock()
             if left <= 0:
                 return 0.0
             place = self._waiting.get(key, 0)
-            self._waiting[key] = place + 1
-            return left + place * self.stagger
+            wait = left + (place + rank / processes) * self.stagger
+            if limit is None or wait <= limit:
+                self._waiting[key] = place + 1
+            return wait
 
     def remaining(self, key: str) -> float:
         with self._lock:

@@ -16,6 +16,7 @@ token and keeps Dataverse's penalties).
     bulk_upsert(items, *, method=None) -> BulkResult
     requests_made                                              requests sent by the calling thread (for reports)
     dop_hint                                                   the last x-ms-dop-hint seen (int or None)
+    budget                                                     the user's shared penalties and concurrency
 
 Reactivation: Dataverse treats inactive contacts as read-only. A contact deactivated by the `deactivate`
 delete policy comes back when a newer Wave update arrives: pass reactivate=True (the ContactRef from a
@@ -33,6 +34,7 @@ import requests
 
 from core.emails import normalise_email
 from dataverse.batch import BatchFormatError, BatchPart, build_batch, parse_batch_response
+from dataverse.budget import Budget
 from dataverse.errors import (
     AuthExpired,
     Conflict,
@@ -152,6 +154,11 @@ class DataverseClient:
     @property
     def dop_hint(self) -> int | None:
         return self.transport.dop_hint
+
+    @property
+    def budget(self) -> Budget:
+        """The Dataverse user's penalties and concurrency, as every instance shares them (dataverse/budget.py)."""
+        return self.transport.budget
 
     @property
     def max_inline_wait(self) -> float:

@@ -4,6 +4,7 @@ https://learn.microsoft.com/power-apps/developer/data-platform/webapi/compose-ht
 
     DataverseError            base; .status, .code (hex string or ""), .category, readable str()
     ├── Throttled             429; .retry_after seconds (Retry-After), reschedule the work that long
+    │   └── Busy              not sent: this instance's share of the user's concurrent requests is in flight
     ├── AuthExpired           401 even after a forced token refresh; the connection needs attention
     ├── PermissionDenied      403; .privilege (e.g. "prvCreateContact") when Dataverse names it
     ├── ValidationFailed      400-class; .field (column) when Dataverse names it, .code
@@ -57,6 +58,14 @@ class Throttled(DataverseError):
     def limit(self) -> str | None:
         """Which service-protection limit was hit: requests, execution time or concurrency."""
         return THROTTLE_CODES.get(self.code)
+
+
+class Busy(Throttled):
+    """Not sent, no penalty: the requests this instance may have in flight to the user are all in flight
+    (dataverse/budget.py). The work comes back after `retry_after`, like a throttled one."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, retry_after=retry_after, status=None)
 
 
 class AuthExpired(DataverseError):

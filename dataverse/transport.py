@@ -4,17 +4,21 @@ One pooled HTTP session (a `requests.Session`, or anything with its `request` me
 (connect, read) timeouts on every request, and these rules:
 
 - a 401 forces one token refresh and one retry, then raises AuthExpired;
-- a 429 whose Retry-After is at most `max_inline_wait` seconds is waited out inline (a few times), a longer
-  one raises Throttled(retry_after) so the caller can reschedule its queue message instead of holding a
-  function instance. Until a 429's Retry-After has passed, no thread sends through this transport (a
-  request during the penalty would only extend it: service protection counts per user,
-  https://learn.microsoft.com/power-apps/developer/data-platform/api-limits): each waits the rest inline
-  under the same rule or raises Throttled without sending;
+- a 429 whose Retry-After is at most `max_inline_wait` seconds is waited out inline (a few times; not when
+  the caller waits itself: `Budget.caller_waits`), a longer one raises Throttled(retry_after) so the caller
+  can reschedule its queue message instead of holding a function instance. Until a 429's Retry-After has
+  passed, nothing is sent to the user (a request during the penalty would only extend it: service
+  protection counts per user,
+  https://learn.microsoft.com/power-apps/developer/data-platform/api-limits): each caller waits the rest
+  inline under the same rule or raises Throttled without sending. The penalty lives in the user's
+  `Budget` (dataverse/budget.py), which every instance of the app shares;
+- every request holds one of this instance's slots of the user's concurrency (`Budget.slot`): when none
+  frees within `max_inline_wait`, Busy (a Throttled) is raised without sending;
 - 5xx, dropped connections and timeouts are retried `transient_retries` times, then raise Transient. Every
   write of the client is idempotent (upserts by a deterministic id), which is what makes this safe;
 - `x-ms-dop-hint`, the degree of parallelism Dataverse recommends
   (https://learn.microsoft.com/power-apps/developer/data-platform/send-parallel-requests), is kept in
-  `dop_hint`.
+  `dop_hint` and handed to the budget, which caps the user's requests in flight by it.
 """
 
 from __future__ import annotations
@@ -30,14 +34,13 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from core.penalties import Penalties
 from core.retry_after import retry_after_seconds
-from dataverse.errors import DataverseError, Throttled, Transient, error_for
+from dataverse.budget import Budget, NoSlot
+from dataverse.errors import Busy, DataverseError, Throttled, Transient, error_for
 from dataverse.odata import encode_query
 
 log = logging.getLogger("dataverse")
 API_PATH = "/api/data/v9.2/"
-_PENALTY = "user"  # the transport's one key in its Penalties: every request goes as the connection's user
 TRANSIENT_PAUSE_SECONDS = 0.2  # times the retry's number: a dropped connection is retried almost at once
 # A JSON body as the client builds it (json.dumps of dicts, lists and scalars).
 JsonBody = Mapping[str, object]
@@ -69,6 +72,7 @@ class TransportOptions(TypedDict, total=False):
     sleep: Callable[[float], None]
     clock: Callable[[], float]
     user_agent: str
+    budget: Budget | None
 
 
 def pooled_session(pool_size: int, user_agent: str) -> requests.Session:
@@ -97,6 +101,7 @@ class Transport:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         user_agent: str = "wave-dynamics365-sync/1",
+        budget: Budget | None = None,
     ) -> None:
         parts = urlsplit(instance_url)
         self.instance_url = f"{parts.scheme}://{parts.netloc}"
@@ -108,7 +113,8 @@ class Transport:
         self.max_throttle_retries = max_throttle_retries
         self.transient_retries = transient_retries
         self._sleep = sleep
-        self._penalty = Penalties(clock)  # the last Retry-After seen, for every thread of this transport
+        # the user's penalties and concurrency: shared with the other instances when the caller hands one in
+        self.budget = budget if budget is not None else Budget(clock=clock)
         self.dop_hint: int | None = None
         self._session: HttpSession = session if session is not None else pooled_session(pool_size, user_agent)
         self._local = threading.local()
@@ -156,20 +162,28 @@ class Transport:
             send_headers.setdefault("Content-Type", "application/json")
         refreshed = force_refresh = False
         throttled = transient = 0
+        waited = False
         while True:
-            left = self._penalty.remaining(_PENALTY)
+            left = self.budget.remaining(fresh=waited)
+            waited = False
             if left > 0:
-                if left > self.max_inline_wait or throttled >= self.max_throttle_retries:
-                    raise Throttled(f"{where}: held back while Dataverse throttles this user", retry_after=left)
+                inline = 0.0 if self.budget.caller_waiting else self.max_inline_wait
+                turn = self.budget.turn(inline) if throttled < self.max_throttle_retries else left
+                if turn > inline or throttled >= self.max_throttle_retries:
+                    raise Throttled(f"{where}: held back while Dataverse throttles this user", retry_after=turn)
                 throttled += 1
-                self._sleep(self._penalty.turn(_PENALTY))
+                self._sleep(turn)
+                waited = True
                 continue
             send_headers["Authorization"] = "Bearer " + self._token(force_refresh)
             force_refresh = False
-            self._local.count = self.requests_made + 1
             try:
-                resp = self._session.request(method, url, data=data, headers=send_headers, timeout=self.timeout,
-                                             verify=self.verify, allow_redirects=False)
+                with self.budget.slot(self.max_inline_wait):
+                    self._local.count = self.requests_made + 1
+                    resp = self._session.request(method, url, data=data, headers=send_headers,
+                                                 timeout=self.timeout, verify=self.verify, allow_redirects=False)
+            except NoSlot as busy:
+                raise Busy(f"{where}: held back: {busy}", retry_after=busy.retry_after) from None
             except requests.exceptions.SSLError:
                 # Not transient: the instance's certificate is not trusted (wrong CA bundle or interception).
                 raise DataverseError(f"{where}: TLS certificate verification failed") from None
@@ -182,6 +196,7 @@ class Transport:
             hint = resp.headers.get("x-ms-dop-hint")
             if hint and hint.isdigit():
                 self.dop_hint = int(hint)
+                self.budget.note_dop_hint(self.dop_hint)
             status = resp.status_code
             if status < 400 or status == 304:
                 return resp
@@ -190,8 +205,9 @@ class Transport:
                 continue
             if status == 429:
                 wait = retry_after_seconds(resp.headers.get("Retry-After"))
-                self._penalty.note(_PENALTY, wait)
-                if wait <= self.max_inline_wait and throttled < self.max_throttle_retries:
+                self.budget.note(wait)
+                inline = not self.budget.caller_waiting
+                if inline and wait <= self.max_inline_wait and throttled < self.max_throttle_retries:
                     log.info("Dataverse throttled %s; waiting %.1f s inline", where, wait)
                     continue  # the top of the loop waits the penalty out
             error = error_for(status, resp.content, dict(resp.headers))

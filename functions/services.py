@@ -17,6 +17,8 @@ from core.failures import TABLE as FAILURES
 from core.failures import FailureStore
 from core.settings import Settings, get_settings
 from core.storage import QueueSender, Tables
+from dataverse.budget import TABLE as BUDGETS
+from dataverse.budget import Budget, Budgets, TableBudgetStore
 from dataverse.client import DataverseClient
 from dataverse.transport import TokenProvider
 from oauth.errors import NotConnected
@@ -57,6 +59,12 @@ class Services:
         return FailureStore(self.tables(FAILURES))
 
     @cached_property
+    def budgets(self) -> Budgets:
+        """Each Dataverse user's penalties and concurrency, shared with the app's other instances through a
+        Table (dataverse/budget.py)."""
+        return Budgets(TableBudgetStore(self.tables(BUDGETS)))
+
+    @cached_property
     def secrets(self) -> SecretClient:
         return secret_client(self.settings)
 
@@ -90,13 +98,19 @@ class Services:
             if client is None:
                 for old in [k for k in self._dataverse if k[0] == key[0]]:  # an earlier generation's client
                     del self._dataverse[old]
-                client = self._dataverse[key] = self.dataverse_client(live.instance_url, self.tokens.provider(live))
+                # Service protection counts per user: connections signed in as one user share a budget.
+                budget = self.budgets(live.instance_url, live.dataverse_user_id or live.connected_by or live.account_id)
+                client = self._dataverse[key] = self.dataverse_client(live.instance_url, self.tokens.provider(live),
+                                                                      budget=budget)
             return client
 
-    def dataverse_client(self, base_url: str, token_provider: TokenProvider) -> DataverseClient:
-        """A new DataverseClient (the connect flow's access check uses one with the fresh sign-in's token)."""
+    def dataverse_client(self, base_url: str, token_provider: TokenProvider, budget: Budget | None = None
+                         ) -> DataverseClient:
+        """A new DataverseClient (the connect flow's access check uses one with the fresh sign-in's token and
+        a budget of its own)."""
         dev = self.settings.dev if self.settings.is_development else None
-        return DataverseClient(base_url, token_provider, verify=(dev.ca_bundle if dev and dev.ca_bundle else True))
+        return DataverseClient(base_url, token_provider, verify=(dev.ca_bundle if dev and dev.ca_bundle else True),
+                               budget=budget)
 
 
 _services: Services | None = None

@@ -38,4 +38,4 @@ def backfill_worker(msg: func.QueueMessage) -> None:
     outcome(page_log, "backfill_page", result, account_id=message.account_id, run_id=message.run_id,
             page=message.page, attempt=message.attempt or None, contacts=report.contacts, written=report.written,
             unchanged=report.unchanged, failed=report.failed, repairs=report.repairs or None,
-            dataverse_requests=report.dataverse_requests, ms=timer.ms)
+            dataverse_requests=report.dataverse_requests, waited_ms=round(report.waited * 1000) or None, ms=timer.ms)

@@ -82,6 +82,7 @@ var tableNames = [
   'contactstate'
   'contactsnapshots'
   'contactholders'
+  'dataversebudget'
   'failures'
   'ownercache'
   'webhookevents'

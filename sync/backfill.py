@@ -31,6 +31,7 @@ from core.errors import FieldError
 from core.failures import CATEGORIES
 from core.storage import BACKFILL_PAGES, CONTACT_EVENTS
 from dataverse.client import DataverseClient, UpsertItem
+from dataverse.errors import Busy, Throttled
 from sync.context import Queues, SyncContext
 from sync.events import CONTACT_ID_RE, validate_contact
 from sync.holds import CONFLICT, conflict_reason
@@ -40,9 +41,9 @@ from sync.mapping import contact_id as new_contact_id
 from sync.messages import ContactMessage, PageMessage
 from sync.outcomes import EXPECTED, Action, failure_category, readable, verdict
 from sync.owners import Owners
-from sync.rules import MAX_TRANSIENT_ATTEMPTS, backfill_writes, throttle_delay, unchanged, warning_text
+from sync.rules import MAX_TRANSIENT_ATTEMPTS, backfill_writes, unchanged, warning_text
 from sync.state import ContactState
-from sync.throttle import Patience, penalties
+from sync.throttle import Patience, penalties, return_delay
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,13 @@ PAGE_SIZE = 500
 # waiting for the penalty to end, while the last one's states are written.
 PAGES_AHEAD = 16
 # A prepared page waits out a Dataverse penalty of up to INLINE_WAIT_SECONDS in-process, up to
-# PAGE_WAIT_SECONDS in all; beyond that it goes back to the queue for Retry-After.
-INLINE_WAIT_SECONDS = 15.0
-PAGE_WAIT_SECONDS = 30.0
+# PAGE_WAIT_SECONDS in all: short, because a waiting page holds one of the worker's threads, which every
+# function of the instance shares (README, host.json choices). A page that would wait longer goes back to
+# the queue, visible again PREPARE_AHEAD_SECONDS before the penalty ends (sync/throttle.py return_delay),
+# so that it is read from Wave and prepared while the penalty runs out, and is ready when it ends.
+INLINE_WAIT_SECONDS = 3.0
+PAGE_WAIT_SECONDS = 6.0
+PREPARE_AHEAD_SECONDS = 3.0
 PAGE_FAILURE_PREFIX = "~backfill-page-"  # failure rows of a whole page; '~' is never in a Wave contact id
 
 
@@ -96,6 +101,7 @@ class PageReport:
     failed: int = 0
     repairs: int = 0  # contacts a live worker changed meanwhile: re-applied through the live lane
     dataverse_requests: int = 0
+    waited: float = 0.0  # seconds the page waited in-process for Dataverse penalties to end
 
 
 def _live(conn: Connection | None, msg: PageMessage) -> LiveConnection | None:
@@ -280,15 +286,18 @@ def _write_page(ctx: SyncContext, conn: LiveConnection, contacts: dict[str, dict
     plan, todo = _plan(ctx, conn, contacts, report)
     if not todo:
         return
-    # the page is read and prepared: a short penalty is waited out here rather than through the queue
-    patience = Patience(conn.account_id, longest=INLINE_WAIT_SECONDS, budget=PAGE_WAIT_SECONDS)
     dv = ctx.dataverse(conn)
+    # the page is read and prepared: a short penalty is waited out here rather than through the queue
+    patience = Patience(dv.budget, longest=INLINE_WAIT_SECONDS, budget=PAGE_WAIT_SECONDS)
     before = dv.requests_made
-    owners = patience.call(lambda: ctx.owners.lookup(dv, conn.account_id, conn.generation,
-                                                     [owner_email(c) for c in todo.values()]))
-    _map(ctx, conn, plan, todo, owners, report)
-    _resolve_ids(ctx, conn, dv, patience, plan, report)
-    _write(ctx, conn, dv, patience, plan, report)
+    try:
+        owners = patience.call(lambda: ctx.owners.lookup(dv, conn.account_id, conn.generation,
+                                                         [owner_email(c) for c in todo.values()]))
+        _map(ctx, conn, plan, todo, owners, report)
+        _resolve_ids(ctx, conn, dv, patience, plan, report)
+        _write(ctx, conn, dv, patience, plan, report)
+    finally:
+        report.waited += patience.waited
     report.dataverse_requests += dv.requests_made - before
     _settle(ctx, conn, plan, report)
 
@@ -309,11 +318,12 @@ def _fail_run(ctx: SyncContext, msg: PageMessage, category: str, reason: str) ->
 def _settle_failure(ctx: SyncContext, msg: PageMessage, error: Exception) -> str:
     """Act on the ladder's verdict (sync/outcomes.py) for `error`; returns the outcome."""
     found = verdict(error, msg.attempt)
-    if found.penalty is not None:
-        penalties.note(msg.account_id, found.penalty)
+    if found.penalty is not None and not isinstance(error, Busy):
+        penalties.note(msg.account_id, found.penalty)  # the live lane of this process holds back too
     if found.action is Action.RESCHEDULE:
-        ctx.queues.send(BACKFILL_PAGES, (msg.retry() if found.next_attempt else msg).to_dict(),
-                        delay_seconds=found.delay)
+        # a Dataverse penalty: back shortly before it ends, to be prepared while the rest runs out
+        delay = return_delay(error.retry_after, PREPARE_AHEAD_SECONDS) if isinstance(error, Throttled) else found.delay
+        ctx.queues.send(BACKFILL_PAGES, (msg.retry() if found.next_attempt else msg).to_dict(), delay_seconds=delay)
     elif found.action is Action.DROP:
         _fail_run(ctx, msg, "auth", "Microsoft no longer accepts the connection's sign-in; reconnect to finish")
     elif found.exhausted:
@@ -363,13 +373,14 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
     if msg.page - conn.backfill.done_upto > PAGES_AHEAD:  # enough pages of this run are in flight
         ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=1)
         return "rescheduled:ahead", report
-    wait = penalties.remaining(msg.account_id)
-    if wait > INLINE_WAIT_SECONDS:  # Dataverse throttles this connection for a while: come back then
-        ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=throttle_delay(wait))
-        return "rescheduled:throttled", report
     if ctx.wave is None:
         raise ValueError("the backfill needs Wave's contacts API (SyncContext.wave)")
     try:
+        # Dataverse throttles this user (seen by any instance) for a while: come back shortly before it ends
+        wait = ctx.dataverse(conn).budget.remaining()
+        if wait > PREPARE_AHEAD_SECONDS:
+            ctx.queues.send(BACKFILL_PAGES, msg.to_dict(), delay_seconds=return_delay(wait, PREPARE_AHEAD_SECONDS))
+            return "rescheduled:throttled", report
         page = ctx.wave.contacts_page(msg.account_id, msg.cursor, PAGE_SIZE)
         report.contacts = len(page.contacts)
         if page.next_cursor is not None and conn.backfill.queued < msg.page:

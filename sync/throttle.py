@@ -1,21 +1,25 @@
-"""Dataverse's Retry-After, remembered per connection in this process.
+"""Dataverse's Retry-After, as the workers wait for it.
 
-Service protection counts per user, and every request sent during a penalty extends it. So once one
-message of a connection is throttled, the others of that connection hold back without calling
-Dataverse until the penalty is over: a live event goes back to its queue (with a little jitter, so they
-do not all return at once); a backfill page that is already read and prepared may wait a short penalty
-out in-process (`Patience`).
+Service protection counts per user, and every request sent during a penalty extends it. The Dataverse
+client holds back every request of a user while a penalty runs, on every instance (dataverse/budget.py).
+On top of that, once one message of a connection is throttled, its other messages in this process hold
+back without even preparing their work (`penalties`, per connection): a live event goes back to its queue
+(with a little jitter, so they do not all return at once). A backfill page that is already read and
+prepared waits a short penalty out in-process (`Patience`), and goes back to its queue for a longer one,
+timed to come back shortly before the penalty ends (`return_delay`).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from contextlib import AbstractContextManager
+from typing import Protocol, TypeVar
 
 from core.penalties import Penalties
-from dataverse.errors import Throttled
+from dataverse.errors import Busy, Throttled
 from sync.rules import throttle_delay
 
 T = TypeVar("T")
@@ -26,36 +30,62 @@ def reschedule_delay(retry_after: float | None) -> int:
     return throttle_delay(retry_after, random.random())
 
 
+def return_delay(wait: float, ahead: float) -> int:
+    """Whole seconds (a queue's visibility delay) after which work held back for `wait` seconds comes back:
+    at most `ahead` seconds before the penalty ends, so that it is read and prepared again meanwhile and
+    waits the last moments in-process, instead of arriving after the budget came back."""
+    return max(1, math.ceil(wait - ahead))
+
+
 penalties = Penalties()
 
 
-class Patience:
-    """Dataverse calls of one piece of prepared work, waiting out the connection's penalties in-process.
+class Waits(Protocol):
+    """A penalty to wait for: dataverse/budget.py's Budget."""
 
-    A penalty of at most `longest` seconds is slept through (while the work's `budget` of waiting lasts)
-    and the call is made after it; a 429 is noted for the whole connection and waited out the same way.
-    A longer penalty raises Throttled(retry_after), for the caller to put the work back on its queue:
-    a function should not sit idle for minutes, but going through the queue costs at least a second
-    of visibility granularity and polling, and the preparation again.
+    def remaining(self, fresh: bool = False) -> float: ...
+
+    def turn(self, limit: float | None = None) -> float: ...
+
+    def caller_waits(self) -> AbstractContextManager[None]: ...
+
+
+class Patience:
+    """Dataverse calls of one piece of prepared work, waiting out the user's penalties in-process.
+
+    A turn of at most `longest` seconds (the penalty's rest and the place among its waiters) is slept
+    through while the work's `budget` of waiting lasts, and the call is made after it; a 429 the call
+    meets (the client notes it in `waits`) is waited out the same way. A longer one raises
+    Throttled(retry_after), for the caller to put the work back on its
+    queue: a worker thread should not sit idle while it waits (the Python worker runs every function on
+    one pool of PYTHON_THREADPOOL_THREAD_COUNT threads).
     """
 
-    def __init__(self, key: str, *, longest: float, budget: float, registry: Penalties = penalties,
+    def __init__(self, waits: Waits, *, longest: float, budget: float,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        self.key, self.longest, self.budget = key, longest, budget
-        self.registry, self._sleep = registry, sleep
+        self.waits, self.longest, self.budget = waits, longest, budget
+        self._sleep = sleep
         self.waited = 0.0
 
     def call(self, fn: Callable[[], T]) -> T:
+        waited = False
         while True:
-            wait = self.registry.remaining(self.key)
-            if wait > 0:
-                if wait > min(self.longest, self.budget - self.waited):
-                    raise Throttled("held back while Dataverse throttles this connection", retry_after=wait)
-                wait = self.registry.turn(self.key)
-                self.waited += wait
-                self._sleep(wait)
-                continue  # another call of this connection may have been throttled meanwhile
+            if self.waits.remaining(fresh=waited) > 0:
+                limit = min(self.longest, self.budget - self.waited)
+                turn = self.waits.turn(limit)
+                if turn > limit:
+                    raise Throttled("held back while Dataverse throttles this connection", retry_after=turn)
+                self.waited += turn
+                self._sleep(turn)
+                waited = True
+                continue  # another call of this user may have been throttled meanwhile
             try:
-                return fn()
-            except Throttled as exc:
-                self.registry.note(self.key, exc.retry_after)
+                with self.waits.caller_waits():  # the client does not wait inline besides: this loop does
+                    return fn()
+            except Busy:
+                raise  # no penalty to wait for: this instance's requests to the user are all in flight
+            except Throttled:
+                # the client noted the 429 in `waits`: the top of the loop decides; with nothing noted
+                # there is nothing to wait for here
+                if self.waits.remaining() <= 0:
+                    raise

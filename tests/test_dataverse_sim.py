@@ -595,6 +595,7 @@ def test_webapi_18_request_limit_sliding_window(limited: DataverseSimulator) -> 
     assert int(ok.headers["x-ms-ratelimit-burst-remaining-xrm-requests"]) >= 0
     counters = limited.counters()
     assert counters["throttled_0x80072322"] == 2
+    assert counters["sent_during_penalty"] == 1  # the second 429: sent while the first one's penalty ran
 
 
 def test_webapi_18_execution_time_limit_and_batch_charging(limited: DataverseSimulator) -> None:

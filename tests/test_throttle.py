@@ -1,12 +1,14 @@
-"""Penalties and Patience (sync/throttle.py) on a fake clock: who waits, how long, and who is sent back."""
+"""Penalties and Patience (core/penalties.py, sync/throttle.py) on a fake clock: who waits, how long, and who
+is sent back."""
 
 from __future__ import annotations
 
 import pytest
 
 from core.penalties import Penalties
-from dataverse.errors import Throttled
-from sync.throttle import Patience
+from dataverse.budget import Budget
+from dataverse.errors import Busy, Throttled
+from sync.throttle import Patience, return_delay
 
 
 class FakeTime:
@@ -38,53 +40,87 @@ def test_callers_waiting_on_one_penalty_are_let_go_one_after_another() -> None:
 
 def test_patience_waits_out_a_short_penalty_then_calls() -> None:
     t = FakeTime()
-    p = Penalties(t.clock)
-    p.note("a", 4)
+    b = Budget(clock=t.clock)
+    b.note(1.5)
     calls = []
-    patience = Patience("a", longest=15, budget=30, registry=p, sleep=t.sleep)
+    patience = Patience(b, longest=2, budget=5, sleep=t.sleep)
     assert patience.call(lambda: calls.append(t.now) or "ok") == "ok"
-    assert t.slept == [4.0] and calls == [104.0]
+    assert t.slept == [1.5] and calls == [101.5]
 
 
-def test_patience_sends_a_long_penalty_back_without_calling() -> None:
+def test_patience_sends_a_longer_penalty_back_without_calling() -> None:
     t = FakeTime()
-    p = Penalties(t.clock)
-    p.note("a", 60)
-    patience = Patience("a", longest=15, budget=30, registry=p, sleep=t.sleep)
+    b = Budget(clock=t.clock)
+    b.note(8)
+    patience = Patience(b, longest=2, budget=5, sleep=t.sleep)
     with pytest.raises(Throttled) as err:
         patience.call(lambda: pytest.fail("called during a long penalty"))
-    assert err.value.retry_after == 60 and t.slept == []
+    assert err.value.retry_after == 8 and t.slept == []
 
 
-def test_a_429_is_noted_for_the_connection_waited_out_and_the_call_repeated() -> None:
+def test_a_429_the_client_noted_is_waited_out_and_the_call_repeated() -> None:
     t = FakeTime()
-    p = Penalties(t.clock)
-    answers = [Throttled("busy", retry_after=6), "landed"]
+    b = Budget(clock=t.clock)
+    answers: list[float | str] = [1.0, "landed"]
 
-    def call() -> str:
+    def call() -> str:  # what the transport does on a 429: note it in the budget, raise Throttled
         answer = answers.pop(0)
-        if isinstance(answer, Exception):
-            raise answer
+        if isinstance(answer, float):
+            b.note(answer)
+            raise Throttled("busy", retry_after=answer)
         return answer
 
-    patience = Patience("a", longest=15, budget=30, registry=p, sleep=t.sleep)
+    patience = Patience(b, longest=2, budget=5, sleep=t.sleep)
     assert patience.call(call) == "landed"
-    assert t.slept == [6.0]
-    other = Patience("a", longest=15, budget=30, registry=p, sleep=t.sleep)
-    p.note("a", 2)
-    other.call(lambda: None)  # another page of the connection waits too, it does not call into the penalty
-    assert t.slept == [6.0, 2.0]
+    assert t.slept == [1.0]
+
+
+def test_a_throttled_call_with_nothing_noted_and_a_busy_one_go_back_at_once() -> None:
+    t = FakeTime()
+    patience = Patience(Budget(clock=t.clock), longest=2, budget=5, sleep=t.sleep)
+    for error in (Throttled("odd", retry_after=1), Busy("all slots in flight", retry_after=1)):
+        with pytest.raises(Throttled):
+            patience.call(lambda e=error: (_ for _ in ()).throw(e))
+    assert t.slept == []
 
 
 def test_the_budget_of_waiting_bounds_a_page_throttled_again_and_again() -> None:
     t = FakeTime()
-    p = Penalties(t.clock)
+    b = Budget(clock=t.clock)
 
     def always_throttled() -> None:
-        raise Throttled("busy", retry_after=12)
+        b.note(2)
+        raise Throttled("busy", retry_after=2)
 
-    patience = Patience("a", longest=15, budget=30, registry=p, sleep=t.sleep)
+    patience = Patience(b, longest=2, budget=5, sleep=t.sleep)
     with pytest.raises(Throttled) as err:
         patience.call(always_throttled)
-    assert t.slept == [12.0, 12.0]  # a third wait would pass the 30 s budget: back to the queue instead
-    assert err.value.retry_after == 12
+    assert t.slept == [2.0, 2.0]  # a third wait would pass the 5 s budget: back to the queue instead
+    assert err.value.retry_after == 2
+
+
+@pytest.mark.parametrize(("wait", "delay"), [(8.6, 6), (9, 6), (3.5, 1), (2.5, 1), (0.4, 1), (60, 57)])
+def test_work_sent_back_returns_shortly_before_the_penalty_ends(wait: float, delay: int) -> None:
+    assert return_delay(wait, 3.0) == delay
+    assert delay >= 1 and (wait - delay <= 3.0)  # back at most 3 s before the end: time to prepare
+
+
+def test_a_turn_beyond_the_limit_takes_no_place() -> None:
+    t = FakeTime()
+    p = Penalties(t.clock, stagger=0.5)
+    p.note("a", 1)
+    assert [p.turn("a", limit=2) for _ in range(3)] == [1.0, 1.5, 2.0]
+    assert p.turn("a", limit=2) == 2.5  # would wait too long: not counted as waiting ...
+    assert p.turn("a", limit=2) == 2.5  # ... so the next caller is told the same
+    assert p.turn("a") == 2.5 and p.turn("a") == 3.0
+
+
+def test_waiters_beyond_the_patience_limit_go_back_instead_of_queueing_up() -> None:
+    t = FakeTime()
+    b = Budget(clock=t.clock)
+    b.note(1.5)
+    assert [round(b.turn(), 3) for _ in range(3)] == [1.5, 1.7, 1.9]  # three pages of this instance wait
+    patience = Patience(b, longest=2, budget=5, sleep=t.sleep)
+    with pytest.raises(Throttled) as err:  # a fourth would wait 2.1 s: back to the queue instead
+        patience.call(lambda: pytest.fail("called"))
+    assert err.value.retry_after == pytest.approx(2.1) and t.slept == []

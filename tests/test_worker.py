@@ -372,3 +372,30 @@ def test_a_contact_that_fails_to_map_unexpectedly_is_recorded_alone(ctx, dataver
     [failure] = list(ctx.failures.all(ctx.account))
     assert (failure.contact_id, failure.category, failure.version) == ("c_m2", "internal", 2**40)
     assert "KeyError" in failure.reason and ctx.states.get(ctx.account, "c_m2").last_result == "failed:internal"
+
+
+def test_a_page_during_a_long_penalty_goes_back_unread_to_return_shortly_before_it_ends(
+        ctx, dataverse_sim, dataverse_client):
+    """The penalty another instance met is in the user's budget: the page is not read from Wave, sends
+    nothing to Dataverse and holds no thread; it comes back up to 3 s before the penalty ends, to be read
+    and prepared meanwhile."""
+    run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+    ctx.wave = StubWave({None: Page([{"id": "c_pen", "version": 1, "first_name": "P"}], None)})
+    dataverse_client.budget.note(8.6)
+    msg = PageMessage(ctx.account, "gen1", run_id, None, 1)
+    assert backfill.run_page(ctx, msg)[0] == "rescheduled:throttled"
+    assert ctx.queues.sent[-1] == (BACKFILL_PAGES, msg.to_dict(), 6)
+    assert ctx.wave.calls == 0 and dataverse_sim.request_log() == []
+
+
+def test_a_page_meeting_a_429_after_its_read_goes_back_instead_of_sleeping(ctx, dataverse_sim, dataverse_client):
+    run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+    ctx.wave = StubWave({None: Page([{"id": "c_429", "version": 1, "first_name": "P",
+                                      "assigned_team_member": {"id": "tm", "email": "o@example.com"}}], None)})
+    dataverse_sim.script_faults(Fault("status", status=429, retry_after=9))
+    msg = PageMessage(ctx.account, "gen1", run_id, None, 1)
+    result, _ = backfill.run_page(ctx, msg)
+    assert result == "rescheduled:throttled" and ctx.wave.calls == 1
+    queue, body, delay = ctx.queues.sent[-1]
+    assert (queue, body["page"]) == (BACKFILL_PAGES, 1) and delay == 6  # 3 s before the 9 s penalty ends
+    assert [r["status"] for r in dataverse_sim.request_log()] == [429]  # nothing sent into the penalty

@@ -12,6 +12,7 @@ class SimError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.during_penalty = False  # a 429 for a request sent while its user was in penalty
 
     def body(self) -> dict:
         return {"error": {"code": self.code, "message": self.message}}

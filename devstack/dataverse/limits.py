@@ -92,7 +92,9 @@ class ServiceProtection:
             if lim.enabled:
                 if now < window.penalty_until:
                     window.penalty_until += lim.penalty_extension_seconds
-                    raise self._error(window.penalty_until - now, window.penalty_code, window.penalty_message)
+                    during = self._error(window.penalty_until - now, window.penalty_code, window.penalty_message)
+                    during.during_penalty = True  # counted apart: a client that heeds Retry-After sends none
+                    raise during
                 if window.in_flight >= lim.concurrency:
                     raise self._error(lim.concurrency_retry_after, "0x80072326",
                                       f"Number of concurrent requests exceeded the limit of {lim.concurrency}.")

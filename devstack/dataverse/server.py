@@ -347,7 +347,7 @@ class DataverseSimulator:
             ticket = self.protection.admit(token_user["systemuserid"])
         except SimError as err:
             if err.status == 429:
-                self._count(throttled=1, **{f"throttled_{err.code}": 1})
+                self._count(throttled=1, sent_during_penalty=int(err.during_penalty), **{f"throttled_{err.code}": 1})
             return Response.of_error(err)
         exec_ms = 0.0
         try:

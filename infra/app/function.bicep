@@ -126,8 +126,8 @@ resource appSettings 'Microsoft.Web/sites/config@2025-03-01' = {
     APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString
     APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identity.properties.clientId};Authorization=AAD'
     // The Python worker runs every synchronous function on one pool of this many threads (unset: min(32, cores + 4)).
-    // 64 = both queue functions' batchSize 16 + newBatchThreshold 8 (host.json) in flight, which may sleep through a
-    // Dataverse penalty of up to 15 s, plus 16 so HTTP never waits behind them. local.settings.example.json holds the
+    // 64 = both queue functions' batchSize 16 + newBatchThreshold 8 (host.json) in flight, which may wait out a
+    // Dataverse penalty of up to 3 s in-process (sync/backfill.py), plus 16 so HTTP never waits behind them. local.settings.example.json holds the
     // same value (tests/test_infra.py), and the local stack runs with it.
     PYTHON_THREADPOOL_THREAD_COUNT: '64'
     // The host reads a whole request body before the function runs (default limit 100 MB), also on the

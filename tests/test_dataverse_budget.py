@@ -1,0 +1,392 @@
+"""One Dataverse budget per user across instances (dataverse/budget.py), through the transport's seam.
+
+Each "instance" is a Transport with its own Budget (its own instance id, as separate processes have) over
+one shared store: an in-memory one, and the Table store on Azurite. Fake sessions answer, a fake clock
+moves time; concurrency is real threads held inside the fake session until the test lets them go."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import pytest
+import requests
+from requests.structures import CaseInsensitiveDict
+
+from core.storage import Tables
+from dataverse.budget import (
+    Budget,
+    BudgetStore,
+    Shared,
+    TableBudgetStore,
+    budget_key,
+    concurrency_cap,
+    instance_share,
+)
+from dataverse.errors import Busy, Throttled
+from dataverse.transport import Transport
+
+URL = "https://org.crm.dynamics.com"
+
+
+# -- pure rules -------------------------------------------------------------------------------------
+
+def test_shares_add_up_to_the_cap_and_instances_beyond_it_get_none() -> None:
+    names = ["c", "a", "b"]
+    assert [instance_share(8, names, me) for me in ("a", "b", "c")] == [3, 3, 2]
+    assert [instance_share(2, names, me) for me in ("a", "b", "c")] == [1, 1, 0]
+    assert instance_share(52, [], "a") == 52  # alone: the whole cap
+    assert instance_share(52, ["a"], "z") == 26  # an instance counts itself before storage lists it
+    for n in range(1, 60):
+        ids = [f"i{k:02d}" for k in range(n)]
+        assert sum(instance_share(8, ids, me) for me in ids) == 8
+
+
+def test_the_cap_is_the_dop_hint_when_lower_than_the_concurrency_limit() -> None:
+    assert concurrency_cap(None) == 52 and concurrency_cap(8) == 8 and concurrency_cap(500) == 52
+    assert concurrency_cap(0) == 52  # no usable hint
+
+
+def test_the_key_names_the_host_and_the_user_and_is_a_valid_table_key() -> None:
+    key = budget_key("https://Org.crm4.dynamics.com/", "5f1c/#?\\x")
+    assert key.startswith("org.crm4.dynamics.com~") and not any(c in key for c in "/\\#?")
+    assert budget_key(URL, "u1") != budget_key(URL, "u2") != budget_key("https://other.crm.dynamics.com", "u1")
+
+
+# -- the transport seam over a shared store ---------------------------------------------------------
+
+class MemoryStore:
+    """A BudgetStore in memory, shared by the test's 'instances' as the Table is by processes."""
+
+    def __init__(self) -> None:
+        self.until: dict[str, float] = {}
+        self.hints: dict[str, int] = {}
+        self.seen: dict[tuple[str, str], float] = {}
+
+    def read(self, key: str, live_since: float) -> Shared:
+        return Shared(self.until.get(key, 0.0), self.hints.get(key),
+                      tuple(sorted(i for (k, i), at in self.seen.items() if k == key and at >= live_since)))
+
+    def note_penalty(self, key: str, until: float) -> None:
+        self.until[key] = max(until, self.until.get(key, 0.0))
+
+    def note_dop_hint(self, key: str, hint: int) -> None:
+        self.hints[key] = hint
+
+    def heartbeat(self, key: str, instance: str, now: float) -> None:
+        self.seen[(key, instance)] = now
+
+
+@pytest.fixture(params=["memory", "azurite"])
+def store(request: pytest.FixtureRequest) -> BudgetStore:
+    if request.param == "memory":
+        return MemoryStore()
+    tables: Tables = request.getfixturevalue("tables")
+    return TableBudgetStore(tables("dataversebudget"))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds, 3))
+        self.now += seconds
+
+
+def response(status: int, headers: Mapping[str, str] | None = None) -> requests.Response:
+    resp = requests.Response()
+    resp.status_code = status
+    resp.headers = CaseInsensitiveDict(headers or {})
+    resp._content = b"{}"
+    return resp
+
+
+@dataclass
+class Session:
+    """Answers 200 (or what `script` says first); with `gate`, holds each request until the gate opens,
+    counting the requests in flight over every session sharing `flight`."""
+
+    flight: Flight | None = None
+    script: list[requests.Response] = field(default_factory=list)
+    sent: int = 0
+
+    def request(self, method: str, url: str, *, data: bytes | None, headers: Mapping[str, str],
+                timeout: tuple[float, float], verify: str | bool, allow_redirects: bool) -> requests.Response:
+        self.sent += 1
+        if self.flight is not None:
+            self.flight.enter(self)
+        answer = self.script.pop(0) if self.script else response(200)
+        if self.flight is not None:
+            self.flight.leave(self)
+        return answer
+
+    def close(self) -> None:
+        pass
+
+
+class Flight:
+    """Requests in flight across sessions: the most at once overall and per session."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.open = False
+        self.now: dict[int, int] = {}
+        self.most = 0
+        self.most_per: dict[int, int] = {}
+
+    def enter(self, session: Session) -> None:
+        with self.cond:
+            self.now[id(session)] = self.now.get(id(session), 0) + 1
+            self.most = max(self.most, sum(self.now.values()))
+            self.most_per[id(session)] = max(self.most_per.get(id(session), 0), self.now[id(session)])
+            self.cond.notify_all()
+            assert self.cond.wait_for(lambda: self.open, timeout=30)
+
+    def leave(self, session: Session) -> None:
+        with self.cond:
+            self.now[id(session)] -= 1
+
+    def wait_in_flight(self, count: int) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: sum(self.now.values()) >= count, timeout=30)
+
+    def release(self) -> None:
+        with self.cond:
+            self.open = True
+            self.cond.notify_all()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll a condition other threads make true (threads blocked on a Condition cannot signal the test)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@dataclass
+class Instance:
+    transport: Transport
+    session: Session
+    budget: Budget
+
+
+def instance(store: BudgetStore, key: str, clock: Clock, flight: Flight | None = None,
+             **kwargs: object) -> Instance:
+    """One app instance's client of the user: its own process id, budget and session."""
+    budget = Budget(key, store, instance=uuid.uuid4().hex, clock=clock)
+    session = Session(flight)
+    t = Transport(URL, lambda force_refresh=False: "token", session=session, sleep=clock.sleep, clock=clock,
+                  budget=budget, **kwargs)  # type: ignore[arg-type]
+    return Instance(t, session, budget)
+
+
+@pytest.fixture
+def key() -> str:
+    return budget_key(URL, uuid.uuid4().hex)  # a user of its own per test (Azurite is the session's)
+
+
+def test_a_429_seen_by_one_instance_holds_back_another_without_a_request(store: BudgetStore, key: str) -> None:
+    clock = Clock()
+    a, b = instance(store, key, clock), instance(store, key, clock)
+    assert b.transport.request("GET", "WhoAmI").status_code == 200  # b has read the (empty) budget
+    a.session.script = [response(429, {"Retry-After": "30"})]
+    with pytest.raises(Throttled):
+        a.transport.request("GET", "contacts")
+    clock.now += 1.5  # b's view of the budget is older than its refresh interval: it reads storage
+    with pytest.raises(Throttled) as held:
+        b.transport.request("GET", "contacts")
+    # nothing sent into the penalty; back after its rest (plus b's place among the instances' waiters)
+    assert held.value.retry_after == pytest.approx(28.5, abs=0.3) and b.session.sent == 1
+    assert b.budget.remaining() == pytest.approx(28.5)
+    clock.now += 28.5
+    assert b.transport.request("GET", "contacts").status_code == 200 and b.session.sent == 2
+
+
+def test_a_shorter_penalty_never_shortens_the_shared_one(store: BudgetStore, key: str) -> None:
+    clock = Clock()
+    a, b = instance(store, key, clock), instance(store, key, clock)
+    a.budget.note(20)
+    b.budget.note(5)  # b had not heard of a's penalty yet, and meets a shorter one
+    assert store.read(key, 0).penalty_until == clock.now + 20
+    c = instance(store, key, clock)
+    assert c.budget.remaining() == pytest.approx(20)
+
+
+def test_an_instance_reads_storage_at_most_once_per_refresh_interval(key: str) -> None:
+    clock, reads = Clock(), []
+    store = MemoryStore()
+    original = store.read
+    store.read = lambda k, since: reads.append(clock.now) or original(k, since)  # type: ignore[method-assign]
+    a = instance(store, key, clock)
+    for _ in range(50):
+        a.transport.request("GET", "contacts")
+    clock.now += 1.0
+    for _ in range(50):
+        a.transport.request("GET", "contacts")
+    assert len(reads) == 2 and a.session.sent == 100
+
+
+def test_a_waiter_reads_storage_again_before_sending_after_a_penalty(store: BudgetStore, key: str) -> None:
+    clock = Clock()
+    a, b = instance(store, key, clock), instance(store, key, clock, max_inline_wait=2.0)
+    a.budget.note(1.5)
+    clock.now += 1.0  # b's refresh interval has passed: it reads the penalty's last 0.5 s ...
+    assert b.budget.remaining() == pytest.approx(0.5)
+    a.budget.note(11.0)  # ... and while b waits them out, a meets a new one: b learns of it before sending
+    with pytest.raises(Throttled):
+        b.transport.request("GET", "contacts")
+    assert clock.slept == [0.5]
+    assert b.session.sent == 0 and b.budget.remaining() == pytest.approx(10.5)
+
+
+def test_requests_in_flight_stay_within_the_dop_hint_across_instances(store: BudgetStore, key: str) -> None:
+    clock, flight = Clock(), Flight()
+    instances = [instance(store, key, clock, flight, max_inline_wait=30.0) for _ in range(3)]
+    for i in instances:
+        i.budget.remaining()  # each says it is there
+    instances[0].budget.note_dop_hint(6)
+    clock.now += 1.5
+    for i in instances:
+        i.budget.remaining()
+    assert sorted(i.budget.share for i in instances) == [2, 2, 2] and {i.budget.cap for i in instances} == {6}
+
+    errors: list[BaseException] = []
+
+    def send(i: Instance) -> None:
+        try:
+            i.transport.request("GET", "contacts")
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in instances for _ in range(6)]
+    for th in threads:
+        th.start()
+    assert flight.wait_in_flight(6)
+    assert wait_until(lambda: sum(i.budget.waiting for i in instances) == 12)
+    assert sum(flight.now.values()) == 6
+    flight.release()
+    for th in threads:
+        th.join(30)
+    assert errors == [] and sum(i.session.sent for i in instances) == 18
+    assert flight.most == 6 and sorted(flight.most_per.values()) == [2, 2, 2]
+
+
+def test_an_instance_beyond_the_cap_sends_nothing_and_a_dead_ones_share_returns(store: BudgetStore,
+                                                                                 key: str) -> None:
+    clock = Clock()
+    instances = [instance(store, key, clock) for _ in range(3)]
+    for i in instances:
+        i.budget.note_dop_hint(2)
+        i.budget.remaining()
+    clock.now += 1.5
+    for i in instances:
+        i.budget.remaining()
+    idle = next(i for i in instances if i.budget.share == 0)
+    with pytest.raises(Busy) as busy:
+        idle.transport.request("GET", "contacts")
+    assert idle.session.sent == 0 and busy.value.retry_after > 0
+    # the other two stop (killed): after the instance TTL without a heartbeat their shares are free
+    clock.now += idle.budget.instance_ttl + 1
+    assert idle.transport.request("GET", "contacts").status_code == 200 and idle.budget.share == 2
+
+
+def test_a_storage_failure_leaves_the_instance_on_what_it_knows(key: str) -> None:
+    from azure.core.exceptions import ServiceRequestError
+
+    class Down(MemoryStore):
+        def read(self, key: str, live_since: float) -> Shared:
+            raise ServiceRequestError("storage unreachable")
+
+        def note_penalty(self, key: str, until: float) -> None:
+            raise ServiceRequestError("storage unreachable")
+
+    clock = Clock()
+    a = instance(Down(), key, clock)
+    assert a.transport.request("GET", "contacts").status_code == 200
+    a.session.script = [response(429, {"Retry-After": "30"})]
+    with pytest.raises(Throttled):
+        a.transport.request("GET", "contacts")
+    with pytest.raises(Throttled):  # held back by the penalty it saw itself
+        a.transport.request("GET", "contacts")
+    assert a.session.sent == 2
+
+
+@pytest.fixture
+def table_store(tables: Tables) -> Iterator[TableBudgetStore]:
+    yield TableBudgetStore(tables("dataversebudget"))
+
+
+def test_the_table_rows_one_penalty_row_and_one_row_per_live_instance(table_store: TableBudgetStore,
+                                                                      key: str) -> None:
+    table_store.note_penalty(key, 1000.0)
+    table_store.note_penalty(key, 900.0)  # ends earlier: left as it is
+    table_store.note_dop_hint(key, 8)
+    table_store.heartbeat(key, "old", 100.0)
+    table_store.heartbeat(key, "new", 990.0)
+    assert table_store.read(key, live_since=500.0) == Shared(1000.0, 8, ("new",))
+    table_store.note_penalty(key, 1100.0)
+    assert table_store.read(key, live_since=0.0) == Shared(1100.0, 8, ("new", "old"))
+
+
+def test_before_its_first_read_no_thread_sends_on_an_empty_view(key: str) -> None:
+    """Many messages arrive at a fresh instance at once: all wait for the one storage read, none sends on
+    the empty view meanwhile (the end-to-end test in tests/test_shared_budget.py found this)."""
+    clock, reading, go = Clock(), threading.Event(), threading.Event()
+    store = MemoryStore()
+    store.note_penalty(key, clock.now + 30)  # another instance's penalty
+
+    class SlowStore(MemoryStore):
+        def read(self, key: str, live_since: float) -> Shared:
+            reading.set()
+            assert go.wait(30)
+            return store.read(key, live_since)
+
+    fresh = instance(SlowStore(), key, clock)
+    seen: list[float] = []
+    first = threading.Thread(target=lambda: seen.append(fresh.budget.remaining()))
+    first.start()
+    assert reading.wait(30)
+    second = threading.Thread(target=lambda: seen.append(fresh.budget.remaining()))
+    second.start()
+    assert wait_until(lambda: fresh.budget._cond._waiters)  # type: ignore[attr-defined]  # blocked on the read
+    go.set()
+    first.join(30)
+    second.join(30)
+    assert seen == [30.0, 30.0]
+
+
+def test_inside_a_caller_that_waits_itself_the_client_raises_instead_of_waiting_inline(key: str) -> None:
+    clock = Clock()
+    a = instance(MemoryStore(), key, clock, max_inline_wait=2.0)
+    a.session.script = [response(429, {"Retry-After": "1"})]
+    with a.budget.caller_waits(), pytest.raises(Throttled) as err:
+        a.transport.request("GET", "contacts")
+    assert err.value.retry_after == 1 and clock.slept == [] and a.session.sent == 1
+    with a.budget.caller_waits(), pytest.raises(Throttled):  # held back during the penalty, not waited
+        a.transport.request("GET", "contacts")
+    assert clock.slept == [] and a.session.sent == 1
+    assert a.transport.request("GET", "contacts").status_code == 200  # outside: the short rest is waited
+    assert clock.slept == [1.0] and a.session.sent == 2
+
+
+def test_instances_let_their_waiters_go_a_fraction_of_a_stagger_apart(key: str) -> None:
+    clock, store = Clock(), MemoryStore()
+    a, b = instance(store, key, clock), instance(store, key, clock)
+    for i in (a, b, a, b):
+        i.budget.remaining(fresh=True)  # both have said they are there and read each other
+    a.budget.note(2.0)
+    b.budget.remaining(fresh=True)  # reads a's penalty
+    first, second = sorted((a, b), key=lambda i: i.budget.instance)
+    assert [round(first.budget.turn(), 3) for _ in range(3)] == [2.0, 2.2, 2.4]
+    assert [round(second.budget.turn(), 3) for _ in range(2)] == [2.1, 2.3]  # never at the same instant
