@@ -34,6 +34,7 @@ from core.tables import (
     transaction_chunks,
     update_row,
 )
+from sync.pending import pending_versions
 from sync.rules import Applied, is_duplicate
 
 SNAPSHOTS, STATE, EVENTS = "contactsnapshots", "contactstate", "webhookevents"
@@ -87,9 +88,14 @@ class SnapshotStore:
             return None
 
     def versions(self, account_id: str, contact_ids: Iterable[str], *, adjacent: bool = False) -> dict[str, int]:
-        """Stored snapshot versions by contact id (`adjacent`: the ids are neighbours in id order)."""
-        rows = query_keys(self.table, {account_id: contact_ids}, adjacent=adjacent, select=["RowKey", "version"])
-        return {key: read_int(row["version"]) or 0 for key, row in rows.items()}
+        """Stored and pending snapshot versions by contact id (`adjacent`: the ids are neighbours in id order)."""
+        ids = list(contact_ids)
+        rows = query_keys(self.table, {account_id: ids}, adjacent=adjacent, select=["RowKey", "version"])
+        stored = {key: read_int(row["version"]) or 0 for key, row in rows.items()}
+        # and the changes webhooks accepted that no drain has applied yet (sync/pending.py)
+        for key, version in pending_versions(self.table, account_id, ids).items():
+            stored[key] = max(stored.get(key, version), version)
+        return stored
 
     @staticmethod
     def _from_entity(e: Any) -> Snapshot:
