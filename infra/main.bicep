@@ -82,6 +82,7 @@ var tableNames = [
   'contactstate'
   'contactsnapshots'
   'contactholders'
+  'contactdrains'
   'failures'
   'ownercache'
   'webhookevents'

@@ -29,7 +29,15 @@ from azure.data.tables import TableClient, TableEntity, UpdateMode
 
 from core.connections import utcnow
 from core.storage import CONTACT_EVENTS, int64, iso, read_int
-from core.tables import ChangesetFailed, Operation, etag_of, side_by_side, submit_changeset, transaction_chunks
+from core.tables import (
+    TRANSACTION_SIZE,
+    ChangesetFailed,
+    Operation,
+    etag_of,
+    side_by_side,
+    submit_changeset,
+    transaction_chunks,
+)
 
 DRAINS = "contactdrains"
 PREFIX = "~p~"
@@ -82,6 +90,25 @@ def newest_by_contact(changes: Iterable[PendingChange]) -> dict[str, PendingChan
         if seen is None or (c.version, c.deleted) > (seen.version, seen.deleted):
             newest[c.contact_id] = c
     return newest
+
+
+# A transaction's body may be 4 MiB, and a snapshot of up to 256 KiB grows by a third in base64:
+# https://learn.microsoft.com/rest/api/storageservices/performing-entity-group-transactions
+_TRANSACTION_BYTES = 3_000_000
+
+
+def _by_size(ops: list[Operation]) -> list[list[Operation]]:
+    """Transactions of at most TRANSACTION_SIZE operations and _TRANSACTION_BYTES of snapshot data."""
+    chunks: list[list[Operation]] = []
+    size = 0
+    for op in ops:
+        n = sum(len(v) for v in op[1].values() if isinstance(v, bytes)) * 4 // 3 + 512
+        if not chunks or len(chunks[-1]) >= TRANSACTION_SIZE or size + n > _TRANSACTION_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(op)
+        size += n
+    return chunks
 
 
 def pending_versions(table: TableClient, account_id: str, contact_ids: Iterable[str]) -> dict[str, int]:
@@ -171,7 +198,7 @@ class PendingStore:
         written, so that a repair or `failures/retry` re-applies it (sync/worker.py reads snapshots there)."""
         ops: list[Operation] = [("upsert", snapshot_entity(account_id, c.contact_id, c.contact, deleted=c.deleted,
                                                           event_id=c.event_id), None) for c in changes]
-        side_by_side(lambda chunk: submit_changeset(self.table, chunk), transaction_chunks([ops]))
+        side_by_side(lambda chunk: submit_changeset(self.table, chunk), _by_size(ops))
 
     def claim(self, account_id: str, holder: str, seconds: float) -> bool:
         """Take (or renew) the account's drain lease for `seconds`; False while another drain holds it."""
