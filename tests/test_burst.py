@@ -10,8 +10,14 @@ from __future__ import annotations
 import random
 import time
 
+import requests
+
+from core.storage import CONTACT_EVENTS
 from devstack.dataverse.faults import Fault
-from sync.pending import PendingChange, newest_by_contact
+from sync.events import validate_event
+from sync.pending import DRAINS, PendingChange, PendingStore, newest_by_contact
+from sync.state import SNAPSHOTS
+from tests.fixtures.stack import MASTER_KEY
 from tests.fixtures.sync import connect_sync_account, wait_for
 
 
@@ -86,3 +92,26 @@ def test_a_burst_with_redeliveries_and_reordering_ends_at_each_contacts_newest_v
     acct.drained()
     assert all(acct.rows(cid) == [] for cid in deleted)  # no delete undone by an older update
     assert acct.poison()["contact-events-poison"] == 0
+
+
+def test_a_change_whose_drain_message_was_never_sent_is_applied_by_the_stalled_drain_timer(
+        devhost, identity, wave, sync_queues, fresh_entra, tables):
+    acct = connect_sync_account(devhost, identity, wave, sync_queues)
+    pending = PendingStore(tables(SNAPSHOTS), tables(DRAINS))
+    orphan = wave.create_contact(acct.account_id, first_name="Orphan")
+    # What a webhook's process did before it died: the change stored and the marker created, no message sent.
+    assert pending.add(acct.account_id, validate_event(orphan).contact, deleted=False, event_id=orphan["id"])
+    assert pending.mark(acct.account_id)
+    tables(DRAINS).upsert_entity({"PartitionKey": acct.account_id, "RowKey": "marker", "at": "2026-01-01T00:00:00Z"})
+    # a later webhook of the account finds the marker and sends nothing either
+    later = wave.create_contact(acct.account_id, first_name="Later")
+    assert wave.send([later]) == [202]
+    assert sync_queues[CONTACT_EVENTS].get_queue_properties().approximate_message_count == 0
+    assert acct.row(orphan["data"]["contact"]["id"]) is None
+    res = requests.post(f"{devhost.url}/admin/functions/resume_stalled_drains",
+                        headers={"x-functions-key": MASTER_KEY}, timeout=60)
+    assert res.status_code == 202
+    for event in (orphan, later):
+        wait_for(lambda e=event: acct.row(e["data"]["contact"]["id"]), 60, what="the stalled changes in Dynamics")
+    acct.drained()
+    assert pending.read(acct.account_id, 10) == []
