@@ -4,12 +4,13 @@ A drain message names an account. The drain takes the account's lease (one drain
 then, pass after pass, reads up to BATCH pending changes, keeps the newest of each contact, and applies
 them the way a backfill page is written (sync/backfill.py: owners in one lookup, unknown rows in one lookup
 and claimed (sync/holds.py), one UpsertMultiple, states in Table transactions, each contact's failure
-recorded alone); deletes follow the connection's delete policy contact by contact. The rules of the
+recorded alone); deletes follow the connection's delete policy contact by contact. Then each applied change
+becomes the contact's snapshot and the pass's pending rows go (sync/pending.py `settle`). The rules of the
 per-contact path hold: a change not newer than the applied version is stale (so duplicates, out-of-order
 updates and an update older than a delete change nothing), unchanged content sends nothing, and a contact
 another writer touched meanwhile (its state's ETag changed) is handed to the per-contact worker with
-`force`, which applies the newest snapshot again (sync/worker.py). Each change is stored as the contact's
-snapshot before it is written, for that repair and for `failures/retry`.
+`force`, which applies the newest snapshot again (sync/worker.py; a change not yet settled is read from its
+pending row).
 
 A lone change is one pass of one contact: no added wait. A backlog goes out in bulk, and since the
 backlog lives in the account's pending rows, not in the shared queue, another account's change never
@@ -100,9 +101,10 @@ def _deletes(ctx: SyncContext, conn: LiveConnection, patience: Patience, deletes
     ledger.settled(done, states)
 
 
-def apply_changes(ctx: SyncContext, conn: LiveConnection, pending: PendingStore, changes: list[PendingChange],
-                  report: DrainReport) -> None:
-    """One pass: the newest change of each contact applied; raises only what concerns the whole pass."""
+def apply_changes(ctx: SyncContext, conn: LiveConnection, changes: list[PendingChange], report: DrainReport
+                  ) -> list[PendingChange]:
+    """One pass: the newest change of each contact applied; returns the changes to keep as the contacts'
+    snapshots (PendingStore.settle). Raises only what concerns the whole pass."""
     counted = replace(report)
     newest = newest_by_contact(changes)
     states = ctx.states.get_many(conn.account_id, newest)
@@ -117,7 +119,6 @@ def apply_changes(ctx: SyncContext, conn: LiveConnection, pending: PendingStore,
             deletes[cid] = change
         else:
             upserts[cid] = change
-    pending.save_snapshots(conn.account_id, [*upserts.values(), *deletes.values()])
     patience = Patience(conn.account_id, longest=INLINE_WAIT_SECONDS, budget=PAGE_WAIT_SECONDS)
     dv = ctx.dataverse(conn)
     before = dv.requests_made
@@ -138,10 +139,10 @@ def apply_changes(ctx: SyncContext, conn: LiveConnection, pending: PendingStore,
     if deletes:
         _deletes(ctx, conn, patience, deletes, states, report)
     report.dataverse_requests += dv.requests_made - before
-    pending.delete(conn.account_id, changes)
     ctx.connections.add_counts(conn.account_id, conn.generation, synced=report.written - counted.written,
                                deleted=report.deleted - counted.deleted, failed=report.failed - counted.failed,
                                skipped=report.unchanged - counted.unchanged)
+    return [*upserts.values(), *deletes.values()]
 
 
 def _pass_failed(ctx: SyncContext, conn: LiveConnection, pending: PendingStore, msg: DrainMessage,
@@ -160,6 +161,7 @@ def _pass_failed(ctx: SyncContext, conn: LiveConnection, pending: PendingStore, 
     # recorded: every contact of the pass, with the reason; `failures/retry` re-applies their snapshots
     ledger = FailureLedger(ctx, conn)
     newest = newest_by_contact(changes)
+    pending.settle(conn.account_id, newest.values(), changes)
     for cid, change in newest.items():
         ledger.record(cid, found.category, readable(error), version=change.version)
     # marked in their states, so that each contact's next success clears its record (another writer's wins)
@@ -167,7 +169,6 @@ def _pass_failed(ctx: SyncContext, conn: LiveConnection, pending: PendingStore, 
     ctx.states.save_many([failed_state(states.get(cid), conn.account_id, cid, found.category) for cid in newest])
     report.failed += len(newest)
     ctx.connections.add_counts(conn.account_id, conn.generation, failed=len(newest))
-    pending.delete(conn.account_id, changes)
     return None
 
 
@@ -190,41 +191,44 @@ def drain(ctx: SyncContext, pending: PendingStore, msg: DrainMessage,
         # it have died instead, its lease runs out: this message comes back then.
         _send(ctx, msg, math.ceil(pending.lease_left(account)) + 1)
         return "deferred:draining", report
+
+    def stop(outcome: str) -> tuple[str, DrainReport]:
+        pending.release(account, holder)
+        return outcome, report
+
     started = clock()
     while True:
         changes = pending.read(account, BATCH)
         if not changes:
-            # Release, unmark, look once more: a change stored meanwhile found the marker (and sent nothing),
-            # so it is seen now; one stored after this look finds no marker and schedules a drain itself.
+            # Release, unmark, look once more: a change stored meanwhile found the marker (and sent
+            # nothing), so it is seen now; one stored after this look finds no marker and schedules a
+            # drain itself.
             pending.release(account, holder)
             pending.unmark(account)
             if not pending.read(account, 1) or not pending.claim(account, holder, LEASE_SECONDS):
                 return "drained", report
             continue
         if clock() - started > MAX_DRAIN_SECONDS:
-            pending.release(account, holder)
             _send(ctx, replace(msg, attempt=0))
-            return "continued", report
+            return stop("continued")
         wait = penalties.remaining(account)
         if wait > INLINE_WAIT_SECONDS:  # Dataverse throttles this connection for a while: come back then
-            pending.release(account, holder)
             _send(ctx, msg, reschedule_delay(wait))
-            return "parked:throttled", report
+            return stop("parked:throttled")
         pending.touch(account)  # the marker is alive: the stalled-drain timer leaves it alone
         report.passes += 1
         report.changes += len(changes)
         try:
-            apply_changes(ctx, conn, pending, changes, report)
+            applied = apply_changes(ctx, conn, changes, report)
         except EXPECTED as exc:
             stopped = _pass_failed(ctx, conn, pending, msg, changes, exc, report)
             if stopped is not None:
-                pending.release(account, holder)
-                return stopped, report
+                return stop(stopped)
         else:
             msg = replace(msg, attempt=0)
+            pending.settle(account, applied, changes)
         fresh = live_connection(ctx.connections.get(account))
         if fresh is None:  # disconnected meanwhile: no further writes
-            pending.release(account, holder)
-            return "dropped:not_connected", report
+            return stop("dropped:not_connected")
         conn = fresh
         pending.claim(account, holder, LEASE_SECONDS)

@@ -36,7 +36,6 @@ from core.tables import (
     etag_of,
     side_by_side,
     submit_changeset,
-    transaction_chunks,
 )
 
 DRAINS = "contactdrains"
@@ -97,18 +96,27 @@ def newest_by_contact(changes: Iterable[PendingChange]) -> dict[str, PendingChan
 _TRANSACTION_BYTES = 3_000_000
 
 
-def _by_size(ops: list[Operation]) -> list[list[Operation]]:
-    """Transactions of at most TRANSACTION_SIZE operations and _TRANSACTION_BYTES of snapshot data."""
+def _by_size(groups: list[list[Operation]]) -> list[list[Operation]]:
+    """Transactions of at most TRANSACTION_SIZE operations and _TRANSACTION_BYTES of snapshot data; each group
+    (one contact's operations) stays in one transaction."""
     chunks: list[list[Operation]] = []
     size = 0
-    for op in ops:
-        n = sum(len(v) for v in op[1].values() if isinstance(v, bytes)) * 4 // 3 + 512
-        if not chunks or len(chunks[-1]) >= TRANSACTION_SIZE or size + n > _TRANSACTION_BYTES:
+    for group in groups:
+        n = sum(len(v) for op in group for v in op[1].values() if isinstance(v, bytes)) * 4 // 3 + 512 * len(group)
+        if not chunks or len(chunks[-1]) + len(group) > TRANSACTION_SIZE or size + n > _TRANSACTION_BYTES:
             chunks.append([])
             size = 0
-        chunks[-1].append(op)
+        chunks[-1].extend(group)
         size += n
     return chunks
+
+
+def pending_rows_of(table: TableClient, account_id: str, contact_id: str) -> list[PendingChange]:
+    """The pending changes of one contact."""
+    rows = table.query_entities("PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi",
+                                parameters={"pk": account_id, "lo": f"{PREFIX}{contact_id}~",
+                                            "hi": f"{PREFIX}{contact_id}~~"})
+    return [_change(e) for e in rows]
 
 
 def pending_versions(table: TableClient, account_id: str, contact_ids: Iterable[str]) -> dict[str, int]:
@@ -163,10 +171,10 @@ class PendingStore:
 
     # -- the drain's side ----------------------------------------------------------------------------
 
-    def read(self, account_id: str, limit: int) -> list[PendingChange]:
-        """Up to `limit` pending changes of the account, in contact id order."""
+    def read(self, account_id: str, limit: int, after: str | None = None) -> list[PendingChange]:
+        """Up to `limit` pending changes of the account in contact id order (RowKeys after `after`, if given)."""
         rows = self.table.query_entities("PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi",
-                                         parameters={"pk": account_id, "lo": PREFIX, "hi": _END},
+                                         parameters={"pk": account_id, "lo": after or PREFIX, "hi": _END},
                                          results_per_page=min(limit, 1000))
         out: list[PendingChange] = []
         for e in rows:
@@ -179,26 +187,34 @@ class PendingStore:
         return pending_versions(self.table, account_id, contact_ids)
 
     def delete(self, account_id: str, changes: Iterable[PendingChange]) -> None:
-        """Delete applied pending rows, in transactions; one another drain deleted first is no matter."""
-        ops: list[Operation] = [("delete", {"PartitionKey": account_id, "RowKey": c.row_key}, None)
-                                for c in changes]
+        """Delete pending rows (a disconnected account's)."""
+        self.settle(account_id, [], changes)
+
+    def settle(self, account_id: str, applied: Iterable[PendingChange], changes: Iterable[PendingChange]) -> None:
+        """After a pass: each applied change becomes its contact's snapshot (`contactsnapshots`, RowKey = contact
+        id; sync/worker.py and `failures/retry` read it there) and the pass's pending rows go, a contact's in
+        the same transaction, so that its newest change is always in one of the two places
+        (SnapshotStore.get reads both)."""
+        by_contact: dict[str, list[Operation]] = {}
+        for c in changes:
+            by_contact.setdefault(c.contact_id, []).append(
+                ("delete", {"PartitionKey": account_id, "RowKey": c.row_key}, None))
+        for c in applied:
+            by_contact.setdefault(c.contact_id, []).insert(0, ("upsert", snapshot_entity(
+                account_id, c.contact_id, c.contact, deleted=c.deleted, event_id=c.event_id), None))
 
         def one(chunk: list[Operation]) -> None:
             try:
                 submit_changeset(self.table, chunk)
-            except ChangesetFailed:  # one of them is gone already: row by row
-                for _, entity, _etag in chunk:
-                    with contextlib.suppress(ResourceNotFoundError):
-                        self.table.delete_entity(account_id, entity["RowKey"])
+            except ChangesetFailed:  # one of the rows is gone already (another drain): row by row
+                for op, entity, _etag in chunk:
+                    if op == "upsert":
+                        self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+                    else:
+                        with contextlib.suppress(ResourceNotFoundError):
+                            self.table.delete_entity(account_id, entity["RowKey"])
 
-        side_by_side(one, transaction_chunks([ops]))
-
-    def save_snapshots(self, account_id: str, changes: Iterable[PendingChange]) -> None:
-        """Store each change as the contact's snapshot (`contactsnapshots`, RowKey = contact id) before it is
-        written, so that a repair or `failures/retry` re-applies it (sync/worker.py reads snapshots there)."""
-        ops: list[Operation] = [("upsert", snapshot_entity(account_id, c.contact_id, c.contact, deleted=c.deleted,
-                                                          event_id=c.event_id), None) for c in changes]
-        side_by_side(lambda chunk: submit_changeset(self.table, chunk), _by_size(ops))
+        side_by_side(one, _by_size(list(by_contact.values())))
 
     def claim(self, account_id: str, holder: str, seconds: float) -> bool:
         """Take (or renew) the account's drain lease for `seconds`; False while another drain holds it."""

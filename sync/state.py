@@ -34,7 +34,7 @@ from core.tables import (
     transaction_chunks,
     update_row,
 )
-from sync.pending import pending_versions
+from sync.pending import pending_rows_of, pending_versions
 from sync.rules import Applied, is_duplicate
 
 SNAPSHOTS, STATE, EVENTS = "contactsnapshots", "contactstate", "webhookevents"
@@ -82,10 +82,15 @@ class SnapshotStore:
         return update_row(self.table, account_id, contact["id"], newer, what="snapshot") is not None
 
     def get(self, account_id: str, contact_id: str) -> Snapshot | None:
+        """The contact's newest snapshot: the stored one, or a newer change still pending (sync/pending.py)."""
         try:
-            return self._from_entity(self.table.get_entity(account_id, contact_id))
+            found: Snapshot | None = self._from_entity(self.table.get_entity(account_id, contact_id))
         except ResourceNotFoundError:
-            return None
+            found = None
+        for change in pending_rows_of(self.table, account_id, contact_id):
+            if found is None or (change.version, change.deleted) > (found.version, found.deleted):
+                found = Snapshot(account_id, contact_id, change.version, change.deleted, change.contact)
+        return found
 
     def versions(self, account_id: str, contact_ids: Iterable[str], *, adjacent: bool = False) -> dict[str, int]:
         """Stored and pending snapshot versions by contact id (`adjacent`: the ids are neighbours in id order)."""
