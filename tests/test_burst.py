@@ -2,7 +2,8 @@
 and never in front of another account's change.
 
 End to end through the dev host: Wave's signed webhooks in, the Dataverse simulator's rows and request log out.
-The pure rule that picks each contact's change of a pass is tested without I/O.
+The pure rule that picks each contact's change of a pass, and the webhook's connection cache, are tested
+without I/O.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import time
 
 import requests
 
+from core.connections import CONNECTED, DISCONNECTED, Connection
 from core.storage import CONTACT_EVENTS
 from devstack.dataverse.faults import Fault
 from sync.events import validate_event
 from sync.pending import DRAINS, PendingChange, PendingStore, newest_by_contact
 from sync.state import SNAPSHOTS
+from sync.webhook import LiveConnections
 from tests.fixtures.stack import MASTER_KEY
 from tests.fixtures.sync import connect_sync_account, wait_for
 
@@ -115,3 +118,27 @@ def test_a_change_whose_drain_message_was_never_sent_is_applied_by_the_stalled_d
         wait_for(lambda e=event: acct.row(e["data"]["contact"]["id"]), 60, what="the stalled changes in Dynamics")
     acct.drained()
     assert pending.read(acct.account_id, 10) == []
+
+
+class _Connections:
+    """A connection store that counts its reads."""
+
+    def __init__(self, conn: Connection | None) -> None:
+        self.conn, self.reads = conn, 0
+
+    def get(self, account_id: str) -> Connection | None:
+        self.reads += 1
+        return self.conn
+
+
+def test_the_webhook_trusts_a_live_connection_for_a_few_seconds_and_reads_an_absent_one_every_time():
+    now = [100.0]
+    live = Connection(account_id="acct", state=CONNECTED, generation="g1", instance_url="https://org.crm.dynamics.com")
+    store = _Connections(live)
+    cache = LiveConnections(store, ttl=5.0, clock=lambda: now[0])  # type: ignore[arg-type]
+    assert cache.get("acct").generation == "g1" and cache.get("acct") is not None and store.reads == 1
+    now[0] += 5.0  # the TTL ran out: read again, and see the disconnect
+    store.conn = Connection(account_id="acct", state=DISCONNECTED, generation="g1")
+    assert cache.get("acct") is None and cache.get("acct") is None and store.reads == 3  # absent: never cached
+    store.conn = Connection(account_id="acct", state=CONNECTED, generation="g2", instance_url=live.instance_url)
+    assert cache.get("acct").generation == "g2"  # a new connection is seen at once

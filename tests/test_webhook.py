@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from core.connections import CONNECTED, Connection, ConnectionStore
 from sync.events import MAX_BODY_BYTES
-from sync.signature import HEADER, sign, signature_header
 from sync.pending import PREFIX, pending_key
+from sync.signature import HEADER, sign, signature_header
 from sync.state import SNAPSHOTS, SnapshotStore
 
 SECRETS = ["whsec_test_current_0123456789", "whsec_test_previous_0123456789"]
