@@ -26,7 +26,7 @@ def contact_worker(msg: func.QueueMessage) -> None:
     timer = Timer()
     message = parse_contact_lane(msg.get_body())
     if isinstance(message, DrainMessage):
-        result, report = drain.drain(services().sync, services().pending, message)
+        result, report = drain.drain(services().sync, services().pending, message, holder=msg.id or None)
         outcome(contact_log, "drain", result, account_id=message.account_id, attempt=message.attempt or None,
                 changes=report.changes, passes=report.passes, written=report.written, deleted=report.deleted or None,
                 unchanged=report.unchanged or None, stale=report.stale or None, failed=report.failed or None,

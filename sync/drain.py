@@ -4,8 +4,9 @@ A drain message names an account. The drain takes the account's lease (one drain
 then, pass after pass, reads up to BATCH pending changes, keeps the newest of each contact, and applies
 them the way a backfill page is written (sync/backfill.py: owners in one lookup, unknown rows in one lookup
 and claimed (sync/holds.py), one UpsertMultiple, states in Table transactions, each contact's failure
-recorded alone); deletes follow the connection's delete policy contact by contact. Then each applied change
-becomes the contact's snapshot and the pass's pending rows go (sync/pending.py `settle`). The rules of the
+recorded alone); deletes follow the connection's delete policy contact by contact. Then the pass's pending
+rows go, and the changes something may read again become the contacts' snapshots (`apply_changes` says
+which; sync/pending.py `settle`). The rules of the
 per-contact path hold: a change not newer than the applied version is stale (so duplicates, out-of-order
 updates and an update older than a delete change nothing), unchanged content sends nothing, and a contact
 another writer touched meanwhile (its state's ETag changed) is handed to the per-contact worker with
@@ -21,7 +22,6 @@ one puts the one drain message back for Retry-After (the pending rows stay where
 from __future__ import annotations
 
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable
@@ -72,8 +72,8 @@ def _send(ctx: SyncContext, msg: DrainMessage, delay: int = 0) -> None:
 
 
 def _deletes(ctx: SyncContext, conn: LiveConnection, patience: Patience, deletes: dict[str, PendingChange],
-             states: dict[str, ContactState], report: DrainReport) -> None:
-    """Delete (or deactivate) contact by contact; one that fails is recorded alone."""
+             states: dict[str, ContactState], report: DrainReport) -> list[str]:
+    """Delete (or deactivate) contact by contact; one that fails is recorded alone. Returns the failed ones."""
     ledger = FailureLedger(ctx, conn)
     to_save: list[ContactState] = []
     done: list[str] = []
@@ -99,13 +99,22 @@ def _deletes(ctx: SyncContext, conn: LiveConnection, patience: Patience, deletes
                                                        conn.generation, force=True).to_dict())
     report.deleted += len(done)
     ledger.settled(done, states)
+    return sorted(deletes.keys() - set(done))
 
 
 def apply_changes(ctx: SyncContext, conn: LiveConnection, changes: list[PendingChange], report: DrainReport
                   ) -> list[PendingChange]:
     """One pass: the newest change of each contact applied; returns the changes to keep as the contacts'
-    snapshots (PendingStore.settle). Raises only what concerns the whole pass."""
+    snapshots (PendingStore.settle). Raises only what concerns the whole pass.
+
+    Kept are the snapshots something may read again: a failed contact's (`failures/retry` applies it), and,
+    when the pass met a concurrent writer or a backfill of the connection ran beside it, every contact's: a
+    contact another writer changed meanwhile is re-applied from its snapshot (sync/worker.py with `force`,
+    also after a backfill page's state write lost to this pass, sync/backfill.py `_settle`). A backfill that
+    starts later reads this pass's changes as pending or as applied and leaves them alone
+    (sync/rules.py backfill_writes). Storing every snapshot cost as much as the rest of the pass."""
     counted = replace(report)
+    failed: set[str] = set()
     newest = newest_by_contact(changes)
     states = ctx.states.get_many(conn.account_id, newest)
     upserts: dict[str, PendingChange] = {}
@@ -132,17 +141,25 @@ def apply_changes(ctx: SyncContext, conn: LiveConnection, changes: list[PendingC
         _resolve_ids(ctx, conn, dv, patience, plan, page)
         _write(ctx, conn, dv, patience, plan, page)
         _settle(ctx, conn, plan, page)
+        failed.update(plan.failed)
         report.written += page.written
         report.unchanged += page.unchanged
         report.failed += page.failed
         report.repairs += page.repairs
     if deletes:
-        _deletes(ctx, conn, patience, deletes, states, report)
+        failed.update(_deletes(ctx, conn, patience, deletes, states, report))
     report.dataverse_requests += dv.requests_made - before
     ctx.connections.add_counts(conn.account_id, conn.generation, synced=report.written - counted.written,
                                deleted=report.deleted - counted.deleted, failed=report.failed - counted.failed,
                                skipped=report.unchanged - counted.unchanged)
-    return [*upserts.values(), *deletes.values()]
+    written = [*upserts.values(), *deletes.values()]
+    # a backfill running when the pass began, or started (and maybe finished) since: read after the writes
+    now = ctx.connections.get(conn.account_id)
+    backfill = conn.backfill.state == "running" or now is None or now.backfill.state == "running" \
+        or now.backfill.run_id != conn.backfill.run_id
+    if report.repairs > counted.repairs or backfill:
+        return written
+    return [c for c in written if c.contact_id in failed]
 
 
 def _pass_failed(ctx: SyncContext, conn: LiveConnection, pending: PendingStore, msg: DrainMessage,
@@ -172,9 +189,10 @@ def _pass_failed(ctx: SyncContext, conn: LiveConnection, pending: PendingStore, 
     return None
 
 
-def drain(ctx: SyncContext, pending: PendingStore, msg: DrainMessage,
+def drain(ctx: SyncContext, pending: PendingStore, msg: DrainMessage, holder: str | None = None,
           clock: Callable[[], float] = time.monotonic) -> tuple[str, DrainReport]:
-    """Apply the account's pending changes; returns the outcome and what was done. Raises only for bugs."""
+    """Apply the account's pending changes; returns the outcome and what was done. Raises only for bugs.
+    `holder`: the queue message's id, the same in every delivery of it."""
     report = DrainReport()
     account = msg.account_id
     row = ctx.connections.get(account)
@@ -185,11 +203,11 @@ def drain(ctx: SyncContext, pending: PendingStore, msg: DrainMessage,
                 pending.delete(account, changes)
         pending.unmark(account)
         return "dropped:not_connected", report
-    holder = uuid.uuid4().hex
+    holder = holder or uuid.uuid4().hex
     if not pending.claim(account, holder, LEASE_SECONDS):
-        # Another drain works on this account and looks at the pending rows once more before it stops. Should
-        # it have died instead, its lease runs out: this message comes back then.
-        _send(ctx, msg, math.ceil(pending.lease_left(account)) + 1)
+        # Another drain works on this account: it looks at the pending rows once more after it lets go of the
+        # lease, and this message's change is there by then. Should it die instead, the host delivers its
+        # message again, which takes the lease back (the holder is the queue message's id).
         return "deferred:draining", report
 
     def stop(outcome: str) -> tuple[str, DrainReport]:

@@ -171,10 +171,10 @@ class PendingStore:
 
     # -- the drain's side ----------------------------------------------------------------------------
 
-    def read(self, account_id: str, limit: int, after: str | None = None) -> list[PendingChange]:
-        """Up to `limit` pending changes of the account in contact id order (RowKeys after `after`, if given)."""
+    def read(self, account_id: str, limit: int) -> list[PendingChange]:
+        """Up to `limit` pending changes of the account, in contact id order."""
         rows = self.table.query_entities("PartitionKey eq @pk and RowKey gt @lo and RowKey lt @hi",
-                                         parameters={"pk": account_id, "lo": after or PREFIX, "hi": _END},
+                                         parameters={"pk": account_id, "lo": PREFIX, "hi": _END},
                                          results_per_page=min(limit, 1000))
         out: list[PendingChange] = []
         for e in rows:
@@ -190,16 +190,16 @@ class PendingStore:
         """Delete pending rows (a disconnected account's)."""
         self.settle(account_id, [], changes)
 
-    def settle(self, account_id: str, applied: Iterable[PendingChange], changes: Iterable[PendingChange]) -> None:
-        """After a pass: each applied change becomes its contact's snapshot (`contactsnapshots`, RowKey = contact
+    def settle(self, account_id: str, keep: Iterable[PendingChange], changes: Iterable[PendingChange]) -> None:
+        """After a pass: each change in `keep` becomes its contact's snapshot (`contactsnapshots`, RowKey = contact
         id; sync/worker.py and `failures/retry` read it there) and the pass's pending rows go, a contact's in
-        the same transaction, so that its newest change is always in one of the two places
-        (SnapshotStore.get reads both)."""
+        the same transaction, so that a kept change is always in one of the two places (SnapshotStore.get reads
+        both)."""
         by_contact: dict[str, list[Operation]] = {}
         for c in changes:
             by_contact.setdefault(c.contact_id, []).append(
                 ("delete", {"PartitionKey": account_id, "RowKey": c.row_key}, None))
-        for c in applied:
+        for c in keep:
             by_contact.setdefault(c.contact_id, []).insert(0, ("upsert", snapshot_entity(
                 account_id, c.contact_id, c.contact, deleted=c.deleted, event_id=c.event_id), None))
 
@@ -237,17 +237,6 @@ class PendingStore:
             return True
         except (ResourceModifiedError, ResourceNotFoundError):
             return False
-
-    def lease_left(self, account_id: str) -> float:
-        """Seconds until the account's drain lease expires (0 when nobody holds it)."""
-        try:
-            until = str(self.drains.get_entity(account_id, _LEASE).get("until") or "")
-        except ResourceNotFoundError:
-            return 0.0
-        if not until:
-            return 0.0
-        left = datetime.strptime(until, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) - datetime.now(UTC)
-        return max(0.0, left.total_seconds())
 
     def release(self, account_id: str, holder: str) -> None:
         with contextlib.suppress(ResourceNotFoundError):
