@@ -237,8 +237,9 @@ def report(args: argparse.Namespace, ceil: Ceiling, runs: list[Run],
             "",
             "## (b) Webhook intake",
             "",
-            "The real handler (`sync.webhook.wave_webhook`: size, HMAC signature, JSON schema, dedupe, snapshot "
-            "store, enqueue) called in-process against Azurite, with the dev host stopped so nothing drains the queue.",
+            "The real handler (`functions.webhook.wave_webhook`: size, HMAC signature, JSON schema, the "
+            "connection, the pending change, the drain marker) called in-process against Azurite for "
+            "`contact.updated` webhooks of one account, with the dev host stopped so nothing drains it.",
             "",
             "| | Requests | Threads | Requests/s | CPU per request (app) | CPU per request (Azurite) | Answers |",
             "|---|---:|---:|---:|---:|---:|---|",
