@@ -135,8 +135,9 @@ def _last_log_time(stack: Stack) -> float:
 
 def run_burst(stack: Stack, account: str, size: int, window: float) -> list[BurstResult]:
     """Two bursts of `size`: as the webhooks arrive (one HTTP instance takes them here), then as a backlog
-    (every change stored before the drain may write: its first bulk write is held inside Dataverse until the
-    last webhook is answered), each with the other account's lone contact meanwhile."""
+    (every change stored before anything drains: the contact worker instances are stopped while the webhooks
+    are posted, and timing starts when they are started again, cold), each with the other account's lone
+    contact meanwhile."""
     user = _user_of(stack, account)
     sender = WebhookSender(f"{stack.devhost_url}/api/webhooks/wave", [stack.options.webhook_secret])
     results = []
@@ -157,13 +158,15 @@ def run_burst(stack: Stack, account: str, size: int, window: float) -> list[Burs
     time.sleep(window)  # the next one on a fresh window too
     events, wanted, marker = _updates(stack, account, size, 1)
     since, burst = _last_log_time(stack), Burst(events)
-    dataverse_control(stack, "POST", "faults", {"script": [{"kind": "hold", "match": "CRM.UpsertMultiple",
-                                                            "delay": 300}]})
+    workers = stack.instance_names("contact_worker")
+    for name in workers:  # nothing drains while the backlog is stored
+        stack.kill_instance(name)
     posted = time.time()
     deliver(sender, events, burst)
     post_seconds = time.time() - posted
-    start = time.time()
-    dataverse_control(stack, "POST", "faults/release")
+    for name in workers:
+        stack.restart_instance(name, kill=False)
+    start = time.time()  # the instances answer their health check: the host is up, the app not yet warm
     lone = _lone_latency(stack, 0.0)
     _holds_all(stack, wanted, marker)
     results.append(_measure(stack, "as a backlog (all stored first)", user, since, start, events, burst,

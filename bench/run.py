@@ -146,12 +146,13 @@ def burst_section(bursts: list[BurstResult], ceil: Ceiling, naive: Run | None, w
         f"bulk reassignment in Wave), posted by 8 threads to the app's front, each one window ({window:g} s) after "
         "the previous work. First as the webhooks arrive: timed from the first post, so one HTTP instance "
         "taking the webhooks on this machine bounds it. Then as a backlog: every change of a second burst stored "
-        "before the drain may write (its first bulk write held inside the Dataverse simulator until the last "
-        "webhook was answered, as when webhooks arrive faster than the account's limits let them out, e.g. over "
-        "many HTTP instances), timed from the release. Done = Dynamics holds every new version (checked on the "
-        "simulator's rows; the time of the last successful write before). Requests and 429s are the burst "
-        "account's Dataverse user's. Meanwhile a new contact of ANOTHER connected account (its own Dataverse "
-        "user) is posted: its latency runs until a Web API read (a third user, every 50 ms) finds the row.",
+        "before anything drains (the contact worker instances stopped while it was posted, as when webhooks "
+        "arrive faster than an account's limits let them out, e.g. over many HTTP instances), timed from "
+        "the moment they were up again (cold: sign-in token, clients). Done = Dynamics holds every new "
+        "version (checked on the simulator's rows; the time of the last successful write before). Requests "
+        "and 429s are the burst account's Dataverse user's. Meanwhile a new contact of ANOTHER connected "
+        "account (its own Dataverse user) is posted: its latency runs until a Web API read (a third user, "
+        "every 50 ms) finds the row.",
         "",
         "| Burst | Webhooks | Posting (s) | Until Dynamics holds all (s) | Contacts/s | of ceiling | x naive | "
         "Requests per contact | 429s | Other account's lone contact |",
