@@ -33,7 +33,7 @@ from dataverse.errors import AuthExpired, Throttled, Transient
 from oauth.errors import ReauthRequired, TokenUnavailable
 from sync.backfill import INLINE_WAIT_SECONDS, PAGE_WAIT_SECONDS, PageReport, Plan, _map, _resolve_ids, _settle, _write
 from sync.context import SyncContext
-from sync.ledger import FailureLedger, failed_state
+from sync.ledger import FailureLedger, failed_state, had_failed
 from sync.mapping import owner_email
 from sync.messages import ContactMessage, DrainMessage
 from sync.outcomes import EXPECTED, Action, readable, verdict
@@ -107,7 +107,8 @@ def apply_changes(ctx: SyncContext, conn: LiveConnection, changes: list[PendingC
     """One pass: the newest change of each contact applied; returns the changes to keep as the contacts'
     snapshots (PendingStore.settle). Raises only what concerns the whole pass.
 
-    Kept are the snapshots something may read again: a failed contact's (`failures/retry` applies it), and,
+    Kept are the snapshots something may read again: a contact's that failed now or before (`failures/retry`
+    applies it), and,
     when the pass met a concurrent writer or a backfill of the connection ran beside it, every contact's: a
     contact another writer changed meanwhile is re-applied from its snapshot (sync/worker.py with `force`,
     also after a backfill page's state write lost to this pass, sync/backfill.py `_settle`). A backfill that
@@ -153,6 +154,9 @@ def apply_changes(ctx: SyncContext, conn: LiveConnection, changes: list[PendingC
                                deleted=report.deleted - counted.deleted, failed=report.failed - counted.failed,
                                skipped=report.unchanged - counted.unchanged)
     written = [*upserts.values(), *deletes.values()]
+    # a contact that had failed may be in a `failures/retry` message right now, which re-applies the newest
+    # snapshot when it loses a race with this pass (sync/worker.py)
+    failed.update(cid for cid, state in states.items() if had_failed(state))
     # a backfill running when the pass began, or started (and maybe finished) since: read after the writes
     now = ctx.connections.get(conn.account_id)
     backfill = conn.backfill.state == "running" or now is None or now.backfill.state == "running" \
