@@ -1,6 +1,7 @@
-"""Benchmark (b): webhook intake - signature check, validation, dedupe, snapshot store and enqueue.
+"""Benchmark (b): webhook intake - signature check, validation, the connection (cached), the pending change's
+insert and the drain marker (a message for the first webhook only: nothing drains the account meanwhile).
 
-Runs the real HTTP handler (`sync.webhook.wave_webhook`) in this process against the stack's Azurite,
+Runs the real HTTP handler (`functions.webhook.wave_webhook`) in this process against the stack's Azurite,
 for an account the stack has connected, with the dev host stopped so nothing drains the queue meanwhile
 (the figure is intake alone). CPU per request is this process's CPU time plus Azurite's (from /proc),
 divided by the number of requests.

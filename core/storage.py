@@ -13,11 +13,15 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
+import requests
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError
+from azure.core.pipeline.transport import RequestsTransport
 from azure.data.tables import EdmType, EntityProperty, TableClient, TableServiceClient, TableTransactionError
 from azure.identity import DefaultAzureCredential
 from azure.storage.queue import QueueClient, TextBase64DecodePolicy, TextBase64EncodePolicy
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from core.settings import StorageSettings
 
@@ -28,6 +32,26 @@ POISON_SUFFIX = "-poison"
 # Storage caps a message at 64 KiB; base64 costs a third of that.
 MAX_MESSAGE_BYTES = 48 * 1024
 C = TypeVar("C")
+# Connections kept open per storage endpoint. The SDK's default pool is requests' 10, fewer than the threads
+# that call storage at once (host.json's 24 messages per queue function, PYTHON_THREADPOOL_THREAD_COUNT 64,
+# core/tables.py's 8 side-by-side threads): every extra call opened and dropped a connection ("Connection
+# pool is full, discarding connection").
+POOL_CONNECTIONS = 96
+
+
+def _transport() -> RequestsTransport:
+    """The SDK's HTTP transport without environment lookups: requests' default (`trust_env`) re-reads the
+    proxy and netrc settings on every call, which cost more CPU than the rest of a small call; storage is
+    reached directly (https://learn.microsoft.com/azure/developer/python/sdk/azure-sdk-configure-proxy
+    describes the proxy environment this turns off)."""
+    session = requests.Session()
+    session.trust_env = False
+    # no retries inside requests: the SDK's own retry policy retries, as with its default transport
+    adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_CONNECTIONS,
+                                            max_retries=Retry(total=False, redirect=False, raise_on_status=False))
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return RequestsTransport(session=session, session_owner=False, use_env_settings=False)
 
 
 def poison_queue_name(queue_name: str) -> str:
@@ -41,16 +65,17 @@ def _credential(storage: StorageSettings) -> DefaultAzureCredential:
 def queue_client(storage: StorageSettings, queue_name: str) -> QueueClient:
     encode, decode = TextBase64EncodePolicy(), TextBase64DecodePolicy()
     if storage.connection_string:
-        return QueueClient.from_connection_string(storage.connection_string, queue_name,
+        return QueueClient.from_connection_string(storage.connection_string, queue_name, transport=_transport(),
                                                   message_encode_policy=encode, message_decode_policy=decode)
     return QueueClient(_service_uri(storage.queue_service_uri), queue_name, credential=_credential(storage),
-                       message_encode_policy=encode, message_decode_policy=decode)
+                       transport=_transport(), message_encode_policy=encode, message_decode_policy=decode)
 
 
 def table_service(storage: StorageSettings) -> TableServiceClient:
     if storage.connection_string:
-        return TableServiceClient.from_connection_string(storage.connection_string)
-    return TableServiceClient(_service_uri(storage.table_service_uri), credential=_credential(storage))
+        return TableServiceClient.from_connection_string(storage.connection_string, transport=_transport())
+    return TableServiceClient(_service_uri(storage.table_service_uri), credential=_credential(storage),
+                              transport=_transport())
 
 
 def _service_uri(uri: str | None) -> str:

@@ -13,6 +13,7 @@ Wire format: https://learn.microsoft.com/rest/api/storageservices/performing-ent
 
 from __future__ import annotations
 
+import base64
 import inspect
 import json
 import logging
@@ -149,7 +150,10 @@ class ChangesetFailed(Exception):
     """A transaction was refused as a whole (one of its rows conflicted, or the service said no)."""
 
 
-Operation = tuple[Literal["create", "replace"], dict[str, Any], str | None]  # (op, entity, etag for replace)
+# (op, entity, etag): "create" fails if the row exists; "replace" needs the row (If-Match: the etag, or any
+# with None); "upsert" inserts or replaces; "delete" needs the row (If-Match as for replace). An upsert or a
+# delete needs only the entity's keys.
+Operation = tuple[Literal["create", "replace", "upsert", "delete"], dict[str, Any], str | None]
 
 
 def fast_path_available(table: TableClient) -> bool:
@@ -168,16 +172,20 @@ def fast_path_available(table: TableClient) -> bool:
 
 
 def _json_entity(entity: Mapping[str, Any]) -> str:
-    """Strings, booleans, plain ints as Edm.Int32 and `int64` properties as Edm.Int64 (a string with its
-    type annotation), as the SDK writes them; a plain int beyond 32 bits is refused, as the SDK does."""
+    """Strings, booleans, plain ints as Edm.Int32, `int64` properties as Edm.Int64 (a string with its
+    type annotation) and bytes as Edm.Binary (base64), as the SDK writes them; a plain int beyond 32 bits
+    is refused, as the SDK does."""
     out: dict[str, Any] = {}
     for name, value in entity.items():
         if isinstance(value, EntityProperty) and value.edm_type == EdmType.INT64:
             out[f"{name}@odata.type"], out[name] = "Edm.Int64", str(int(value.value))
             continue
+        if isinstance(value, bytes):
+            out[f"{name}@odata.type"], out[name] = "Edm.Binary", base64.b64encode(value).decode()
+            continue
         if not isinstance(value, (str, bool, int)) or (
                 isinstance(value, int) and not isinstance(value, bool) and not -2**31 <= value < 2**31):
-            raise TypeError(f"{name}: {value!r} is not a string, a boolean, a 32-bit int or an int64()")
+            raise TypeError(f"{name}: {value!r} is not a string, bytes, a boolean, a 32-bit int or an int64()")
         out[name] = value
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
 
@@ -191,11 +199,19 @@ def _send_plain(table: TableClient, ops: list[Operation]) -> None:
     changeset, batch = f"changeset_{uuid.uuid4()}", f"batch_{uuid.uuid4()}"
     parts = [f"--{batch}\r\nContent-Type: multipart/mixed; boundary={changeset}\r\n\r\n"]
     for op, entity, etag in ops:
+        keys = f"PartitionKey='{_key(entity['PartitionKey'])}',RowKey='{_key(entity['RowKey'])}'"
+        row = f"{base}/{table.table_name}({keys})"
         if op == "create":
             line = f"POST {base}/{table.table_name} HTTP/1.1\r\n"
+        elif op == "upsert":  # a PUT without If-Match inserts or replaces
+            line = f"PUT {row} HTTP/1.1\r\n"
+        elif op == "delete":
+            parts.append(f"--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
+                         f"\r\nDELETE {row} HTTP/1.1\r\nIf-Match: {etag or '*'}\r\nAccept: application/json;"
+                         "odata=minimalmetadata\r\nDataServiceVersion: 3.0\r\n\r\n")
+            continue
         else:
-            line = (f"PUT {base}/{table.table_name}(PartitionKey='{_key(entity['PartitionKey'])}',"
-                    f"RowKey='{_key(entity['RowKey'])}') HTTP/1.1\r\nIf-Match: {etag or '*'}\r\n")
+            line = f"PUT {row} HTTP/1.1\r\nIf-Match: {etag or '*'}\r\n"
         parts.append(f"--{changeset}\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n"
                      f"\r\n{line}Content-Type: application/json\r\nAccept: application/json;odata=minimalmetadata\r\n"
                      f"Prefer: return-no-content\r\nDataServiceVersion: 3.0\r\n\r\n{_json_entity(entity)}\r\n")
@@ -217,6 +233,11 @@ def _send_through_sdk(table: TableClient, ops: list[Operation]) -> None:
     for op, entity, etag in ops:
         if op == "create":
             operations.append(("create", entity))
+        elif op == "upsert":
+            operations.append(("upsert", entity, {"mode": UpdateMode.REPLACE}))
+        elif op == "delete":
+            condition = MatchConditions.IfNotModified if etag else MatchConditions.Unconditionally
+            operations.append(("delete", entity, {"etag": etag, "match_condition": condition}))
         else:
             condition = MatchConditions.IfNotModified if etag else MatchConditions.Unconditionally
             operations.append(("update", entity, {"mode": UpdateMode.REPLACE, "etag": etag,

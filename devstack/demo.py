@@ -321,8 +321,8 @@ def watch_latencies(stack: Stack, account: str, burst: Burst, timeout: float) ->
     contact after it, read from the simulator's request log (both clocks are this machine's wall clock).
 
     A write is recognised by the row's contactid (known rows, or the deterministic id of a new one) or by
-    its external id (alternate-key URL) in the request path. Only the last event per contact is measured:
-    an earlier one is overwritten before it could be observed.
+    its external id (alternate-key URL) in the request path, or among the rows of a bulk write. Only the last
+    event per contact is measured: an earlier one is overwritten before it could be observed.
     """
     ids = {r.get(EXTERNAL_ID_COLUMN): r["contactid"] for r in dataverse_rows(stack) if r.get(EXTERNAL_ID_COLUMN)}
     final: dict[str, dict[str, Any]] = {e["data"]["contact"]["id"]: e for e in burst.events}
@@ -340,12 +340,13 @@ def watch_latencies(stack: Stack, account: str, burst: Burst, timeout: float) ->
             if entry["t"] <= seen_until or not 200 <= entry["status"] < 300 or entry["method"] == "GET":
                 continue
             path = unquote(entry["path"])
+            written = set(entry.get("ids") or ())  # a bulk write's rows (UpsertMultiple)
             for wave_id, event in final.items():
                 key = event_key(event)
                 sent = burst.sent_at.get(key)
                 if key in latencies or sent is None or entry["t"] < sent:
                     continue
-                if any(n in path for n in needles[wave_id]):
+                if any(n in path for n in needles[wave_id]) or any(n in written for n in needles[wave_id]):
                     latencies[key] = entry["t"] - sent
         if log:
             seen_until = max(seen_until, max(e["t"] for e in log) - 2.0)  # type: ignore[union-attr]

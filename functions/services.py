@@ -28,8 +28,10 @@ from sync.holds import TABLE as HOLDS
 from sync.holds import HoldStore
 from sync.owners import TABLE as OWNERS
 from sync.owners import OwnerCache
+from sync.pending import DRAINS, PendingStore
 from sync.state import SNAPSHOTS, STATE, ContactStateStore, SnapshotStore
 from sync.wave_api import WaveClient
+from sync.webhook import LiveConnections
 
 
 class Services:
@@ -72,6 +74,16 @@ class Services:
     def tokens(self) -> TokenStore:
         """Access tokens per connection: `tokens.provider(conn)(force_refresh) -> str` (raises ConnectionGone)."""
         return TokenStore(self.settings, self.secrets, self.connections)
+
+    @cached_property
+    def live_connections(self) -> LiveConnections:
+        """The webhook's short cache of live connections (sync/webhook.py)."""
+        return LiveConnections(self.connections)
+
+    @cached_property
+    def pending(self) -> PendingStore:
+        """The live lane's pending changes and drain markers (sync/pending.py)."""
+        return PendingStore(self.tables(SNAPSHOTS), self.tables(DRAINS))
 
     @cached_property
     def sync(self) -> SyncContext:

@@ -14,6 +14,7 @@ from oauth.pending import TABLE as PENDING_TABLE
 from oauth.pending import PendingStore
 from oauth.sessions import TABLE as SESSIONS_TABLE
 from oauth.sessions import SessionStore
+from sync.pending import resume_stalled_drains
 from sync.upkeep import forget_disconnected, purge_expired_rows
 
 bp = func.Blueprint()
@@ -42,3 +43,13 @@ def purge_expired_sync_rows(timer: func.TimerRequest) -> None:
     removed = purge_expired_rows(s.tables)
     forgotten = forget_disconnected(s.tables, s.connections)
     outcome(log, "sync_upkeep", "done", disconnected_rows=forgotten, **removed)
+
+
+@bp.function_name("resume_stalled_drains")
+@bp.timer_trigger(schedule="30 * * * * *", arg_name="timer", run_on_startup=False)
+def resume_stalled_drains_timer(timer: func.TimerRequest) -> None:
+    # Every minute: a drain marker whose webhook died before sending the message (sync/pending.py).
+    s = services()
+    resumed = resume_stalled_drains(s.pending, s.queues)
+    if resumed:
+        outcome(log, "drain_upkeep", "resumed", accounts=resumed)

@@ -15,7 +15,6 @@ from core.log import Timer, outcome
 from functions.http import Blueprint, error_response, json_response
 from functions.services import services
 from sync.signature import HEADER
-from sync.state import EVENTS, SNAPSHOTS, EventLog, SnapshotStore
 from sync.webhook import Answer, accept_event, check_request
 
 log = logging.getLogger("sync.webhook")
@@ -32,8 +31,7 @@ def wave_webhook(req: func.HttpRequest) -> func.HttpResponse:
     if isinstance(checked, Answer):
         answer = checked
     else:
-        answer = accept_event(checked, connections=svc.connections, events=EventLog(svc.tables(EVENTS)),
-                              snapshots=SnapshotStore(svc.tables(SNAPSHOTS)), queues=svc.queues)
+        answer = accept_event(checked, connections=svc.live_connections, pending=svc.pending, queues=svc.queues)
     result = answer.body.get("status") or "rejected"
     outcome(log, "webhook", result, level=logging.INFO if answer.status < 400 else logging.WARNING,
             status=answer.status, ms=timer.ms, **answer.log_fields)

@@ -83,6 +83,7 @@ var tableNames = [
   'contactsnapshots'
   'contactholders'
   'dataversebudget'
+  'contactdrains'
   'failures'
   'ownercache'
   'webhookevents'

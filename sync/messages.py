@@ -1,7 +1,8 @@
 """Queue message shapes (JSON, base64 on the wire). Ids, versions and cursors only: never a contact's
 content (the worker reads the stored snapshot) and never a token.
 
-contact-events: {"account_id", "contact_id", "version", "generation", "attempt", "force"?}
+contact-events: {"account_id", "contact_id", "version", "generation", "attempt", "force"?} (one contact), or
+                {"drain": true, "account_id", "attempt"} (apply the account's pending changes, sync/drain.py)
 backfill-pages: {"account_id", "generation", "run_id", "cursor", "page", "attempt"?}
 """
 
@@ -57,6 +58,29 @@ class ContactMessage:
                        force=bool(d.get("force", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise BadMessage(f"contact message lacks a valid field: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class DrainMessage:
+    account_id: str
+    attempt: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"drain": True, "account_id": self.account_id, "attempt": self.attempt}
+
+    def retry(self) -> DrainMessage:
+        return replace(self, attempt=self.attempt + 1)
+
+
+def parse_contact_lane(body: bytes) -> ContactMessage | DrainMessage:
+    """A contact-events message: one contact's, or a connection's drain."""
+    d = _load(body)
+    if d.get("drain") is True:
+        try:
+            return DrainMessage(account_id=str(d["account_id"]), attempt=int(d.get("attempt", 0)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BadMessage(f"drain message lacks a valid field: {exc}") from exc
+    return ContactMessage.parse(body)
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,33 @@
 """POST /api/webhooks/wave (anonymous at the Functions level; the HMAC signature is the auth).
 
 Order of checks, each before any work the next needs: size (before parsing), signature over the raw
-bytes, JSON, schema. Then: an account with no active connection is dropped (202); a repeated event id
-is a duplicate (202); otherwise the snapshot is stored (only if newer) and ONE small message goes to
-`contact-events`. Nothing is enqueued unless the answer is 202, and bad input never gets a 5xx.
+bytes, JSON, schema. Then: an account with no active connection is dropped (202); otherwise the change is
+stored as pending (sync/pending.py: one insert, keyed by contact and version, so a change already pending
+is a duplicate, 202) and, only when no drain of the account is scheduled yet, ONE small drain message goes
+to `contact-events`. Nothing is stored or enqueued unless the answer is 202, and bad input never gets a 5xx.
+
+The connection comes from a short per-process cache (LiveConnections): a disconnect is seen by the drain,
+which reads the connection afresh before every pass, so it still stops every write.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from core.connections import ConnectionStore, live_connection
+from core.connections import ConnectionStore, LiveConnection, live_connection
 from core.storage import CONTACT_EVENTS, QueueSender
 from sync.events import MAX_BODY_BYTES, FieldError, WebhookEvent, parse_body, validate_event
-from sync.messages import ContactMessage
+from sync.messages import DrainMessage
+from sync.pending import PendingStore
 from sync.signature import SignatureError, verify
-from sync.state import EventLog, SnapshotStore
+
+# How long the webhook trusts a connection it read as live. Short: a new generation (reconnect) is seen
+# within it; a disconnect is enforced by the drain anyway.
+CONNECTION_TTL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,22 +57,48 @@ def check_request(body: bytes, signature: str | None, secrets: tuple[str, ...], 
                       field=exc.field)
 
 
-def accept_event(event: WebhookEvent, *, connections: ConnectionStore, events: EventLog,
-                 snapshots: SnapshotStore, queues: QueueSender) -> Answer:
+class LiveConnections:
+    """Live connections by account, each trusted for `ttl` seconds in this process; an account without
+    one is read every time (it is rare, and a new connection must be seen at once)."""
+
+    def __init__(self, store: ConnectionStore, ttl: float = CONNECTION_TTL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.ttl, self._clock = store, ttl, clock
+        self._cache: dict[str, tuple[float, LiveConnection]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, account_id: str) -> LiveConnection | None:
+        now = self._clock()
+        with self._lock:
+            hit = self._cache.get(account_id)
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1]
+        conn = live_connection(self.store.get(account_id))
+        with self._lock:
+            if conn is None:
+                self._cache.pop(account_id, None)
+            else:
+                self._cache[account_id] = (now, conn)
+        return conn
+
+
+def accept_event(event: WebhookEvent, *, connections: LiveConnections, pending: PendingStore,
+                 queues: QueueSender) -> Answer:
     ids = {"account_id": event.account_id, "event_id": event.event_id, "contact_id": event.contact_id,
            "version": event.version}
-    conn = live_connection(connections.get(event.account_id))
-    if conn is None:
+    if connections.get(event.account_id) is None:
         return Answer(202, {"status": "dropped", "reason": "account has no active connection"}, ids)
-    if not events.first_time(event.account_id, event.event_id):
+    if not pending.add(event.account_id, event.contact, deleted=event.deleted, event_id=event.event_id):
         return Answer(202, {"status": "duplicate"}, ids)
     try:
-        snapshots.put_if_newer(event.account_id, event.contact, deleted=event.deleted, event_id=event.event_id)
-        # Enqueued even when a newer snapshot was already stored: the worker reads the newest snapshot
-        # and ignores what is already applied, and a lost earlier enqueue is repaired this way.
-        message = ContactMessage(event.account_id, event.contact_id, event.version, conn.generation)
-        queues.send(CONTACT_EVENTS, message.to_dict())
+        if pending.mark(event.account_id):  # no drain scheduled yet: this webhook sends the one message
+            try:
+                queues.send(CONTACT_EVENTS, DrainMessage(event.account_id).to_dict())
+            except Exception:
+                pending.unmark(event.account_id)
+                raise
     except Exception:
-        events.forget(event.account_id, event.event_id)  # Wave's retry must not count as a duplicate
+        # Wave's retry must be accepted again, not answered as a duplicate of a change no drain will see
+        pending.remove(event.account_id, event.contact_id, event.version)
         raise
     return Answer(202, {"status": "accepted"}, ids)

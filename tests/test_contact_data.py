@@ -60,8 +60,9 @@ def test_disconnect_deletes_contact_content_and_a_reconnect_creates_no_duplicate
         acct.drained()
     finally:
         dv.set_privileges(admin, ADMIN_PRIVILEGES)
-    # what the disconnect has to delete is there
-    assert len(_partition(tables, SNAPSHOTS, acct.account_id)) == 4
+    # what the disconnect has to delete is there (the live lane keeps a snapshot where it may be read again:
+    # the failed contact's, for `failures/retry`)
+    assert [r["RowKey"] for r in _partition(tables, SNAPSHOTS, acct.account_id)] == [ids[-1]]
     assert len(_partition(tables, FAILURES, acct.account_id)) == 1
     assert _partition(tables, OWNERS, acct.account_id)
 
@@ -93,6 +94,9 @@ def test_the_daily_timer_finishes_what_a_disconnect_left(sync_account: SyncAccou
     kept = live.wave.create_contact(live.account_id, first_name="Stays")
     assert live.wave.send([kept]) == [202]
     _synced(live, kept["data"]["contact"]["id"])
+    # a snapshot of the connected account (the live lane keeps one for a contact that failed, say)
+    SnapshotStore(tables(SNAPSHOTS)).put_if_newer(live.account_id, {"id": "c_kept", "version": 1}, deleted=False,
+                                                  event_id="evt_kept")
 
     gone = connect_sync_account(devhost, live.identity, live.wave, live.queues)
     assert gone.api("POST", "/disconnect").status_code == 200
@@ -107,4 +111,4 @@ def test_the_daily_timer_finishes_what_a_disconnect_left(sync_account: SyncAccou
     assert res.status_code == 202
     assert _partition(tables, SNAPSHOTS, gone.account_id) == []
     assert _partition(tables, FAILURES, gone.account_id) == []
-    assert [e["RowKey"] for e in _partition(tables, SNAPSHOTS, live.account_id)] == [kept["data"]["contact"]["id"]]
+    assert [e["RowKey"] for e in _partition(tables, SNAPSHOTS, live.account_id)] == ["c_kept"]

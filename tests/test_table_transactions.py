@@ -71,3 +71,23 @@ def test_a_transaction_round_trips_and_a_conflict_applies_nothing(table: TableCl
 
     with pytest.raises(ChangesetFailed):  # a create of a row that exists
         submit_changeset(target, [("create", rows[2], None)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", ["private", "sdk"])
+def test_upserts_deletes_and_binary_properties_in_one_transaction(table: TableClient, shape: str) -> None:
+    """What the live lane's drain sends (sync/pending.py settle): a snapshot upserted with its binary chunks
+    and pending rows deleted, all or nothing."""
+    target = table if shape == "private" else WithoutPrivateClient(table)
+    pk = f"p{uuid.uuid4().hex}"
+    table.create_entity({"PartitionKey": pk, "RowKey": "~p~c1~1", "v": 1})
+    table.create_entity({"PartitionKey": pk, "RowKey": "c1", "v": 0})
+    data = "\U0001F600 ünïcode".encode() + bytes(range(256))
+    submit_changeset(target, [("upsert", {"PartitionKey": pk, "RowKey": "c1", "data0": data}, None),  # type: ignore[arg-type]
+                              ("upsert", {"PartitionKey": pk, "RowKey": "c2", "data0": b""}, None),
+                              ("delete", {"PartitionKey": pk, "RowKey": "~p~c1~1"}, None)])
+    rows = {e["RowKey"]: e for e in table.query_entities("PartitionKey eq @pk", parameters={"pk": pk})}
+    assert sorted(rows) == ["c1", "c2"] and bytes(rows["c1"]["data0"]) == data and "v" not in rows["c1"]
+    with pytest.raises(ChangesetFailed):  # deleting a row that is gone refuses the whole transaction
+        submit_changeset(target, [("upsert", {"PartitionKey": pk, "RowKey": "c3", "x": 1}, None),  # type: ignore[arg-type]
+                                  ("delete", {"PartitionKey": pk, "RowKey": "~p~c1~1"}, None)])
+    assert "c3" not in {e["RowKey"] for e in table.query_entities("PartitionKey eq @pk", parameters={"pk": pk})}

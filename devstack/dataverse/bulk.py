@@ -63,6 +63,7 @@ def bulk_action(api: WebApi, caller: Caller, req: Request, action: str) -> Respo
 
 def _upsert_multiple(api: WebApi, caller: Caller, targets: list[dict[str, Any]]) -> Response:
     identities: set[str] = set()
+    written: list[str] = []
     for target in targets:
         ref = target.get("@odata.id")
         if ref:
@@ -87,11 +88,12 @@ def _upsert_multiple(api: WebApi, caller: Caller, targets: list[dict[str, Any]])
             if alt:
                 fields = {k: v for k, v in fields.items() if k not in alt}
             api.store.update(caller, row["contactid"], fields)
+            written.append(str(row["contactid"]))
         else:
             if alt and any(k in fields for k in alt):
                 raise SimError(400, "0x80040216", "An unexpected error occurred.")
-            api.store.create(caller, fields, contact_id=contact_id or None, key=alt)
-    return Response(204, {"OData-Version": "4.0"}, writes=len(targets))
+            written.append(str(api.store.create(caller, fields, contact_id=contact_id or None, key=alt)["contactid"]))
+    return Response(204, {"OData-Version": "4.0"}, writes=len(targets), written=tuple(written))
 
 
 def batch(api: WebApi, caller: Caller, req: Request) -> Response:

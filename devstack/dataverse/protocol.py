@@ -68,6 +68,7 @@ class Response:
     writes: int = 0
     reads: int = 0
     inner_requests: int = 0
+    written: tuple[str, ...] = ()  # a bulk write's contactids, for the request log (tests and benchmarks)
     exec_ms: float = 0.0  # simulated execution time, filled in by the server
     user: str | None = None
 

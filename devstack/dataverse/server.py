@@ -533,7 +533,8 @@ class _Handler(BaseHTTPRequestHandler):
                 error_code = json.loads(resp.body)["error"]["code"]
         sim.record(method, path, resp.status, code=error_code, user=resp.user,
                    writes=resp.writes, inner=resp.inner_requests, exec_ms=resp.exec_ms,
-                   seconds=round(time.monotonic() - started, 4))
+                   seconds=round(time.monotonic() - started, 4),
+                   **({"ids": list(resp.written)} if resp.written else {}))
         self._send(resp.status, resp.headers, resp.body)
 
 

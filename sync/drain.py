@@ -1,0 +1,256 @@
+"""The live lane's drain: a connection's pending changes (sync/pending.py) applied in bulk.
+
+A drain message names an account. The drain takes the account's lease (one drain per account at a time),
+then, pass after pass, reads up to BATCH pending changes, keeps the newest of each contact, and applies
+them the way a backfill page is written (sync/backfill.py: owners in one lookup, unknown rows in one lookup
+and claimed (sync/holds.py), one UpsertMultiple, states in Table transactions, each contact's failure
+recorded alone); deletes follow the connection's delete policy contact by contact. Then the pass's pending
+rows go, and the changes something may read again become the contacts' snapshots (`apply_changes` says
+which; sync/pending.py `settle`). The rules of the
+per-contact path hold: a change not newer than the applied version is stale (so duplicates, out-of-order
+updates and an update older than a delete change nothing), unchanged content sends nothing, and a contact
+another writer touched meanwhile (its state's ETag changed) is handed to the per-contact worker with
+`force`, which applies the newest snapshot again (sync/worker.py; a change not yet settled is read from its
+pending row).
+
+A lone change is one pass of one contact: no added wait. A backlog goes out in bulk, and since the
+backlog lives in the account's pending rows, not in the shared queue, another account's change never
+waits behind it. A penalty Dataverse gives the connection is waited out in-process while short; a longer
+one puts the one drain message back for Retry-After (the pending rows stay where they are).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from core.connections import DISCONNECTED, LiveConnection, live_connection
+from core.storage import CONTACT_EVENTS
+from dataverse.errors import AuthExpired, Throttled, Transient
+from oauth.errors import ReauthRequired, TokenUnavailable
+from sync.backfill import INLINE_WAIT_SECONDS, PAGE_WAIT_SECONDS, PageReport, Plan, _map, _resolve_ids, _settle, _write
+from sync.context import SyncContext
+from sync.ledger import FailureLedger, failed_state, had_failed
+from sync.mapping import owner_email
+from sync.messages import ContactMessage, DrainMessage
+from sync.outcomes import EXPECTED, Action, readable, verdict
+from sync.pending import PendingChange, PendingStore, newest_by_contact
+from sync.rules import Step, next_step
+from sync.state import ContactState, Snapshot
+from sync.throttle import Patience, penalties, reschedule_delay
+from sync.worker import _delete
+
+log = logging.getLogger(__name__)
+# Pending changes per pass: one Table query page, and one UpsertMultiple (dataverse/client.py splits it).
+BATCH = 1000
+LEASE_SECONDS = 60.0
+# A drain gives its thread back after this long and continues from a new message, so a long backlog of
+# one account does not hold a worker thread for minutes.
+MAX_DRAIN_SECONDS = 60.0
+# errors that concern the whole pass (the connection, Dataverse's limits or health), not one contact
+_PASS_ERRORS = (Throttled, Transient, AuthExpired, ReauthRequired, TokenUnavailable)
+
+
+@dataclass
+class DrainReport:
+    changes: int = 0  # pending changes read (several of one contact count each)
+    written: int = 0  # upserts that landed
+    deleted: int = 0
+    unchanged: int = 0  # content as applied: no request
+    stale: int = 0  # not newer than what was applied
+    failed: int = 0
+    repairs: int = 0  # handed to the per-contact worker after a concurrent write
+    passes: int = 0
+    dataverse_requests: int = 0
+
+
+def _send(ctx: SyncContext, msg: DrainMessage, delay: int = 0) -> None:
+    ctx.queues.send(CONTACT_EVENTS, msg.to_dict(), delay_seconds=delay)
+
+
+def _deletes(ctx: SyncContext, conn: LiveConnection, patience: Patience, deletes: dict[str, PendingChange],
+             states: dict[str, ContactState], report: DrainReport) -> list[str]:
+    """Delete (or deactivate) contact by contact; one that fails is recorded alone. Returns the failed ones."""
+    ledger = FailureLedger(ctx, conn)
+    to_save: list[ContactState] = []
+    done: list[str] = []
+    for cid, change in deletes.items():
+        snap = Snapshot(conn.account_id, cid, change.version, True, change.contact)
+        state = states.get(cid)
+        try:
+            written = patience.call(lambda: _delete(ctx, conn, snap, state))  # noqa: B023 (called at once)
+        except _PASS_ERRORS:
+            raise
+        except EXPECTED as exc:
+            found = verdict(exc, 0)
+            category = found.category or "internal"
+            ledger.record(cid, category, readable(exc), version=change.version)
+            to_save.append(failed_state(state, conn.account_id, cid, category))
+            report.failed += 1
+            continue
+        to_save.append(written.state)
+        done.append(cid)
+    for lost in ctx.states.save_many(to_save):
+        report.repairs += 1
+        ctx.queues.send(CONTACT_EVENTS, ContactMessage(conn.account_id, lost.contact_id, lost.version or 0,
+                                                       conn.generation, force=True).to_dict())
+    report.deleted += len(done)
+    ledger.settled(done, states)
+    return sorted(deletes.keys() - set(done))
+
+
+def apply_changes(ctx: SyncContext, conn: LiveConnection, changes: list[PendingChange], report: DrainReport
+                  ) -> list[PendingChange]:
+    """One pass: the newest change of each contact applied; returns the changes to keep as the contacts'
+    snapshots (PendingStore.settle). Raises only what concerns the whole pass.
+
+    Kept are the snapshots something may read again: a contact's that failed now or before (`failures/retry`
+    applies it), and,
+    when the pass met a concurrent writer or a backfill of the connection ran beside it, every contact's: a
+    contact another writer changed meanwhile is re-applied from its snapshot (sync/worker.py with `force`,
+    also after a backfill page's state write lost to this pass, sync/backfill.py `_settle`). A backfill that
+    starts later reads this pass's changes as pending or as applied and leaves them alone
+    (sync/rules.py backfill_writes). Storing every snapshot cost as much as the rest of the pass."""
+    counted = replace(report)
+    failed: set[str] = set()
+    newest = newest_by_contact(changes)
+    states = ctx.states.get_many(conn.account_id, newest)
+    upserts: dict[str, PendingChange] = {}
+    deletes: dict[str, PendingChange] = {}
+    for cid, change in newest.items():
+        state = states.get(cid)
+        step = next_step(state.applied if state else None, change.version, change.deleted)
+        if step is Step.STALE:
+            report.stale += 1
+        elif step is Step.DELETE:
+            deletes[cid] = change
+        else:
+            upserts[cid] = change
+    dv = ctx.dataverse(conn)
+    patience = Patience(dv.budget, longest=INLINE_WAIT_SECONDS, budget=PAGE_WAIT_SECONDS)
+    before = dv.requests_made
+    if upserts:
+        contacts = {cid: c.contact for cid, c in upserts.items()}
+        page = PageReport()
+        plan = Plan(contacts, {cid: s for cid, s in states.items() if cid in contacts})
+        owners = patience.call(lambda: ctx.owners.lookup(dv, conn.account_id, conn.generation,
+                                                         [owner_email(c) for c in contacts.values()]))
+        _map(ctx, conn, plan, contacts, owners, page)
+        _resolve_ids(ctx, conn, dv, patience, plan, page)
+        _write(ctx, conn, dv, patience, plan, page)
+        _settle(ctx, conn, plan, page)
+        failed.update(plan.failed)
+        report.written += page.written
+        report.unchanged += page.unchanged
+        report.failed += page.failed
+        report.repairs += page.repairs
+    if deletes:
+        failed.update(_deletes(ctx, conn, patience, deletes, states, report))
+    report.dataverse_requests += dv.requests_made - before
+    ctx.connections.add_counts(conn.account_id, conn.generation, synced=report.written - counted.written,
+                               deleted=report.deleted - counted.deleted, failed=report.failed - counted.failed,
+                               skipped=report.unchanged - counted.unchanged)
+    written = [*upserts.values(), *deletes.values()]
+    # a contact that had failed may be in a `failures/retry` message right now, which re-applies the newest
+    # snapshot when it loses a race with this pass (sync/worker.py)
+    failed.update(cid for cid, state in states.items() if had_failed(state))
+    # a backfill running when the pass began, or started (and maybe finished) since: read after the writes
+    now = ctx.connections.get(conn.account_id)
+    backfill = conn.backfill.state == "running" or now is None or now.backfill.state == "running" \
+        or now.backfill.run_id != conn.backfill.run_id
+    if report.repairs > counted.repairs or backfill:
+        return written
+    return [c for c in written if c.contact_id in failed]
+
+
+def _pass_failed(ctx: SyncContext, conn: LiveConnection, pending: PendingStore, msg: DrainMessage,
+                 changes: list[PendingChange], error: Exception, report: DrainReport) -> str | None:
+    """Act on the ladder's verdict (sync/outcomes.py) for a pass that failed as a whole; returns the drain's
+    outcome when it stops here, None when it goes on with the next pass."""
+    found = verdict(error, msg.attempt)
+    if found.penalty is not None:
+        penalties.note(conn.account_id, found.penalty)
+    if found.action is Action.RESCHEDULE:
+        _send(ctx, msg.retry() if found.next_attempt else msg, found.delay)
+        return found.outcome
+    if found.action is Action.DROP:
+        pending.unmark(conn.account_id)  # a webhook after the reconnect schedules the next drain
+        return found.outcome
+    # recorded: every contact of the pass, with the reason; `failures/retry` re-applies their snapshots
+    ledger = FailureLedger(ctx, conn)
+    newest = newest_by_contact(changes)
+    pending.settle(conn.account_id, newest.values(), changes)
+    for cid, change in newest.items():
+        ledger.record(cid, found.category, readable(error), version=change.version)
+    # marked in their states, so that each contact's next success clears its record (another writer's wins)
+    states = ctx.states.get_many(conn.account_id, newest)
+    ctx.states.save_many([failed_state(states.get(cid), conn.account_id, cid, found.category) for cid in newest])
+    report.failed += len(newest)
+    ctx.connections.add_counts(conn.account_id, conn.generation, failed=len(newest))
+    return None
+
+
+def drain(ctx: SyncContext, pending: PendingStore, msg: DrainMessage, holder: str | None = None,
+          clock: Callable[[], float] = time.monotonic) -> tuple[str, DrainReport]:
+    """Apply the account's pending changes; returns the outcome and what was done. Raises only for bugs.
+    `holder`: the queue message's id, the same in every delivery of it."""
+    report = DrainReport()
+    account = msg.account_id
+    row = ctx.connections.get(account)
+    conn = live_connection(row)
+    if conn is None:
+        if row is not None and row.state == DISCONNECTED:  # contact data leaves with the connection
+            while changes := pending.read(account, BATCH):
+                pending.delete(account, changes)
+        pending.unmark(account)
+        return "dropped:not_connected", report
+    holder = holder or uuid.uuid4().hex
+    if not pending.claim(account, holder, LEASE_SECONDS):
+        # Another drain works on this account: it looks at the pending rows once more after it lets go of the
+        # lease, and this message's change is there by then. Should it die instead, the host delivers its
+        # message again, which takes the lease back (the holder is the queue message's id).
+        return "deferred:draining", report
+
+    def stop(outcome: str) -> tuple[str, DrainReport]:
+        pending.release(account, holder)
+        return outcome, report
+
+    started = clock()
+    while True:
+        changes = pending.read(account, BATCH)
+        if not changes:
+            # Release, unmark, look once more: a change stored meanwhile found the marker (and sent
+            # nothing), so it is seen now; one stored after this look finds no marker and schedules a
+            # drain itself.
+            pending.release(account, holder)
+            pending.unmark(account)
+            if not pending.read(account, 1) or not pending.claim(account, holder, LEASE_SECONDS):
+                return "drained", report
+            continue
+        if clock() - started > MAX_DRAIN_SECONDS:
+            _send(ctx, replace(msg, attempt=0))
+            return stop("continued")
+        wait = penalties.remaining(account)
+        if wait > INLINE_WAIT_SECONDS:  # Dataverse throttles this connection for a while: come back then
+            _send(ctx, msg, reschedule_delay(wait))
+            return stop("parked:throttled")
+        pending.touch(account)  # the marker is alive: the stalled-drain timer leaves it alone
+        report.passes += 1
+        report.changes += len(changes)
+        try:
+            applied = apply_changes(ctx, conn, changes, report)
+        except EXPECTED as exc:
+            stopped = _pass_failed(ctx, conn, pending, msg, changes, exc, report)
+            if stopped is not None:
+                return stop(stopped)
+        else:
+            msg = replace(msg, attempt=0)
+            pending.settle(account, applied, changes)
+        fresh = live_connection(ctx.connections.get(account))
+        if fresh is None:  # disconnected meanwhile: no further writes
+            return stop("dropped:not_connected")
+        conn = fresh
+        pending.claim(account, holder, LEASE_SECONDS)
