@@ -181,8 +181,8 @@ def _plan(ctx: SyncContext, conn: LiveConnection, contacts: dict[str, dict[str, 
     return Plan(contacts, states), todo
 
 
-def _map(ctx: SyncContext, conn: LiveConnection, plan: Plan, todo: dict[str, dict[str, Any]], owners: Owners,
-         report: PageReport) -> None:
+def map_contacts(ctx: SyncContext, conn: LiveConnection, plan: Plan, todo: dict[str, dict[str, Any]], owners: Owners,
+                 report: PageReport) -> None:
     """Map each contact with its owner; one that cannot be mapped, even through a bug, fails alone."""
     ledger = FailureLedger(ctx, conn)
     for cid, contact in todo.items():
@@ -220,8 +220,8 @@ def _keep_snapshot(ctx: SyncContext, conn: LiveConnection, contact: dict[str, An
         ctx.snapshots.put_if_newer(conn.account_id, contact, deleted=False, event_id="backfill")
 
 
-def _resolve_ids(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, patience: Patience, plan: Plan,
-                 report: PageReport) -> None:
+def resolve_ids(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, patience: Patience, plan: Plan,
+                report: PageReport) -> None:
     """The rows of contacts never written before: found by external id in one lookup, or the deterministic
     id for a new row; claimed for the whole page before any write, so that a row another account of this
     org holds is left alone (sync/holds.py)."""
@@ -243,8 +243,8 @@ def _resolve_ids(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, pa
         _keep_snapshot(ctx, conn, plan.contacts[cid])
 
 
-def _write(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, patience: Patience, plan: Plan,
-           report: PageReport) -> None:
+def write_contacts(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, patience: Patience, plan: Plan,
+                   report: PageReport) -> None:
     """One bulk upsert of the mapped contacts; each record Dynamics rejects is recorded alone."""
     items = [UpsertItem(key=cid, contact_id=plan.new_states[cid].dynamics_id or new_contact_id(conn.account_id, cid),
                         payload=m.payload,
@@ -265,7 +265,7 @@ def _write(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, patience
     report.written += len(items) - len(result.failed)
 
 
-def _settle(ctx: SyncContext, conn: LiveConnection, plan: Plan, report: PageReport) -> None:
+def settle_states(ctx: SyncContext, conn: LiveConnection, plan: Plan, report: PageReport) -> None:
     """Save the page's states in transactions; hand contacts a live worker wrote meanwhile back to the live
     lane; clear the failure rows of contacts that synced now."""
     to_save = [state for cid, state in plan.new_states.items() if cid not in plan.failed]
@@ -293,13 +293,13 @@ def _write_page(ctx: SyncContext, conn: LiveConnection, contacts: dict[str, dict
     try:
         owners = patience.call(lambda: ctx.owners.lookup(dv, conn.account_id, conn.generation,
                                                          [owner_email(c) for c in todo.values()]))
-        _map(ctx, conn, plan, todo, owners, report)
-        _resolve_ids(ctx, conn, dv, patience, plan, report)
-        _write(ctx, conn, dv, patience, plan, report)
+        map_contacts(ctx, conn, plan, todo, owners, report)
+        resolve_ids(ctx, conn, dv, patience, plan, report)
+        write_contacts(ctx, conn, dv, patience, plan, report)
     finally:
         report.waited += patience.waited
     report.dataverse_requests += dv.requests_made - before
-    _settle(ctx, conn, plan, report)
+    settle_states(ctx, conn, plan, report)
 
 
 def _fail_run(ctx: SyncContext, msg: PageMessage, category: str, reason: str) -> None:

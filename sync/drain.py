@@ -31,7 +31,16 @@ from core.connections import DISCONNECTED, LiveConnection, live_connection
 from core.storage import CONTACT_EVENTS
 from dataverse.errors import AuthExpired, Throttled, Transient
 from oauth.errors import ReauthRequired, TokenUnavailable
-from sync.backfill import INLINE_WAIT_SECONDS, PAGE_WAIT_SECONDS, PageReport, Plan, _map, _resolve_ids, _settle, _write
+from sync.backfill import (
+    INLINE_WAIT_SECONDS,
+    PAGE_WAIT_SECONDS,
+    PageReport,
+    Plan,
+    map_contacts,
+    resolve_ids,
+    settle_states,
+    write_contacts,
+)
 from sync.context import SyncContext
 from sync.ledger import FailureLedger, failed_state, had_failed
 from sync.mapping import owner_email
@@ -41,7 +50,7 @@ from sync.pending import PendingChange, PendingStore, newest_by_contact
 from sync.rules import Step, next_step
 from sync.state import ContactState, Snapshot
 from sync.throttle import Patience, penalties, reschedule_delay
-from sync.worker import _delete
+from sync.worker import apply_delete
 
 log = logging.getLogger(__name__)
 # Pending changes per pass: one Table query page, and one UpsertMultiple (dataverse/client.py splits it).
@@ -81,7 +90,7 @@ def _deletes(ctx: SyncContext, conn: LiveConnection, patience: Patience, deletes
         snap = Snapshot(conn.account_id, cid, change.version, True, change.contact)
         state = states.get(cid)
         try:
-            written = patience.call(lambda: _delete(ctx, conn, snap, state))  # noqa: B023 (called at once)
+            written = patience.call(lambda: apply_delete(ctx, conn, snap, state))  # noqa: B023 (called at once)
         except _PASS_ERRORS:
             raise
         except EXPECTED as exc:
@@ -111,7 +120,7 @@ def apply_changes(ctx: SyncContext, conn: LiveConnection, changes: list[PendingC
     applies it), and,
     when the pass met a concurrent writer or a backfill of the connection ran beside it, every contact's: a
     contact another writer changed meanwhile is re-applied from its snapshot (sync/worker.py with `force`,
-    also after a backfill page's state write lost to this pass, sync/backfill.py `_settle`). A backfill that
+    also after a backfill page's state write lost to this pass, sync/backfill.py `settle_states`). A backfill that
     starts later reads this pass's changes as pending or as applied and leaves them alone
     (sync/rules.py backfill_writes). Storing every snapshot cost as much as the rest of the pass."""
     counted = replace(report)
@@ -138,10 +147,10 @@ def apply_changes(ctx: SyncContext, conn: LiveConnection, changes: list[PendingC
         plan = Plan(contacts, {cid: s for cid, s in states.items() if cid in contacts})
         owners = patience.call(lambda: ctx.owners.lookup(dv, conn.account_id, conn.generation,
                                                          [owner_email(c) for c in contacts.values()]))
-        _map(ctx, conn, plan, contacts, owners, page)
-        _resolve_ids(ctx, conn, dv, patience, plan, page)
-        _write(ctx, conn, dv, patience, plan, page)
-        _settle(ctx, conn, plan, page)
+        map_contacts(ctx, conn, plan, contacts, owners, page)
+        resolve_ids(ctx, conn, dv, patience, plan, page)
+        write_contacts(ctx, conn, dv, patience, plan, page)
+        settle_states(ctx, conn, plan, page)
         failed.update(plan.failed)
         report.written += page.written
         report.unchanged += page.unchanged

@@ -89,7 +89,7 @@ def _upsert(ctx: SyncContext, conn: LiveConnection, snap: Snapshot, state: Conta
     return Written(new, "synced", warnings)
 
 
-def _delete(ctx: SyncContext, conn: LiveConnection, snap: Snapshot, state: ContactState | None) -> Written:
+def apply_delete(ctx: SyncContext, conn: LiveConnection, snap: Snapshot, state: ContactState | None) -> Written:
     new = ContactState(conn.account_id, snap.contact_id, etag=state.etag if state else None,
                        dynamics_id=state.dynamics_id if state else None, version=snap.version, deleted=True,
                        last_result="deleted")
@@ -147,7 +147,8 @@ def process(ctx: SyncContext, message: ContactMessage) -> str:
             return "rescheduled:throttled"
         try:
             deleting = step is Step.DELETE
-            result = _delete(ctx, conn, snap, state) if deleting else _upsert(ctx, conn, snap, state, message.force)
+            result = (apply_delete(ctx, conn, snap, state) if deleting
+                      else _upsert(ctx, conn, snap, state, message.force))
         except EXPECTED as exc:
             return _settle_failure(ctx, conn, message, snap.version, state, exc)
         try:
