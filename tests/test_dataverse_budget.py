@@ -28,6 +28,7 @@ from dataverse.budget import (
 )
 from dataverse.errors import Busy, Throttled
 from dataverse.transport import Transport
+from tests.fixtures.fake_time import FakeTime
 
 URL = "https://org.crm.dynamics.com"
 
@@ -87,18 +88,6 @@ def store(request: pytest.FixtureRequest) -> BudgetStore:
     tables: Tables = request.getfixturevalue("tables")
     return TableBudgetStore(tables("dataversebudget"))
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(round(seconds, 3))
-        self.now += seconds
 
 
 def response(status: int, headers: Mapping[str, str] | None = None) -> requests.Response:
@@ -181,7 +170,7 @@ class Instance:
     budget: Budget
 
 
-def instance(store: BudgetStore, key: str, clock: Clock, flight: Flight | None = None,
+def instance(store: BudgetStore, key: str, clock: FakeTime, flight: Flight | None = None,
              **kwargs: object) -> Instance:
     """One app instance's client of the user: its own process id, budget and session."""
     budget = Budget(key, store, instance=uuid.uuid4().hex, clock=clock)
@@ -197,7 +186,7 @@ def key() -> str:
 
 
 def test_a_429_seen_by_one_instance_holds_back_another_without_a_request(store: BudgetStore, key: str) -> None:
-    clock = Clock()
+    clock = FakeTime(1_800_000_000.0)
     a, b = instance(store, key, clock), instance(store, key, clock)
     assert b.transport.request("GET", "WhoAmI").status_code == 200  # b has read the (empty) budget
     a.session.script = [response(429, {"Retry-After": "30"})]
@@ -214,7 +203,7 @@ def test_a_429_seen_by_one_instance_holds_back_another_without_a_request(store: 
 
 
 def test_a_shorter_penalty_never_shortens_the_shared_one(store: BudgetStore, key: str) -> None:
-    clock = Clock()
+    clock = FakeTime(1_800_000_000.0)
     a, b = instance(store, key, clock), instance(store, key, clock)
     a.budget.note(20)
     b.budget.note(5)  # b had not heard of a's penalty yet, and meets a shorter one
@@ -224,7 +213,7 @@ def test_a_shorter_penalty_never_shortens_the_shared_one(store: BudgetStore, key
 
 
 def test_an_instance_reads_storage_at_most_once_per_refresh_interval(key: str) -> None:
-    clock, reads = Clock(), []
+    clock, reads = FakeTime(1_800_000_000.0), []
     store = MemoryStore()
     original = store.read
     store.read = lambda k, since: reads.append(clock.now) or original(k, since)  # type: ignore[method-assign]
@@ -238,7 +227,7 @@ def test_an_instance_reads_storage_at_most_once_per_refresh_interval(key: str) -
 
 
 def test_a_waiter_reads_storage_again_before_sending_after_a_penalty(store: BudgetStore, key: str) -> None:
-    clock = Clock()
+    clock = FakeTime(1_800_000_000.0)
     a, b = instance(store, key, clock), instance(store, key, clock, max_inline_wait=2.0)
     a.budget.note(1.5)
     clock.now += 1.0  # b's refresh interval has passed: it reads the penalty's last 0.5 s ...
@@ -251,7 +240,7 @@ def test_a_waiter_reads_storage_again_before_sending_after_a_penalty(store: Budg
 
 
 def test_requests_in_flight_stay_within_the_dop_hint_across_instances(store: BudgetStore, key: str) -> None:
-    clock, flight = Clock(), Flight()
+    clock, flight = FakeTime(1_800_000_000.0), Flight()
     instances = [instance(store, key, clock, flight, max_inline_wait=30.0) for _ in range(3)]
     for i in instances:
         i.budget.remaining()  # each says it is there
@@ -284,7 +273,7 @@ def test_requests_in_flight_stay_within_the_dop_hint_across_instances(store: Bud
 
 def test_an_instance_beyond_the_cap_sends_nothing_and_a_dead_ones_share_returns(store: BudgetStore,
                                                                                  key: str) -> None:
-    clock = Clock()
+    clock = FakeTime(1_800_000_000.0)
     instances = [instance(store, key, clock) for _ in range(3)]
     for i in instances:
         i.budget.note_dop_hint(2)
@@ -311,7 +300,7 @@ def test_a_storage_failure_leaves_the_instance_on_what_it_knows(key: str) -> Non
         def note_penalty(self, key: str, until: float) -> None:
             raise ServiceRequestError("storage unreachable")
 
-    clock = Clock()
+    clock = FakeTime(1_800_000_000.0)
     a = instance(Down(), key, clock)
     assert a.transport.request("GET", "contacts").status_code == 200
     a.session.script = [response(429, {"Retry-After": "30"})]
@@ -342,7 +331,7 @@ def test_the_table_rows_one_penalty_row_and_one_row_per_live_instance(table_stor
 def test_before_its_first_read_no_thread_sends_on_an_empty_view(key: str) -> None:
     """Many messages arrive at a fresh instance at once: all wait for the one storage read, none sends on
     the empty view meanwhile (the end-to-end test in tests/test_shared_budget.py found this)."""
-    clock, reading, go = Clock(), threading.Event(), threading.Event()
+    clock, reading, go = FakeTime(1_800_000_000.0), threading.Event(), threading.Event()
     store = MemoryStore()
     store.note_penalty(key, clock.now + 30)  # another instance's penalty
 
@@ -367,7 +356,7 @@ def test_before_its_first_read_no_thread_sends_on_an_empty_view(key: str) -> Non
 
 
 def test_inside_a_caller_that_waits_itself_the_client_raises_instead_of_waiting_inline(key: str) -> None:
-    clock = Clock()
+    clock = FakeTime(1_800_000_000.0)
     a = instance(MemoryStore(), key, clock, max_inline_wait=2.0)
     a.session.script = [response(429, {"Retry-After": "1"})]
     with a.budget.caller_waits(), pytest.raises(Throttled) as err:
@@ -381,7 +370,7 @@ def test_inside_a_caller_that_waits_itself_the_client_raises_instead_of_waiting_
 
 
 def test_instances_let_their_waiters_go_a_fraction_of_a_stagger_apart(key: str) -> None:
-    clock, store = Clock(), MemoryStore()
+    clock, store = FakeTime(1_800_000_000.0), MemoryStore()
     a, b = instance(store, key, clock), instance(store, key, clock)
     for i in (a, b, a, b):
         i.budget.remaining(fresh=True)  # both have said they are there and read each other

@@ -19,6 +19,7 @@ from core.retry_after import DEFAULT_RETRY_AFTER, retry_after_seconds
 from dataverse.client import DataverseClient
 from dataverse.errors import AuthExpired, DataverseError, Throttled, Transient, ValidationFailed
 from dataverse.transport import Transport
+from tests.fixtures.fake_time import FakeTime
 
 URL = "https://org.crm.dynamics.com"
 
@@ -58,18 +59,6 @@ class FakeSession:
         pass
 
 
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.slept: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(round(seconds, 3))
-        self.now += seconds
-
 
 class Tokens:
     def __init__(self) -> None:
@@ -82,7 +71,7 @@ class Tokens:
 
 def transport(script: list[requests.Response | Exception], **kwargs: object) -> tuple[Transport, FakeSession,
                                                                                      FakeTime, Tokens]:
-    session, time, tokens = FakeSession(script), FakeTime(), Tokens()
+    session, time, tokens = FakeSession(script), FakeTime(1000.0), Tokens()
     t = Transport(URL, tokens, session=session, sleep=time.sleep, clock=time.clock, **kwargs)  # type: ignore[arg-type]
     return t, session, time, tokens
 
@@ -190,7 +179,7 @@ def test_a_link_outside_the_instance_is_refused_without_sending_the_token() -> N
 
 def test_requests_are_counted_per_thread_and_the_client_uses_the_session_handed_in() -> None:
     privileges = {"RolePrivileges": [{"PrivilegeName": "prvReadContact"}]}
-    session, time, tokens = FakeSession([response(200, privileges)]), FakeTime(), Tokens()
+    session, time, tokens = FakeSession([response(200, privileges)]), FakeTime(1000.0), Tokens()
     client = DataverseClient(URL, tokens, session=session, sleep=time.sleep, clock=time.clock)
     assert client.retrieve_user_privileges("u1") == {"prvReadContact"}
     assert client.requests_made == 1

@@ -9,23 +9,11 @@ from core.penalties import Penalties
 from dataverse.budget import Budget
 from dataverse.errors import Busy, Throttled
 from sync.throttle import Patience, return_delay
-
-
-class FakeTime:
-    def __init__(self) -> None:
-        self.now = 100.0
-        self.slept: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.slept.append(round(seconds, 3))
-        self.now += seconds
+from tests.fixtures.fake_time import FakeTime
 
 
 def test_callers_waiting_on_one_penalty_are_let_go_one_after_another() -> None:
-    t = FakeTime()
+    t = FakeTime(100.0)
     p = Penalties(t.clock, stagger=0.2)
     assert p.turn("a") == 0.0  # no penalty: go now
     p.note("a", 3)
@@ -39,7 +27,7 @@ def test_callers_waiting_on_one_penalty_are_let_go_one_after_another() -> None:
 
 
 def test_patience_waits_out_a_short_penalty_then_calls() -> None:
-    t = FakeTime()
+    t = FakeTime(100.0)
     b = Budget(clock=t.clock)
     b.note(1.5)
     calls = []
@@ -49,7 +37,7 @@ def test_patience_waits_out_a_short_penalty_then_calls() -> None:
 
 
 def test_patience_sends_a_longer_penalty_back_without_calling() -> None:
-    t = FakeTime()
+    t = FakeTime(100.0)
     b = Budget(clock=t.clock)
     b.note(8)
     patience = Patience(b, longest=2, budget=5, sleep=t.sleep)
@@ -59,7 +47,7 @@ def test_patience_sends_a_longer_penalty_back_without_calling() -> None:
 
 
 def test_a_429_the_client_noted_is_waited_out_and_the_call_repeated() -> None:
-    t = FakeTime()
+    t = FakeTime(100.0)
     b = Budget(clock=t.clock)
     answers: list[float | str] = [1.0, "landed"]
 
@@ -76,7 +64,7 @@ def test_a_429_the_client_noted_is_waited_out_and_the_call_repeated() -> None:
 
 
 def test_a_throttled_call_with_nothing_noted_and_a_busy_one_go_back_at_once() -> None:
-    t = FakeTime()
+    t = FakeTime(100.0)
     patience = Patience(Budget(clock=t.clock), longest=2, budget=5, sleep=t.sleep)
     for error in (Throttled("odd", retry_after=1), Busy("all slots in flight", retry_after=1)):
         with pytest.raises(Throttled):
@@ -85,7 +73,7 @@ def test_a_throttled_call_with_nothing_noted_and_a_busy_one_go_back_at_once() ->
 
 
 def test_the_budget_of_waiting_bounds_a_page_throttled_again_and_again() -> None:
-    t = FakeTime()
+    t = FakeTime(100.0)
     b = Budget(clock=t.clock)
 
     def always_throttled() -> None:
@@ -106,7 +94,7 @@ def test_work_sent_back_returns_shortly_before_the_penalty_ends(wait: float, del
 
 
 def test_a_turn_beyond_the_limit_takes_no_place() -> None:
-    t = FakeTime()
+    t = FakeTime(100.0)
     p = Penalties(t.clock, stagger=0.5)
     p.note("a", 1)
     assert [p.turn("a", limit=2) for _ in range(3)] == [1.0, 1.5, 2.0]
@@ -116,7 +104,7 @@ def test_a_turn_beyond_the_limit_takes_no_place() -> None:
 
 
 def test_waiters_beyond_the_patience_limit_go_back_instead_of_queueing_up() -> None:
-    t = FakeTime()
+    t = FakeTime(100.0)
     b = Budget(clock=t.clock)
     b.note(1.5)
     assert [round(b.turn(), 3) for _ in range(3)] == [1.5, 1.7, 1.9]  # three pages of this instance wait
