@@ -152,21 +152,11 @@ def status(req: func.HttpRequest) -> func.HttpResponse:
 @bp.function_name("disconnect")
 @bp.route(route="connections/{account_id}/disconnect", methods=["POST"], auth_level=func.AuthLevel.FUNCTION)
 def disconnect(req: func.HttpRequest) -> func.HttpResponse:
-    account_id = _account(req)
-    if account_id is None:
-        return _bad_account()
-    body: object = {}
-    if req.get_body():
-        try:
-            body = req.get_json()
-        except ValueError:
-            return error_response(400, "invalid_json", "the body must be a JSON object", field="body")
-    if not isinstance(body, dict):
-        return error_response(400, "invalid_json", "the body must be a JSON object", field="body")
-    who = body.get("disconnected_by")
-    if who is not None and (not isinstance(who, str) or len(who) > 256):
-        return error_response(400, "invalid_request", "disconnected_by must be a string of at most 256 characters",
-                              field="disconnected_by")
+    account_id = req.route_params.get("account_id", "")
+    try:
+        who = flow.parse_disconnect_request(account_id, _json_body(req) if req.get_body() else {})
+    except FieldError as exc:
+        return _refused(exc)
     s = services()
     conn = flow.disconnect(account_id, who, connections=s.connections, tokens=s.tokens)
     if conn is None:

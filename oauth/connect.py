@@ -397,6 +397,14 @@ def purge_expired_sign_ins(pending: PendingStore, tokens: TokenStore) -> int:
 # -- disconnect -------------------------------------------------------------------------------------
 
 
+def parse_disconnect_request(account_id: str, body: object) -> str | None:
+    """Who disconnects (optional); FieldError for a bad account id, body or field. No body is an empty one."""
+    who = _account_and_body(account_id, body).get("disconnected_by")
+    if who is not None and (not isinstance(who, str) or len(who) > 256):
+        raise FieldError("disconnected_by must be a string of at most 256 characters", field="disconnected_by")
+    return who
+
+
 def disconnect(account_id: str, disconnected_by: str | None, *, connections: ConnectionStore,
                tokens: TokenStore) -> Connection | None:
     """Stop the sync (no generation: queued work becomes a no-op) and delete the stored tokens."""

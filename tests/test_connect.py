@@ -376,3 +376,24 @@ def test_status_reports_counters_of_the_live_generation_and_recent_failures(devh
     (failure,) = st["failures"]
     assert failure["contact_id"] == "c_bad" and failure["category"] == "validation"
     assert failure["reason"] == "lastname is required" and failure["attempts"] == 1 and failure["last_attempt_at"]
+
+
+def test_bad_disconnect_input_is_refused_and_the_connection_stays(devhost, identity, fresh_entra, store):
+    acct = new_account()
+    connect_account(devhost, identity, acct)
+    live = store.get(acct)
+    path = f"/api/connections/{acct}/disconnect"
+    for kwargs, code, field in [
+        ({"data": b"{not json"}, "invalid_json", "body"),
+        ({"json": ["wave-user-9"]}, "invalid_json", "body"),
+        ({"json": {"disconnected_by": "x" * 257}}, "invalid_request", "disconnected_by"),
+        ({"json": {"disconnected_by": 7}}, "invalid_request", "disconnected_by"),
+    ]:
+        resp = api(devhost, "POST", path, **kwargs)
+        assert resp.status_code == 400, kwargs
+        assert (resp.json()["error"]["code"], resp.json()["error"]["field"]) == (code, field)
+    resp = api(devhost, "POST", "/api/connections/acct.x/disconnect")
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_account_id"
+    after = store.get(acct)
+    assert (after.state, after.generation) == ("connected", live.generation)
+    assert api(devhost, "POST", path).json()["state"] == "disconnected"  # no body is allowed
