@@ -86,7 +86,6 @@ var tableNames = [
   'contactdrains'
   'failures'
   'ownercache'
-  'webhookevents'
   'backfillruns'
 ]
 

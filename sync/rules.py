@@ -56,11 +56,6 @@ def backfill_writes(wave_version: int, applied: Applied | None, pending_version:
     return next_step(applied, wave_version, deleted=False) is not Step.STALE
 
 
-def is_duplicate(expires_at: str | None, now_iso: str) -> bool:
-    """An event id seen before counts as a duplicate until its dedupe record expires."""
-    return expires_at is not None and expires_at > now_iso
-
-
 # A failure that `failures/retry` queued counts as queued for this long unless the worker settles it first
 # (a success deletes it, a new failure replaces it). Longer than a message can take through throttling
 # and the transient backoff (8 attempts, at most 5 minutes apart); should the message be dropped without

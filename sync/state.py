@@ -5,7 +5,6 @@
 - `contactstate`: what was last written to Dataverse (dynamics id, version, content hash, deleted,
   last result). Writes are conditional on the ETag read, so two writers of one contact notice each other.
   An account's states are split over STATE_BUCKETS partitions (`<account>~<n>`).
-- `webhookevents`: event ids already accepted, with an expiry (dedupe of Wave's redeliveries).
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import json
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from azure.core import MatchConditions
@@ -23,7 +21,7 @@ from azure.data.tables import TableClient, TableEntity, UpdateMode
 
 from core.connections import utcnow
 from core.errors import ConcurrencyError
-from core.storage import int64, iso, read_int
+from core.storage import int64, read_int
 from core.tables import (
     ChangesetFailed,
     Operation,
@@ -35,10 +33,9 @@ from core.tables import (
     update_row,
 )
 from sync.pending import pending_rows_of, pending_versions
-from sync.rules import Applied, is_duplicate
+from sync.rules import Applied
 
-SNAPSHOTS, STATE, EVENTS = "contactsnapshots", "contactstate", "webhookevents"
-DEDUPE_DAYS = 7
+SNAPSHOTS, STATE = "contactsnapshots", "contactstate"
 # A table property holds 64 KiB and an entity 1 MiB: the snapshot's UTF-8 JSON (at most the 256 KiB
 # webhook body) is stored as binary chunks, whose size does not depend on which characters it holds.
 _CHUNK = 60_000
@@ -215,39 +212,3 @@ class ContactStateStore:
         for state in states:
             by_partition.setdefault(state_partition(state.account_id, state.contact_id), []).append(state)
         return [s for conflicts in side_by_side(one, transaction_chunks(by_partition.values())) for s in conflicts]
-
-
-# -- webhook event dedupe -------------------------------------------------------------------------
-
-class EventLog:
-    def __init__(self, table: TableClient, days: int = DEDUPE_DAYS) -> None:
-        self.table, self.days = table, days
-
-    def first_time(self, account_id: str, event_id: str) -> bool:
-        """Record the event id; False when it was already recorded and has not expired."""
-        now = datetime.now(UTC)
-        entity = {"PartitionKey": account_id, "RowKey": event_id, "received_at": iso(now),
-                  "expires_at": iso(now + timedelta(days=self.days))}
-        try:
-            self.table.create_entity(entity)
-            return True
-        except ResourceExistsError:
-            pass
-        try:
-            old = self.table.get_entity(account_id, event_id)
-        except ResourceNotFoundError:
-            return self.first_time(account_id, event_id)
-        if is_duplicate(old.get("expires_at"), iso(now)):
-            return False
-        try:  # expired: this delivery counts as new, unless a concurrent one just claimed it
-            self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=etag_of(old),
-                                     match_condition=MatchConditions.IfNotModified)
-            return True
-        except ResourceModifiedError:
-            return False
-        except ResourceNotFoundError:  # the daily upkeep deleted the expired row meanwhile
-            return self.first_time(account_id, event_id)
-
-    def forget(self, account_id: str, event_id: str) -> None:
-        """Undo `first_time` when the event could not be queued, so Wave's retry is not a duplicate."""
-        self.table.delete_entity(account_id, event_id)

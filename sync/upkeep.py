@@ -1,7 +1,6 @@
 """Upkeep of the sync tables, so that they do not grow forever and contact data leaves with a connection.
 
-- `webhookevents` keeps every accepted event id for DEDUPE_DAYS and `ownercache` every looked-up email
-  for its TTL; both are only ignored once expired, and a busy account adds thousands of event ids a day.
+- `ownercache` keeps every looked-up email for its TTL; a row is only ignored once expired.
 - A disconnect deletes the account's contact content: the stored snapshots (`contactsnapshots`), the
   failure records (whose reasons may quote a value) and the owner cache (team members' emails). What
   stays, `contactstate`, holds ids, versions and a content hash only, so that a reconnect finds the
@@ -19,9 +18,9 @@ from core.connections import DISCONNECTED, ConnectionStore
 from core.failures import TABLE as FAILURES
 from core.storage import Tables, delete_expired, delete_rows, iso
 from sync.owners import TABLE as OWNERS
-from sync.state import EVENTS, SNAPSHOTS
+from sync.state import SNAPSHOTS
 
-EXPIRING = (EVENTS, OWNERS)
+EXPIRING = (OWNERS,)
 # Per table, the rows of an account that a disconnect deletes: those written up to the moment given
 # (a reconnect's own rows come later and stay); the owner cache is only a cache, all of it goes.
 CONTACT_DATA = {

@@ -1,4 +1,4 @@
-"""Pure rules: signatures, the webhook schema, ordering, dedupe, owner choice, retry timing. No I/O."""
+"""Pure rules: signatures, the webhook schema, ordering, owner choice, retry timing. No I/O."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from sync.rules import (
     Step,
     backfill_writes,
     choose_owner,
-    is_duplicate,
     next_step,
     owner_lookup_problem,
     requeue_pending,
@@ -165,12 +164,6 @@ def test_backfill_never_overwrites_a_newer_live_version():
     assert not backfill_writes(3, Applied(version=3), None)
     assert not backfill_writes(3, None, pending_version=4)
     assert backfill_writes(3, Applied(version=2), pending_version=3)
-
-
-def test_dedupe_expiry():
-    assert is_duplicate("2026-11-30T00:00:00Z", "2026-11-27T00:00:00Z")
-    assert not is_duplicate("2026-11-20T00:00:00Z", "2026-11-27T00:00:00Z")
-    assert not is_duplicate(None, "2026-11-27T00:00:00Z")
 
 
 def test_a_retried_failure_counts_as_queued_until_its_mark_is_stale():

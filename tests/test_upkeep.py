@@ -1,4 +1,4 @@
-"""Daily upkeep of the sync tables (sync/upkeep.py) against Azurite: expired dedupe and owner-cache rows
+"""Daily upkeep of the sync tables (sync/upkeep.py) against Azurite: expired owner-cache rows
 go, fresh ones and rows renewed meanwhile stay."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from azure.data.tables import UpdateMode
 
 from core.storage import delete_expired
 from sync.owners import TABLE as OWNERS
-from sync.state import EVENTS, EventLog
 from sync.upkeep import purge_expired_rows
 from tests.fixtures.stack import MASTER_KEY
 
@@ -27,21 +26,19 @@ def _rows(table, account: str) -> set[str]:
     return {e["RowKey"] for e in table.query_entities("PartitionKey eq @pk", parameters={"pk": account})}
 
 
-def test_expired_rows_of_both_tables_are_deleted_and_fresh_ones_kept(tables) -> None:
+def test_expired_owner_cache_rows_are_deleted_and_fresh_ones_kept(tables) -> None:
     account = f"acct_u_{uuid.uuid4().hex[:8]}"
-    events, owners = tables(EVENTS), tables(OWNERS)
+    owners = tables(OWNERS)
     for i in range(150):  # more than one transaction's worth in one partition
-        events.create_entity({"PartitionKey": account, "RowKey": f"evt_old_{i}",
+        owners.create_entity({"PartitionKey": account, "RowKey": f"old_{i}",
                               "expires_at": _iso(NOW - timedelta(minutes=i + 1))})
-    events.create_entity({"PartitionKey": account, "RowKey": "evt_new", "expires_at": _iso(NOW + timedelta(days=6))})
-    owners.create_entity({"PartitionKey": account, "RowKey": "old", "expires_at": _iso(NOW - timedelta(hours=2))})
     owners.create_entity({"PartitionKey": account, "RowKey": "new", "expires_at": _iso(NOW + timedelta(minutes=5))})
 
     removed = purge_expired_rows(tables, NOW)
 
-    assert removed[EVENTS] >= 150 and removed[OWNERS] >= 1  # other tests' expired rows may go too
-    assert _rows(events, account) == {"evt_new"} and _rows(owners, account) == {"new"}
-    assert purge_expired_rows(tables, NOW) == {EVENTS: 0, OWNERS: 0}
+    assert removed[OWNERS] >= 150  # other tests' expired rows may go too
+    assert _rows(owners, account) == {"new"}
+    assert purge_expired_rows(tables, NOW) == {OWNERS: 0}
 
 
 class RenewsAfterListing:
@@ -69,35 +66,13 @@ def test_a_row_renewed_between_listing_and_delete_stays(tables) -> None:
     assert _rows(table, account) == {"e2"}
 
 
-class DeletesBeforeUpdate:
-    """A table on which the upkeep deletes a row just before a webhook's dedupe claims it."""
-
-    def __init__(self, table) -> None:
-        self.table = table
-
-    def update_entity(self, entity: dict[str, Any], **kwargs: Any) -> Any:
-        self.table.delete_entity(entity["PartitionKey"], entity["RowKey"])
-        return self.table.update_entity(entity, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.table, name)
-
-
-def test_an_expired_event_purged_while_redelivered_still_counts_once(tables) -> None:
-    account = f"acct_u_{uuid.uuid4().hex[:8]}"
-    table = tables(EVENTS)
-    table.create_entity({"PartitionKey": account, "RowKey": "evt_1", "expires_at": _iso(NOW - timedelta(days=1))})
-    log = EventLog(DeletesBeforeUpdate(table))  # type: ignore[arg-type]
-    assert log.first_time(account, "evt_1") is True  # expired: the redelivery is new, and recorded again
-    assert EventLog(table).first_time(account, "evt_1") is False
-
 
 def test_the_daily_timer_is_wired_and_purges_through_the_dev_host(devhost, tables) -> None:
     account = f"acct_u_{uuid.uuid4().hex[:8]}"
-    events = tables(EVENTS)
-    events.create_entity({"PartitionKey": account, "RowKey": "gone", "expires_at": "2020-01-01T00:00:00Z"})
-    events.create_entity({"PartitionKey": account, "RowKey": "kept", "expires_at": "2999-01-01T00:00:00Z"})
+    owners = tables(OWNERS)
+    owners.create_entity({"PartitionKey": account, "RowKey": "gone", "expires_at": "2020-01-01T00:00:00Z"})
+    owners.create_entity({"PartitionKey": account, "RowKey": "kept", "expires_at": "2999-01-01T00:00:00Z"})
     resp = requests.post(f"{devhost.url}/admin/functions/purge_expired_sync_rows",
                          headers={"x-functions-key": MASTER_KEY}, timeout=60)
     assert resp.status_code == 202
-    assert _rows(events, account) == {"kept"}
+    assert _rows(owners, account) == {"kept"}
