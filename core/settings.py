@@ -112,7 +112,9 @@ def _csv(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return items
 
 
-def _storage(env: Mapping[str, str]) -> StorageSettings:
+def storage_settings(env: Mapping[str, str] | None = None) -> StorageSettings:
+    """The storage settings alone (the process environment by default): usable while another setting is not."""
+    env = os.environ if env is None else env
     conn = env.get(STORAGE, "").strip()
     queue_uri = env.get(STORAGE_QUEUE_URI, "").strip()
     table_uri = env.get(STORAGE_TABLE_URI, "").strip()
@@ -174,7 +176,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("APP_ENV", "must be 'production' or 'development'", got=app_env)
     development = app_env == "development"
     return Settings(
-        storage=_storage(env),
+        storage=storage_settings(env),
         key_vault_url=_url(
             "KEY_VAULT_URL", _required(env, "KEY_VAULT_URL"), allow_loopback_http=False
         ).rstrip("/"),

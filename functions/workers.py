@@ -9,7 +9,8 @@ import logging
 import azure.functions as func
 
 from core.log import Timer, outcome
-from core.storage import BACKFILL_PAGES, CONTACT_EVENTS
+from core.settings import settings_problem, storage_settings
+from core.storage import BACKFILL_PAGES, CONTACT_EVENTS, queue_client
 from functions.services import services
 from sync import backfill, drain, worker
 from sync.messages import DrainMessage, PageMessage, parse_contact_lane
@@ -18,11 +19,33 @@ bp = func.Blueprint()
 # the loggers the outcome lines have always gone to (dashboards and tests read them by name)
 contact_log = logging.getLogger("sync.worker")
 page_log = logging.getLogger("sync.backfill")
+# While a setting is unusable (an unresolved Key Vault reference, functions/http.py) every message would fail
+# until the host moved it to -poison after maxDequeueCount tries (host.json), seconds apart, and the changes
+# in it would wait there for someone to move them back. Instead the message goes back to its queue, due
+# again in a minute, so that the sync resumes on its own once the setting is fixed; storage messages live 7
+# days (https://learn.microsoft.com/rest/api/storageservices/put-message).
+SETTINGS_RETRY_SECONDS = 60
+
+
+def wait_for_settings(queue_name: str, msg: func.QueueMessage, log: logging.Logger) -> bool:
+    """True when the settings are unusable and the message was put back on its queue for later."""
+    problem = settings_problem()
+    if problem is None:
+        return False
+    # The storage settings alone: the trigger has just read this queue, so they are usable unless they
+    # are the problem, and then this raises and the message takes the host's way to -poison.
+    with queue_client(storage_settings(), queue_name) as queue:
+        queue.send_message(msg.get_body().decode(), visibility_timeout=SETTINGS_RETRY_SECONDS)
+    outcome(log, "settings", "unavailable", level=logging.ERROR, setting=problem.name, queue=queue_name,
+            retry_in_s=SETTINGS_RETRY_SECONDS, dequeue_count=msg.dequeue_count)
+    return True
 
 
 @bp.function_name("contact_worker")
 @bp.queue_trigger(arg_name="msg", queue_name=CONTACT_EVENTS, connection="AzureWebJobsStorage")
 def contact_worker(msg: func.QueueMessage) -> None:
+    if wait_for_settings(CONTACT_EVENTS, msg, contact_log):
+        return
     timer = Timer()
     message = parse_contact_lane(msg.get_body())
     if isinstance(message, DrainMessage):
@@ -41,6 +64,8 @@ def contact_worker(msg: func.QueueMessage) -> None:
 @bp.function_name("backfill_worker")
 @bp.queue_trigger(arg_name="msg", queue_name=BACKFILL_PAGES, connection="AzureWebJobsStorage")
 def backfill_worker(msg: func.QueueMessage) -> None:
+    if wait_for_settings(BACKFILL_PAGES, msg, page_log):
+        return
     timer = Timer()
     message = PageMessage.parse(msg.get_body())
     result, report = backfill.run_page(services().sync, message, msg.dequeue_count or 1)

@@ -187,3 +187,37 @@ def test_a_webhook_signed_with_the_reference_text_is_not_accepted(devhost, unres
 def test_health_is_200_again_once_the_setting_is_fixed(devhost):
     res = requests.get(f"{devhost.url}/api/health", timeout=30)
     assert res.status_code == 200 and res.json() == {"status": "ok"}
+
+
+def test_a_queue_message_waits_for_a_fixed_setting_instead_of_failing_towards_poison(
+        devhost, unresolved_webhook_secret, azurite):
+    import logging
+
+    import azure.functions as func
+
+    from core.settings import StorageSettings
+    from core.storage import ensure_queue, queue_client
+    from functions.workers import wait_for_settings
+
+    body = json.dumps({"account_id": "acct_settings_wait", "contact_id": "c_1", "version": 1,
+                       "generation": "g1", "attempt": 0}).encode()
+    msg = func.QueueMessage(id="m1", body=body)
+    with ensure_queue(queue_client(StorageSettings(connection_string=azurite.connection_string),
+                                   "settings-wait-test")) as queue:
+        queue.clear_messages()
+        assert wait_for_settings("settings-wait-test", msg, logging.getLogger("test")) is True
+        # back on its queue, unchanged and not due before the delay, so no retry counts towards -poison
+        assert queue.get_queue_properties().approximate_message_count == 1
+        assert list(queue.receive_messages()) == []
+        queue.delete_queue()
+
+
+def test_with_usable_settings_a_queue_message_is_processed_at_once(devhost):
+    import logging
+
+    import azure.functions as func
+
+    from functions.workers import wait_for_settings
+
+    msg = func.QueueMessage(id="m2", body=b"{}")
+    assert wait_for_settings("settings-wait-unused", msg, logging.getLogger("test")) is False
