@@ -27,10 +27,9 @@ research/dataverse.md (tests/test_dataverse_sim.py names the item each test cove
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 
 from devstack.dataverse import ADMIN_PRIVILEGES, DataverseSimulator, Fault, Limits, SimConfig, StoreConfig
+from devstack.http_server import serve_until_terminated
 
 __all__ = ["ADMIN_PRIVILEGES", "DataverseSimulator", "Fault", "Limits", "SimConfig", "StoreConfig", "main"]
 
@@ -77,15 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     sim = DataverseSimulator(host=args.host, port=args.port, certfile=cert if args.https else None,
                              keyfile=key if args.https else None, config=config, limits=limits,
                              id_seed=args.id_seed).start()
-    print(f"Dataverse simulator listening on {sim.url}", flush=True)
-    done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
-    try:
-        done.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sim.stop()
+    serve_until_terminated(sim, lambda url: print(f"Dataverse simulator listening on {url}", flush=True))
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import azure.functions as func
@@ -49,7 +49,7 @@ from azure.storage.queue import QueueClient
 
 from core.log import Timer, outcome
 from core.storage import ensure_queue
-from devstack.http_server import make_server
+from devstack.http_server import Served, serve_until_terminated
 from devstack.ncrontab import Schedule, ScheduleError
 
 log = logging.getLogger("devhost")
@@ -495,7 +495,7 @@ class TimerRunner:
                 started=started.isoformat(), ms=timer.ms)
 
 
-class DevHost:
+class DevHost(Served):
     """Serves one FunctionApp: HTTP on a local port, queue triggers from Azurite, timers on schedule."""
 
     def __init__(
@@ -537,12 +537,10 @@ class DevHost:
         self.timers = [TimerRunner(fn, self.worker) for fn in self.other_functions
                        if fn.schedule is not None and fn.name in self.serving and fn.name not in off]
         self._started = time.monotonic()
-        self.server = make_server(self.dispatch, "127.0.0.1", port)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="devhost-http", daemon=True)
+        self._listen(self.dispatch, "127.0.0.1", port, "devhost-http")
 
-    def start(self) -> DevHost:
-        self._thread.start()
+    def start(self) -> Self:
+        super().start()
         for pump in self.pumps:
             pump.start()
         for runner in self.timers:
@@ -554,15 +552,8 @@ class DevHost:
             runner.stop()
         for pump in self.pumps:
             pump.stop()
-        self.server.shutdown()
-        self.server.server_close()
+        super().stop()
         self.worker.stop()
-
-    def __enter__(self) -> DevHost:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- HTTP -------------------------------------------------------------------------------------
 
@@ -701,16 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("devhost: listening on %s (%d HTTP routes, %d queue triggers, %d other functions; serving %s; "
              "%d worker threads for sync functions)", host.url, len(host.routes), len(host.queue_functions),
              len(host.other_functions), ", ".join(sorted(host.serving)) or "nothing", host.worker.thread_count)
-    stop = threading.Event()
-    try:
-        import signal
-
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    host.stop()
-    return 0
+    return serve_until_terminated(host, lambda url: None)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@ its answer. Each stand-in (dev host, Wave simulator, Key Vault simulator) only d
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import ssl
+import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Self
 
 # (method, raw path with query, lower-cased headers, body) -> (status, headers, body)
 Dispatch = Callable[[str, str, dict[str, str], bytes], tuple[int, dict[str, str], bytes]]
@@ -50,3 +53,49 @@ def make_server(dispatch: Dispatch, host: str, port: int, *, certfile: Path | st
         ctx.load_cert_chain(str(certfile), str(keyfile))
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
     return server
+
+
+class Served:
+    """A stand-in's server on a thread of its own: start, stop, or a with-block around it."""
+
+    server: ThreadingHTTPServer
+    url: str
+
+    def _listen(self, dispatch: Dispatch, host: str, port: int, name: str, *, certfile: Path | str | None = None,
+                keyfile: Path | str | None = None) -> None:
+        self.server = make_server(dispatch, host, port, certfile=certfile, keyfile=keyfile)
+        self.url = f"{'https' if certfile else 'http'}://{host}:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, name=name, daemon=True)
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Stoppable(Protocol):
+    @property
+    def url(self) -> str: ...
+
+    def stop(self) -> None: ...
+
+
+def serve_until_terminated(served: Stoppable, announce: Callable[[str], None]) -> int:
+    """Keep a started stand-in serving until SIGTERM (how devstack/stack.py stops its processes) or Ctrl-C,
+    then stop it; `announce` gets its URL once it listens. The exit code of a `python -m` entry point."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    announce(served.url)
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    served.stop()
+    return 0

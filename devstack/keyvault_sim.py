@@ -18,7 +18,6 @@ Tests inspect it through `value()`, `names()`, `deleted_names()`, `requests` and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import threading
@@ -31,7 +30,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jwt
 
-from devstack.http_server import make_server
+from devstack.http_server import Served, serve_until_terminated
 
 RESOURCE = "https://vault.azure.net"
 NAME_RE = re.compile(r"^[0-9A-Za-z-]{1,127}$")
@@ -71,7 +70,7 @@ class RequestRecord:
     status: int
 
 
-class KeyVaultSimulator:
+class KeyVaultSimulator(Served):
     """`with KeyVaultSimulator(cert, key, tenant_id=...) as kv:` serves on kv.url until the block ends."""
 
     def __init__(self, certfile: Path | str, keyfile: Path | str, *, tenant_id: str,
@@ -89,25 +88,7 @@ class KeyVaultSimulator:
         self.requests: list[RequestRecord] = []
         self.tokens_seen: set[str] = set()
         self.forbidden = False  # True: every call answers 403, as when the caller lacks its RBAC role
-        self.httpd = make_server(self.dispatch, host, port, certfile=certfile, keyfile=keyfile)
-        self.url = f"https://{host}:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="keyvault-sim", daemon=True)
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-
-    def start(self) -> KeyVaultSimulator:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def __enter__(self) -> KeyVaultSimulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._listen(self.dispatch, host, port, "keyvault-sim", certfile=certfile, keyfile=keyfile)
 
     # -- inspection for tests ----------------------------------------------------------------------
 
@@ -379,7 +360,6 @@ class _JwksKeys:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import signal
 
     parser = argparse.ArgumentParser(description="Key Vault (secrets) simulator over HTTPS")
     parser.add_argument("--port", type=int, default=0)
@@ -392,13 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     ca = args.ca or (str(args.cert.parent / "ca.pem") if (args.cert.parent / "ca.pem").exists() else None)
     sim = KeyVaultSimulator(args.cert, args.key, tenant_id=args.tenant, jwks_url=args.jwks_url, ca_bundle=ca,
                             port=args.port).start()
-    print(f"ready {sim.url}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with contextlib.suppress(KeyboardInterrupt):
-        stop.wait()
-    sim.stop()
-    return 0
+    return serve_until_terminated(sim, lambda url: print(f"ready {url}", flush=True))
 
 
 if __name__ == "__main__":

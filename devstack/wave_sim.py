@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import contextlib
 import hmac
 import json
 import random
@@ -45,7 +44,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import requests
 
-from devstack.http_server import make_server
+from devstack.http_server import Served, serve_until_terminated
 from sync.signature import HEADER, signature_header
 
 Response = tuple[int, dict[str, str], bytes]
@@ -149,7 +148,7 @@ class WebhookSender:
         return [self.deliver(e).status_code for e in batch]
 
 
-class WaveSimulator:
+class WaveSimulator(Served):
     def __init__(self, *, token: str = "wave-api-token", secrets: Iterable[str] = ("whsec_dev",),
                  webhook_url: str | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         self.token = token
@@ -163,25 +162,7 @@ class WaveSimulator:
         self.routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self.mounts: list[Mounted] = []
         self._add_routes()
-        self.server = make_server(self.dispatch, host, port)
-        self.url = f"http://{host}:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, name="wave-sim", daemon=True)
-
-    # -- lifecycle --------------------------------------------------------------------------------
-
-    def start(self) -> WaveSimulator:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def __enter__(self) -> WaveSimulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self._listen(self.dispatch, host, port, "wave-sim")
 
     @property
     def webhook_url(self) -> str | None:
@@ -408,12 +389,7 @@ def from_arguments(args: argparse.Namespace) -> WaveSimulator:
 
 
 def serve_until_interrupted(sim: WaveSimulator, banner: str) -> int:
-    sim.start()
-    print(f"{banner} on {sim.url}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
-    sim.stop()
-    return 0
+    return serve_until_terminated(sim.start(), lambda url: print(f"{banner} on {url}", flush=True))
 
 
 def main(argv: list[str] | None = None) -> int:
