@@ -11,6 +11,8 @@ token and keeps Dataverse's penalties).
     upsert_contact(contact_id, payload, *, reactivate=False) -> WriteResult     PATCH contacts(<id>)
     delete_contact(contact_id, *, etag=None) -> bool           False when it was already gone
     deactivate_contact(contact_id) -> bool
+    delete_contacts(contact_ids, *, deactivate=False) -> dict[contactid, DataverseError]
+                                                               many rows; the ones Dynamics refused
     find_users_by_email(emails) -> dict[normalised email, UserRef]
     bulk_upsert_supported() -> bool                            UpsertMultiple available for contact
     bulk_upsert(items, *, method=None) -> BulkResult
@@ -33,7 +35,7 @@ from typing import Any, Unpack
 import requests
 
 from core.emails import normalise_email
-from dataverse.batch import BatchFormatError, BatchPart, build_batch, parse_batch_response
+from dataverse.batch import BatchFormatError, BatchPart, PartResponse, build_batch, parse_batch_response
 from dataverse.budget import Budget
 from dataverse.errors import (
     AuthExpired,
@@ -234,6 +236,58 @@ class DataverseClient:
             return False
         return True
 
+    def delete_contacts(self, contact_ids: Sequence[str], *, deactivate: bool = False) -> dict[str, DataverseError]:
+        """Delete (or deactivate) many rows; returns the error of each row Dynamics refused, by contactid.
+
+        One row is one request. More go in continue-on-error `$batch` requests of up to `batch_size`
+        independent operations: no change set, so a row Dynamics refuses fails alone and the others are
+        deleted; the batch counts as one request against service protection but is charged every part's
+        execution time (research/dataverse.md §5, §6). A row already gone (404) counts as done, as in
+        delete_contact, so sending a batch again after a failure deletes nothing twice. Throttled,
+        Transient and AuthExpired (of the request, or of a part) are raised; the rows deleted before stay
+        deleted."""
+        unique = list(dict.fromkeys(contact_ids))
+        refused: dict[str, DataverseError] = {}
+        for i in range(0, len(unique), self.batch_size):
+            chunk = unique[i : i + self.batch_size]
+            refused.update(self._remove_one(chunk[0], deactivate) if len(chunk) == 1
+                           else self._remove_batch(chunk, deactivate))
+        return refused
+
+    @staticmethod
+    def _removal(contact_id: str, deactivate: bool) -> BatchPart:
+        if deactivate:  # update only: a row already gone answers 404, not a new inactive row
+            return BatchPart("PATCH", f"contacts({contact_id})", INACTIVE, {"If-Match": "*"})
+        return BatchPart("DELETE", f"contacts({contact_id})")
+
+    def _remove_one(self, contact_id: str, deactivate: bool) -> dict[str, DataverseError]:
+        part = self._removal(contact_id, deactivate)
+        try:
+            self.request(part.method, part.url, body=part.body, headers=part.headers or None)
+        except NotFound:
+            return {}
+        except (Throttled, Transient, AuthExpired):
+            raise
+        except DataverseError as exc:
+            return {contact_id: exc}
+        return {}
+
+    def _remove_batch(self, contact_ids: list[str], deactivate: bool) -> dict[str, DataverseError]:
+        responses = self._batch([self._removal(cid, deactivate) for cid in contact_ids])
+        refused: dict[str, DataverseError] = {}
+        retryable: DataverseError | None = None
+        for cid, part in zip(contact_ids, responses, strict=True):
+            if part.status < 400 or part.status == 404:
+                continue
+            error = error_for(part.status, part.body, part.headers)
+            if isinstance(error, (Throttled, Transient, AuthExpired)):
+                retryable = retryable or error
+            else:
+                refused[cid] = error
+        if retryable is not None:
+            raise retryable
+        return refused
+
     # -- users -----------------------------------------------------------------------------------
 
     @staticmethod
@@ -329,8 +383,8 @@ class DataverseClient:
         self.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", body={"Targets": targets})
         return []  # all or nothing on standard tables: success means every record landed
 
-    def _send_batch(self, items: list[UpsertItem]) -> list[RecordFailure]:
-        parts = [BatchPart("PATCH", url, body) for url, body in map(self._target, items)]
+    def _batch(self, parts: list[BatchPart]) -> list[PartResponse]:
+        """One continue-on-error `$batch` of independent requests; each part's response, in order."""
         content_type, data = build_batch(parts, API_PATH)
         resp = self.request("POST", "$batch", data=data,
                             headers={"Content-Type": content_type, "Prefer": "odata.continue-on-error"})
@@ -338,8 +392,12 @@ class DataverseClient:
             responses = parse_batch_response(resp.headers.get("Content-Type", ""), resp.content)
         except BatchFormatError as exc:
             raise Transient(f"unreadable $batch response: {exc}") from None
-        if len(responses) != len(items):
-            raise Transient(f"$batch answered {len(responses)} parts for {len(items)} requests")
+        if len(responses) != len(parts):
+            raise Transient(f"$batch answered {len(responses)} parts for {len(parts)} requests")
+        return responses
+
+    def _send_batch(self, items: list[UpsertItem]) -> list[RecordFailure]:
+        responses = self._batch([BatchPart("PATCH", url, body) for url, body in map(self._target, items)])
         failures: list[RecordFailure] = []
         retryable: DataverseError | None = None
         for item, part in zip(items, responses, strict=True):

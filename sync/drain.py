@@ -4,7 +4,9 @@ A drain message names an account. The drain takes the account's lease (one drain
 then, pass after pass, reads up to BATCH pending changes, keeps the newest of each contact, and applies
 them the way a backfill page is written (sync/backfill.py: owners in one lookup, unknown rows in one lookup
 and claimed (sync/holds.py), one UpsertMultiple, states in Table transactions, each contact's failure
-recorded alone); deletes follow the connection's delete policy contact by contact. Then the pass's pending
+recorded alone); deletes follow the connection's delete policy in bulk too (sync/worker.py apply_deletes:
+unknown rows in one lookup and claimed, then $batch requests of independent deletes, each contact's failure
+recorded alone, a row already gone counted as deleted). Then the pass's pending
 rows go, and the changes something may read again become the contacts' snapshots (`apply_changes` says
 which; sync/pending.py `settle`). The rules of the
 per-contact path hold: a change not newer than the applied version is stale (so duplicates, out-of-order
@@ -29,8 +31,6 @@ from dataclasses import dataclass, replace
 
 from core.connections import DISCONNECTED, LiveConnection, live_connection
 from core.storage import CONTACT_EVENTS
-from dataverse.errors import AuthExpired, Throttled, Transient
-from oauth.errors import ReauthRequired, TokenUnavailable
 from sync.backfill import (
     INLINE_WAIT_SECONDS,
     PAGE_WAIT_SECONDS,
@@ -50,7 +50,7 @@ from sync.pending import PendingChange, PendingStore, newest_by_contact
 from sync.rules import Step, next_step
 from sync.state import ContactState, Snapshot
 from sync.throttle import Patience, penalties, reschedule_delay
-from sync.worker import apply_delete
+from sync.worker import apply_deletes
 
 log = logging.getLogger(__name__)
 # Pending changes per pass: one Table query page, and one UpsertMultiple (dataverse/client.py splits it).
@@ -59,8 +59,6 @@ LEASE_SECONDS = 60.0
 # A drain gives its thread back after this long and continues from a new message, so a long backlog of
 # one account does not hold a worker thread for minutes.
 MAX_DRAIN_SECONDS = 60.0
-# errors that concern the whole pass (the connection, Dataverse's limits or health), not one contact
-_PASS_ERRORS = (Throttled, Transient, AuthExpired, ReauthRequired, TokenUnavailable)
 
 
 @dataclass
@@ -82,33 +80,25 @@ def _send(ctx: SyncContext, msg: DrainMessage, delay: int = 0) -> None:
 
 def _deletes(ctx: SyncContext, conn: LiveConnection, patience: Patience, deletes: dict[str, PendingChange],
              states: dict[str, ContactState], report: DrainReport) -> list[str]:
-    """Delete (or deactivate) contact by contact; one that fails is recorded alone. Returns the failed ones."""
+    """Delete (or deactivate) the pass's deleted contacts in bulk (sync/worker.py apply_deletes: $batch
+    requests of independent deletes); one that fails is recorded alone. Returns the failed ones."""
     ledger = FailureLedger(ctx, conn)
-    to_save: list[ContactState] = []
-    done: list[str] = []
-    for cid, change in deletes.items():
-        snap = Snapshot(conn.account_id, cid, change.version, True, change.contact)
-        state = states.get(cid)
-        try:
-            written = patience.call(lambda: apply_delete(ctx, conn, snap, state))  # noqa: B023 (called at once)
-        except _PASS_ERRORS:
-            raise
-        except EXPECTED as exc:
-            found = verdict(exc, 0)
-            category = found.category or "internal"
-            ledger.record(cid, category, readable(exc), version=change.version)
-            to_save.append(failed_state(state, conn.account_id, cid, category))
-            report.failed += 1
-            continue
-        to_save.append(written.state)
-        done.append(cid)
+    snaps = {cid: Snapshot(conn.account_id, cid, change.version, True, change.contact)
+             for cid, change in deletes.items()}
+    written, refused = apply_deletes(ctx, conn, snaps, states, patience)
+    to_save = [w.state for w in written.values()]
+    for cid, exc in refused.items():
+        category = verdict(exc, 0).category or "internal"
+        ledger.record(cid, category, readable(exc), version=deletes[cid].version)
+        to_save.append(failed_state(states.get(cid), conn.account_id, cid, category))
+    report.failed += len(refused)
     for lost in ctx.states.save_many(to_save):
         report.repairs += 1
         ctx.queues.send(CONTACT_EVENTS, ContactMessage(conn.account_id, lost.contact_id, lost.version or 0,
                                                        conn.generation, force=True).to_dict())
-    report.deleted += len(done)
-    ledger.settled(done, states)
-    return sorted(deletes.keys() - set(done))
+    report.deleted += len(written)
+    ledger.settled(written, states)
+    return sorted(refused)
 
 
 def apply_changes(ctx: SyncContext, conn: LiveConnection, changes: list[PendingChange], report: DrainReport

@@ -13,18 +13,20 @@ Failures go down the ladder of sync/outcomes.py, shared with the page worker.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from core.connections import LiveConnection, live_connection
 from core.errors import ConcurrencyError
 from core.storage import CONTACT_EVENTS
 from dataverse.client import DataverseClient
-from dataverse.errors import NotFound
+from dataverse.errors import AuthExpired, DataverseError, NotFound, Throttled, Transient
 from sync.context import SyncContext
-from sync.holds import Claim
+from sync.holds import Claim, HeldElsewhere
 from sync.ledger import FailureLedger
 from sync.mapping import contact_id, external_id, map_contact, owner_email
 from sync.messages import ContactMessage
@@ -35,6 +37,7 @@ from sync.throttle import penalties, reschedule_delay
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 5  # re-applications after a state conflict before giving up to the host's retry
+T = TypeVar("T")
 
 
 @dataclass
@@ -89,23 +92,82 @@ def _upsert(ctx: SyncContext, conn: LiveConnection, snap: Snapshot, state: Conta
     return Written(new, "synced", warnings)
 
 
-def apply_delete(ctx: SyncContext, conn: LiveConnection, snap: Snapshot, state: ContactState | None) -> Written:
-    new = ContactState(conn.account_id, snap.contact_id, etag=state.etag if state else None,
-                       dynamics_id=state.dynamics_id if state else None, version=snap.version, deleted=True,
-                       last_result="deleted")
-    if conn.delete_policy != "ignore":
+class Calls(Protocol):
+    """How a Dataverse call is made: at once (the contact worker, whose message goes back to its queue on a
+    429), or waiting a short penalty out in-process (sync/throttle.py Patience, the drain)."""
+
+    def call(self, fn: Callable[[], T]) -> T: ...
+
+
+class _AtOnce:
+    def call(self, fn: Callable[[], T]) -> T:
+        return fn()
+
+
+# what concerns every contact of the call (the connection, Dataverse's limits or health): raised
+_WHOLE = (Throttled, Transient, AuthExpired)
+
+
+def apply_deletes(ctx: SyncContext, conn: LiveConnection, snaps: Mapping[str, Snapshot],
+                  states: Mapping[str, ContactState | None], calls: Calls | None = None
+                  ) -> tuple[dict[str, Written], dict[str, Exception]]:
+    """Delete (or deactivate, per the connection's delete policy) the rows of deleted contacts, in bulk:
+    the rows never written by this account looked up by external id in one request and claimed at once
+    (a row another account holds is left alone, sync/holds.py), then DataverseClient.delete_contacts ($batch
+    requests of independent deletes; a row already gone counts as done). Returns what each contact's state
+    becomes, by contact id, and the error of each contact that failed, alone. Raises only what concerns
+    every contact (Throttled, Transient, AuthExpired, the sign-in); the rows deleted before stay deleted,
+    and deleting them again is done at once."""
+    calls = calls or _AtOnce()
+    new: dict[str, ContactState] = {}
+    for cid, snap in snaps.items():
+        state = states.get(cid)
+        new[cid] = ContactState(conn.account_id, cid, etag=state.etag if state else None,
+                                dynamics_id=state.dynamics_id if state else None, version=snap.version,
+                                deleted=True, last_result="deleted")
+    failed: dict[str, Exception] = {}
+
+    def each(cids: Iterable[str], fn: Callable[[], T]) -> T | None:
+        """A request made for several contacts: a refusal of it (not of the connection) is each one's."""
+        try:
+            return calls.call(fn)
+        except _WHOLE:
+            raise
+        except (DataverseError, HeldElsewhere) as exc:
+            failed.update(dict.fromkeys(cids, exc))
+            return None
+
+    if conn.delete_policy != "ignore" and snaps:
         dv = ctx.dataverse(conn)
-        if new.dynamics_id is None:
-            found = dv.find_contact(external_id(snap.contact_id))
-            new.dynamics_id = found.contactid if found else None
-            if found:  # a row this account never wrote: it deletes it only if no other account holds it
-                ctx.holds.refuse_elsewhere(conn, Claim(found.contactid, snap.contact_id), deleting=True)
-        if new.dynamics_id is not None:
-            if conn.delete_policy == "deactivate":
-                dv.deactivate_contact(new.dynamics_id)
-            else:
-                dv.delete_contact(new.dynamics_id)  # already gone counts as done
-    return Written(new, "deleted", [])
+        unknown = [cid for cid, state in new.items() if state.dynamics_id is None]
+        found = each(unknown, lambda: dv.find_contacts([external_id(cid) for cid in unknown])) if unknown else {}
+        claims = {cid: ref.contactid for cid in unknown if (ref := (found or {}).get(external_id(cid)))}
+        if claims:  # rows this account never wrote: it deletes them only if no other account holds them
+            for cid in each(claims, lambda: ctx.holds.refused(conn, claims)) or ():
+                failed[cid] = HeldElsewhere(cid, deleting=True)
+        rows = {state.dynamics_id: cid for cid, state in new.items() if state.dynamics_id and cid not in failed}
+        for cid, row in claims.items():
+            if cid not in failed:
+                new[cid].dynamics_id = row
+                rows[row] = cid
+        ids = list(rows)
+
+        def remove(chunk: list[str]) -> dict[str, DataverseError]:
+            return dv.delete_contacts(chunk, deactivate=conn.delete_policy == "deactivate")
+
+        for i in range(0, len(ids), dv.batch_size):  # one $batch at a time, each waiting out its own penalty
+            chunk = ids[i : i + dv.batch_size]
+            refused = each([rows[r] for r in chunk], functools.partial(remove, chunk))
+            failed.update({rows[row]: error for row, error in (refused or {}).items()})
+    return {cid: Written(state, "deleted", []) for cid, state in new.items() if cid not in failed}, failed
+
+
+def apply_delete(ctx: SyncContext, conn: LiveConnection, snap: Snapshot, state: ContactState | None) -> Written:
+    """One contact's delete: apply_deletes of one, its failure raised."""
+    written, failed = apply_deletes(ctx, conn, {snap.contact_id: snap}, {snap.contact_id: state})
+    if snap.contact_id in failed:
+        raise failed[snap.contact_id]
+    return written[snap.contact_id]
 
 
 def _reschedule(ctx: SyncContext, message: ContactMessage, delay: int) -> None:

@@ -156,6 +156,51 @@ def test_delete_deactivate_and_reactivate_by_upsert(dataverse_sim: DataverseSimu
     assert (row["statecode"], row["statuscode"], row["jobtitle"]) == (0, 1, "Returned")
 
 
+def test_delete_contacts_batches_independent_deletes_and_reports_each_refused_row(
+        dataverse_sim: DataverseSimulator, sim_tokens: SimTokens) -> None:
+    client = DataverseClient(dataverse_sim.url, sim_tokens, batch_size=10)
+    rows = [client.upsert_contact(contact_id(ACCOUNT, f"del{i}"), {"lastname": f"d{i}"}).contactid for i in range(25)]
+    refused_row, gone = rows[7], rows[12]
+    assert client.delete_contact(gone) is True
+    dataverse_sim.script_faults(Fault("status", status=403, code="0x80040220", method="DELETE",
+                                      message="Principal user is missing prvDeleteContact privilege.",
+                                      match=f"contacts({refused_row})", in_batch=True))
+    since = len(dataverse_sim.request_log())
+    refused = client.delete_contacts(rows)
+    assert list(refused) == [refused_row] and isinstance(refused[refused_row], PermissionDenied)
+    assert [r["contactid"] for r in dataverse_sim.rows()] == [refused_row]
+    sent = dataverse_sim.request_log()[since:]
+    assert [(e["method"], e["path"].rsplit("/", 1)[-1], e["inner"]) for e in sent] == [("POST", "$batch", 10)] * 2 + [
+        ("POST", "$batch", 5)]  # 25 rows, 10 to a batch; the one already gone counts as deleted
+    # sending them again deletes nothing twice; a lone row is one plain request
+    assert client.delete_contacts(rows[:10]) == {}
+    since = len(dataverse_sim.request_log())
+    assert client.delete_contacts([refused_row]) == {} and dataverse_sim.rows() == []
+    assert [e["method"] for e in dataverse_sim.request_log()[since:]] == ["DELETE"]
+    kept = client.upsert_contact(contact_id(ACCOUNT, "deact"), {"lastname": "k"}).contactid
+    assert client.delete_contacts([kept, rows[0]], deactivate=True) == {}  # the deleted row is not recreated
+    assert [(r["contactid"], r["statecode"], r["statuscode"]) for r in dataverse_sim.rows()] == [(kept, 1, 2)]
+
+
+def test_delete_contacts_raises_a_throttled_batch_and_keeps_what_was_deleted(sim_tokens: SimTokens) -> None:
+    sim = DataverseSimulator(manual_clock=True).start()
+    try:
+        client = DataverseClient(sim.url, SimTokens(), batch_size=5, sleep=lambda s: None, clock=sim.clock.now)
+        client.bulk_upsert([item(f"thr{i}") for i in range(25)], method="$batch")
+        rows = [r["contactid"] for r in sim.rows()]
+        sim.clock.advance(301)  # a fresh window of 4 requests
+        sim.configure(requests=4, window_seconds=300)
+        with pytest.raises(Throttled) as err:  # 5 batches > 4 requests in the window
+            client.delete_contacts(rows)
+        assert len(sim.rows()) == 5  # the batches admitted before the limit deleted their rows
+        sim.clock.advance(err.value.retry_after + 1)
+        # sent again (four batches of the window): the rows already deleted count as done
+        assert client.delete_contacts(rows[:20]) == {}
+        assert sorted(r["contactid"] for r in sim.rows()) == sorted(rows[20:])
+    finally:
+        sim.stop()
+
+
 def test_delete_with_stale_etag_conflicts(dataverse_client: DataverseClient) -> None:
     created = dataverse_client.upsert_contact(contact_id(ACCOUNT, "e"), {"lastname": "x"})
     dataverse_client.upsert_contact(created.contactid, {"lastname": "y"})

@@ -483,6 +483,35 @@ def test_webapi_16_continue_on_error_and_changeset_rollback(api: Api) -> None:
     assert sorted(r["contactid"] for r in api.sim.rows()) == sorted([ok1, ok2])
 
 
+def test_webapi_16_a_batch_of_deletes_answers_each_row_alone(dataverse_sim: DataverseSimulator, api: Api) -> None:
+    """independent DELETEs in one $batch: each part its own status (204, 404 for a row already gone, an
+    error for a row refused), the others deleted; one request on the wire, each delete counted."""
+    rows = [contact(api, lastname=f"r{i}") for i in range(4)]
+    gone = new_id()
+    dataverse_sim.script_faults(Fault("status", status=400, code="0x80040265", message="A plug-in refused.",
+                                      method="DELETE", match=f"contacts({rows[2]})", in_batch=True))
+    parts = [http_part("DELETE", f"contacts({row})") for row in (rows[0], gone, rows[1], rows[2], rows[3])]
+    before = dataverse_sim.counters()
+    resp = api("POST", "$batch", data=batch_body("b", parts), headers={
+        "Content-Type": "multipart/mixed; boundary=b", "Prefer": "odata.continue-on-error"})
+    assert resp.status_code == 200
+    assert response_statuses(resp) == [204, 404, 204, 400, 204]
+    assert "0x80040217" in resp.text and "0x80040265" in resp.text  # ObjectDoesNotExist; the refusal
+    assert [r["contactid"] for r in dataverse_sim.rows()] == [rows[2]]
+    after = dataverse_sim.counters()
+    assert after["requests"] - before["requests"] == 1 and after["batch_inner_requests"] - before.get(
+        "batch_inner_requests", 0) == 5
+    assert sum(after["entitlement"].values()) - sum(before["entitlement"].values()) == 3  # the three deletes
+    [entry] = [e for e in dataverse_sim.request_log() if e["path"].endswith("$batch")]
+    # charged every part's execution time: a base per part and per row deleted, beyond the outer request's
+    config = dataverse_sim.config
+    assert entry["exec_ms"] >= config.base_ms * 6 + config.per_record_ms * 3 and entry["writes"] == 3
+    # a fault meant for a part never answers a request on the wire
+    dataverse_sim.script_faults(Fault("status", status=400, method="DELETE", in_batch=True))
+    assert api("DELETE", f"contacts({rows[2]})").status_code == 204
+    assert dataverse_sim.faults.pending() != []
+
+
 # -- 17: bulk messages -----------------------------------------------------------------------------------
 
 

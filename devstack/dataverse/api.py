@@ -43,10 +43,12 @@ SDK_MESSAGE_COLUMNS = frozenset({"sdkmessagefilterid", "primaryobjecttypecode", 
 
 
 class WebApi:
-    def __init__(self, store: Store, config: SimConfig, origin: Callable[[], str]) -> None:
+    def __init__(self, store: Store, config: SimConfig, origin: Callable[[], str],
+                 part_fault: Callable[[str, str], SimError | None] = lambda method, url: None) -> None:
         self.store = store
         self.config = config
         self.origin = origin
+        self.part_fault = part_fault  # an injected error for a request inside a $batch (faults.py `in_batch`)
 
     @property
     def base(self) -> str:

@@ -166,6 +166,9 @@ def _inner(api: WebApi, caller: Caller, inner: multipart.InnerRequest, reference
         url = references[ref] + ("/" + tail if tail else "")
     if url.split("?")[0].rstrip("/").endswith("$batch"):
         return Response.of_error(SimError(400, "0x80060888", "Batches cannot be nested."))
+    injected = api.part_fault(inner.method, url)
+    if injected is not None:
+        return Response.of_error(injected)
     path = urlsplit(url).path
     if API_PREFIX not in path and not url.startswith(("/", "http")):
         target = url  # relative to the service root

@@ -9,6 +9,12 @@ Kinds:
   slow           hold the request for `delay` seconds, then serve it normally
   hold           block until release() (or `delay` as a safety cap), then serve it normally; lets a test
                  keep requests in flight without timing assumptions
+
+A status fault with `in_batch` answers one request inside a `$batch` instead of a request on the wire: that
+part's response carries the error and the batch goes on as the documented service does (with
+`Prefer: odata.continue-on-error` the other parts run, without it the batch stops there), e.g. a plug-in
+that refuses to delete one row
+(https://learn.microsoft.com/power-apps/developer/data-platform/webapi/execute-batch-operations-using-web-api).
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ class Fault:
     code: str | None = None  # status faults: the error body (default: the documented one for the status)
     message: str | None = None
     retry_after: int = 1  # status 429: the Retry-After header
+    in_batch: bool = False  # answers a request inside a $batch (status faults only), not one on the wire
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown fault kind {self.kind!r}; one of {sorted(KINDS)}")
+        if self.in_batch and self.kind != "status":
+            raise ValueError("only a status fault can answer a request inside a $batch")
 
     def applies(self, method: str, path: str) -> bool:
         return (self.method is None or self.method.upper() == method) and (self.match is None or self.match in path)
@@ -74,15 +83,16 @@ class Faults:
         with self._lock:
             return [asdict(f) for f in self._script]
 
-    def pick(self, method: str, path: str) -> Fault | None:
+    def pick(self, method: str, path: str, *, in_batch: bool = False) -> Fault | None:
+        """The fault for a request on the wire, or (`in_batch`) for a request inside a $batch."""
         with self._lock:
             for i, fault in enumerate(self._script):
-                if fault.applies(method, path):
+                if fault.in_batch == in_batch and fault.applies(method, path):
                     del self._script[i]
                     self.injected += 1
                     return fault
             for fault, rate in self._rates:
-                if fault.applies(method, path) and self._rng.random() < rate:
+                if fault.in_batch == in_batch and fault.applies(method, path) and self._rng.random() < rate:
                     self.injected += 1
                     return fault
         return None

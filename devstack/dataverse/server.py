@@ -59,6 +59,13 @@ def _decode_jwt(token: str) -> dict[str, Any] | None:
     return claims if isinstance(claims, dict) else None
 
 
+def _fault_error(fault: Fault) -> SimError:
+    """The documented error of an injected status fault (its code and message unless the fault names them)."""
+    code, message = _STATUS_MESSAGES.get(fault.status, ("", "Injected fault"))
+    extra = {"Retry-After": str(fault.retry_after)} if fault.status == 429 else {}
+    return SimError(fault.status, fault.code if fault.code is not None else code, fault.message or message, extra)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
@@ -103,7 +110,7 @@ class DataverseSimulator:
         self.store = Store(self.clock, self.ids, store_config or StoreConfig())
         self.protection = ServiceProtection(limits or Limits(), self.clock)
         self.faults = Faults(fault_seed)
-        self.api = WebApi(self.store, self.config, lambda: self.url)
+        self.api = WebApi(self.store, self.config, lambda: self.url, part_fault=self._part_fault)
         self._log: deque[dict[str, Any]] = deque(maxlen=log_size)
         self._counters: Counter[str] = Counter()
         self._counter_lock = threading.Lock()
@@ -266,6 +273,11 @@ class DataverseSimulator:
 
     # -- request handling ------------------------------------------------------------------------
 
+    def _part_fault(self, method: str, url: str) -> SimError | None:
+        """The error a scripted `in_batch` fault gives one request inside a $batch, if one applies."""
+        fault = self.faults.pick(method, url, in_batch=True)
+        return _fault_error(fault) if fault is not None else None
+
     def _count(self, **increments: int) -> None:
         with self._counter_lock:
             self._counters.update(increments)
@@ -372,7 +384,8 @@ class DataverseSimulator:
                 self._stopping.wait(exec_ms / 1000 * cfg.sleep_fraction)
         finally:
             rate_headers = self.protection.finish(ticket, exec_ms)
-        operations = resp.writes + (1 if method == "GET" else 0) if resp.status < 400 else 0
+        # a $batch that stopped at a failing part did run (and write) the parts before it
+        operations = resp.writes + (1 if method == "GET" and resp.status < 400 else 0)
         self.protection.count_operations(token_user["systemuserid"], operations)
         self._count(writes=resp.writes, reads=resp.reads, batch_inner_requests=resp.inner_requests,
                     execution_ms=int(exec_ms))
@@ -516,10 +529,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif fault is not None and fault.kind == "token_expired":
                 resp = Response.of_error(sim._challenge("The access token expired.", "invalid_token"))
             elif fault is not None:
-                code, message = _STATUS_MESSAGES.get(fault.status, ("", "Injected fault"))
-                extra = {"Retry-After": str(fault.retry_after)} if fault.status == 429 else {}
-                resp = Response.of_error(SimError(fault.status, fault.code if fault.code is not None else code,
-                                                  fault.message or message, extra))
+                resp = Response.of_error(_fault_error(fault))
             else:
                 resp = sim.serve_api(method, path, headers, body)
         resp.headers.setdefault("OData-Version", "4.0")
