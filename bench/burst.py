@@ -77,7 +77,7 @@ def _lone_latency(stack: Stack, found_after: float) -> tuple[float | None, float
             return None, sent_at - found_after
         while time.monotonic() - sent < 120:
             try:
-                if client.find_contact(ext) is not None:
+                if client.find_contacts([ext]):
                     return time.monotonic() - sent, sent_at - found_after
             except Throttled as exc:  # 20 reads/s is the poll's own user's whole request budget
                 time.sleep(exc.retry_after)

@@ -6,14 +6,13 @@ token and keeps Dataverse's penalties).
 
     whoami() -> WhoAmI
     retrieve_user_privileges(user_id) -> set[str]
-    find_contact(external_id) -> ContactRef | None
-    find_contacts(external_ids) -> dict[external_id, ContactRef]          (batched, chunked by URL length)
+    find_contacts(external_ids) -> dict[external_id, list[ContactRef]]    (batched, chunked by URL length)
     upsert_contact(contact_id, payload, *, reactivate=False) -> WriteResult     PATCH contacts(<id>)
     delete_contact(contact_id, *, etag=None) -> bool           False when it was already gone
     deactivate_contact(contact_id) -> bool
     delete_contacts(contact_ids, *, deactivate=False) -> dict[contactid, DataverseError]
                                                                many rows; the ones Dynamics refused
-    find_users_by_email(emails) -> dict[normalised email, UserRef]
+    find_users_by_email(emails) -> dict[normalised email, list[UserRef]]
     bulk_upsert_supported() -> bool                            UpsertMultiple available for contact
     bulk_upsert(items, *, method=None) -> BulkResult
     requests_made                                              requests sent by the calling thread (for reports)
@@ -48,7 +47,7 @@ from dataverse.errors import (
     ValidationFailed,
     error_for,
 )
-from dataverse.odata import in_filter, in_filter_chunks, odata_string
+from dataverse.odata import in_filter, in_filter_chunks
 from dataverse.transport import API_PATH, JsonBody, TokenProvider, Transport, TransportOptions
 
 CONTACT_TYPE = "Microsoft.Dynamics.CRM.contact"
@@ -73,6 +72,7 @@ class ContactRef:
     statecode: int | None
     externaluseridentifier: str | None
     owner: str | None  # _ownerid_value
+    createdon: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class UserRef:
     email: str
     accessmode: int | None
     fullname: str | None
+    disabled: bool = False
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class BulkResult:
 
 def _contact_ref(row: dict[str, Any]) -> ContactRef:
     return ContactRef(row["contactid"], row.get("@odata.etag"), row.get("statecode"),
-                      row.get(EXTERNAL_ID), row.get("_ownerid_value"))
+                      row.get(EXTERNAL_ID), row.get("_ownerid_value"), row.get("createdon"))
 
 
 class DataverseClient:
@@ -186,12 +187,9 @@ class DataverseClient:
 
     # -- contact lookups -------------------------------------------------------------------------
 
-    @staticmethod
-    def _pick(rows: list[dict[str, Any]]) -> dict[str, Any]:
-        """Several rows for one external id (made before this integration): the active, oldest one."""
-        return min(rows, key=lambda r: (r.get("statecode") != 0, r.get("createdon") or "", r["contactid"]))
-
-    def find_contacts(self, external_ids: Iterable[str]) -> dict[str, ContactRef]:
+    def find_contacts(self, external_ids: Iterable[str]) -> dict[str, list[ContactRef]]:
+        """Every row of each external id found: several when rows were made before this integration
+        (which one to use is sync/rules.py pick_row's choice)."""
         wanted = list(dict.fromkeys(external_ids))
         found: dict[str, list[dict[str, Any]]] = {}
         for chunk in in_filter_chunks(wanted, lambda c: in_filter(EXTERNAL_ID, c), self.url_budget):
@@ -201,13 +199,7 @@ class DataverseClient:
                 # Dataverse compares strings case-insensitively; Wave ids are case-sensitive.
                 if row.get(EXTERNAL_ID) in exact:
                     found.setdefault(row[EXTERNAL_ID], []).append(row)
-        return {ext: _contact_ref(self._pick(rows)) for ext, rows in found.items()}
-
-    def find_contact(self, external_id: str) -> ContactRef | None:
-        rows = self._get_all("contacts", {"$select": CONTACT_SELECT,
-                                          "$filter": f"{EXTERNAL_ID} eq {odata_string(external_id)}"})
-        rows = [r for r in rows if r.get(EXTERNAL_ID) == external_id]
-        return _contact_ref(self._pick(rows)) if rows else None
+        return {ext: [_contact_ref(r) for r in rows] for ext, rows in found.items()}
 
     # -- contact writes --------------------------------------------------------------------------
 
@@ -290,14 +282,9 @@ class DataverseClient:
 
     # -- users -----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _best_user(rows: list[dict[str, Any]]) -> UserRef:
-        row = min(rows, key=lambda r: (r.get("accessmode") not in (0, None), r["systemuserid"]))
-        return UserRef(row["systemuserid"], row.get("internalemailaddress") or "", row.get("accessmode"),
-                       row.get("fullname"))
-
-    def find_users_by_email(self, emails: Iterable[str]) -> dict[str, UserRef]:
-        """Enabled systemusers by internal email (ASCII case-insensitive), keyed by the normalised email."""
+    def find_users_by_email(self, emails: Iterable[str]) -> dict[str, list[UserRef]]:
+        """Enabled systemusers by internal email (ASCII case-insensitive), keyed by the normalised email:
+        every user of an email (which one owns is sync/rules.py choose_owner's choice)."""
         wanted = list(dict.fromkeys(e for e in (normalise_email(x) for x in emails) if e))
         wanted_set = set(wanted)
         by_email: dict[str, list[dict[str, Any]]] = {}
@@ -313,7 +300,9 @@ class DataverseClient:
                 email = normalise_email(row.get("internalemailaddress")) or ""
                 if email in wanted_set and not row.get("isdisabled"):
                     by_email.setdefault(email, []).append(row)
-        return {email: self._best_user(rows) for email, rows in by_email.items()}
+        return {email: [UserRef(r["systemuserid"], r.get("internalemailaddress") or "", r.get("accessmode"),
+                                r.get("fullname"), bool(r.get("isdisabled"))) for r in rows]
+                for email, rows in by_email.items()}
 
     # -- capabilities ----------------------------------------------------------------------------
 

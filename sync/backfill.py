@@ -41,7 +41,7 @@ from sync.mapping import contact_id as new_contact_id
 from sync.messages import ContactMessage, PageMessage
 from sync.outcomes import EXPECTED, Action, failure_category, readable, verdict
 from sync.owners import Owners
-from sync.rules import MAX_TRANSIENT_ATTEMPTS, backfill_writes, unchanged, warning_text
+from sync.rules import MAX_TRANSIENT_ATTEMPTS, backfill_writes, pick_row, unchanged, warning_text
 from sync.state import ContactState
 from sync.throttle import Patience, penalties, return_delay
 
@@ -231,7 +231,7 @@ def resolve_ids(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, pat
     found = patience.call(lambda: dv.find_contacts([external_id(cid) for cid in unknown]))
     claims: dict[str, str] = {}
     for cid in unknown:
-        ref = found.get(external_id(cid))
+        ref = pick_row(found.get(external_id(cid), ()))
         claims[cid] = ref.contactid if ref else new_contact_id(conn.account_id, cid)
         plan.new_states[cid].dynamics_id = claims[cid]
     ledger = FailureLedger(ctx, conn)

@@ -33,7 +33,7 @@ MISSING_TTL = timedelta(minutes=10)
 
 
 class UserLookup(Protocol):
-    def find_users_by_email(self, emails: Iterable[str]) -> dict[str, UserRef]: ...
+    def find_users_by_email(self, emails: Iterable[str]) -> dict[str, list[UserRef]]: ...
 
 
 def _row_key(generation: str, email: str) -> str:
@@ -56,7 +56,7 @@ class Owners:
         return f"no owner set: {reason}" if reason else None
 
 
-def _find(dataverse: UserLookup, emails: list[str]) -> tuple[dict[str, UserRef], dict[str, str]]:
+def _find(dataverse: UserLookup, emails: list[str]) -> tuple[dict[str, list[UserRef]], dict[str, str]]:
     """Users by email, and the emails whose lookup Dynamics refused (with why).
 
     A refused request (400, 414: something in it Dynamics cannot take) is split in halves until the
@@ -108,8 +108,7 @@ class OwnerCache:
                 if email in refused:  # not cached: a refusal says nothing about whether the user exists
                     result[email] = None
                     continue
-                user = found.get(email)
-                owner = choose_owner([_as_row(user)]) if user is not None else None
+                owner = choose_owner(found.get(email, ()))
                 result[email] = owner
                 ttl = FOUND_TTL if owner else MISSING_TTL
                 fresh.append({"PartitionKey": account_id, "RowKey": _row_key(generation, email), "email": email,
@@ -124,8 +123,3 @@ class OwnerCache:
         email = normalise_email(email)
         if email:
             self.table.delete_entity(account_id, _row_key(generation, email))
-
-
-def _as_row(user: UserRef) -> dict[str, object]:
-    """A UserRef (enabled users only are returned by the lookup) as the row choose_owner reads."""
-    return {"systemuserid": user.systemuserid, "isdisabled": False, "accessmode": user.accessmode}

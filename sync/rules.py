@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+
+from dataverse.client import ContactRef, UserRef
 
 
 @dataclass(frozen=True)
@@ -69,21 +70,23 @@ def requeue_pending(requeued_at: str | None, stale_before: str) -> bool:
     return requeued_at is not None and requeued_at > stale_before
 
 
-def choose_owner(users: Iterable[Mapping[str, Any]]) -> str | None:
+def choose_owner(users: Iterable[UserRef]) -> str | None:
     """The systemuserid to own a contact among the users whose email matched, or None (no owner).
 
     Only enabled, interactive users can own contacts: disabled users and non-interactive or
     application users (accessmode 4) are skipped. Several matches are resolved deterministically,
     preferring read-write users (accessmode 0).
     """
-    eligible = [
-        u for u in users
-        if not u.get("isdisabled") and u.get("accessmode") != 4 and u.get("systemuserid")
-    ]
+    eligible = [u for u in users if not u.disabled and u.accessmode != 4 and u.systemuserid]
     if not eligible:
         return None
-    eligible.sort(key=lambda u: (u.get("accessmode") not in (0, None), str(u["systemuserid"]).lower()))
-    return str(eligible[0]["systemuserid"])
+    return min(eligible, key=lambda u: (u.accessmode not in (0, None), u.systemuserid.lower())).systemuserid
+
+
+def pick_row(rows: Iterable[ContactRef]) -> ContactRef | None:
+    """The row to keep using among several of one Wave contact (made before this integration, or by
+    hand): the active one, then the oldest, then the lowest id, so every instance picks the same."""
+    return min(rows, key=lambda r: (r.statecode != 0, r.createdon or "", r.contactid), default=None)
 
 
 # The longest address that can be used in a mail path (RFC 3696 erratum 1690,

@@ -31,7 +31,7 @@ from sync.ledger import FailureLedger
 from sync.mapping import contact_id, external_id, map_contact, owner_email
 from sync.messages import ContactMessage
 from sync.outcomes import EXPECTED, Action, readable, verdict
-from sync.rules import Step, next_step, unchanged, warning_text
+from sync.rules import Step, next_step, pick_row, unchanged, warning_text
 from sync.state import ContactState, Snapshot
 from sync.throttle import penalties, reschedule_delay
 
@@ -71,7 +71,8 @@ def _upsert(ctx: SyncContext, conn: LiveConnection, snap: Snapshot, state: Conta
         return Written(new, "skipped", warnings)
     reactivate = bool(state and state.deleted and conn.delete_policy == "deactivate")
     if new.dynamics_id is None:
-        found = dv.find_contact(external_id(snap.contact_id))
+        ext = external_id(snap.contact_id)
+        found = pick_row(dv.find_contacts([ext]).get(ext, ()))
         # A new row gets the deterministic id, so racing creates of one contact converge on one row.
         new.dynamics_id = found.contactid if found else contact_id(conn.account_id, snap.contact_id)
         # claimed before the first write, so a row another account of this org holds is never touched
@@ -141,7 +142,7 @@ def apply_deletes(ctx: SyncContext, conn: LiveConnection, snaps: Mapping[str, Sn
         dv = ctx.dataverse(conn)
         unknown = [cid for cid, state in new.items() if state.dynamics_id is None]
         found = each(unknown, lambda: dv.find_contacts([external_id(cid) for cid in unknown])) if unknown else {}
-        claims = {cid: ref.contactid for cid in unknown if (ref := (found or {}).get(external_id(cid)))}
+        claims = {cid: ref.contactid for cid in unknown if (ref := pick_row((found or {}).get(external_id(cid), ())))}
         if claims:  # rows this account never wrote: it deletes them only if no other account holds them
             for cid in each(claims, lambda: ctx.holds.refused(conn, claims)) or ():
                 failed[cid] = HeldElsewhere(cid, deleting=True)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from dataverse.client import DataverseClient, UpsertItem
+from dataverse.client import ContactRef, DataverseClient, UpsertItem
 from dataverse.errors import (
     AuthExpired,
     Conflict,
@@ -19,6 +19,7 @@ from dataverse.errors import (
 )
 from devstack.dataverse_sim import DataverseSimulator, Fault, Limits
 from sync.mapping import contact_id, external_id, map_contact
+from sync.rules import pick_row
 from tests.fixtures.dataverse import ADMIN_OID, SimTokens, make_token
 
 ACCOUNT = "acct_test"
@@ -66,17 +67,22 @@ def test_next_links_outside_the_instance_are_refused(dataverse_client: Dataverse
         dataverse_client.request("GET", "https://evil.example/api/data/v9.2/contacts")
 
 
+def row_of(client: DataverseClient, external: str) -> ContactRef | None:
+    """The row the sync uses for an external id, as sync/worker.py looks it up."""
+    return pick_row(client.find_contacts([external]).get(external, ()))
+
+
 # -- lookups ---------------------------------------------------------------------------------------------
 
 
 def test_upsert_then_find_by_external_id(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
     mapped = map_contact(wave("c_1"), None)
-    assert dataverse_client.find_contact("wavecnct_c_1") is None
+    assert row_of(dataverse_client, "wavecnct_c_1") is None
     first = dataverse_client.upsert_contact(contact_id(ACCOUNT, "c_1"), mapped.payload)
     assert first.created and first.contactid == contact_id(ACCOUNT, "c_1") and first.etag
     second = dataverse_client.upsert_contact(first.contactid, mapped.payload)
     assert not second.created and second.etag != first.etag
-    found = dataverse_client.find_contact("wavecnct_c_1")
+    found = row_of(dataverse_client, "wavecnct_c_1")
     assert found is not None
     assert (found.contactid, found.statecode, found.externaluseridentifier) == (first.contactid, 0, "wavecnct_c_1")
     assert found.etag == second.etag and found.owner == dataverse_client.whoami().user_id
@@ -93,7 +99,7 @@ def test_find_contacts_many_at_once_chunked(dataverse_sim: DataverseSimulator, s
     found = client.find_contacts(external_id(w) for w in ids)
     lookups = len(dataverse_sim.request_log()) - before
     assert set(found) == {external_id(w) for w in ids[:40]}
-    assert found["wavecnct_c_1"].contactid == contact_id(ACCOUNT, "c_1")
+    assert [r.contactid for r in found["wavecnct_c_1"]] == [contact_id(ACCOUNT, "c_1")]
     assert 1 < lookups < 60  # chunked by URL length, not one request per id
     assert all(len(e["path"]) < 1400 for e in dataverse_sim.request_log()[before:])
 
@@ -101,7 +107,7 @@ def test_find_contacts_many_at_once_chunked(dataverse_sim: DataverseSimulator, s
 def test_lookups_escape_quotes(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
     odd = "wavecnct_o'brien&co+1"
     dataverse_client.upsert_contact(contact_id(ACCOUNT, "odd"), {"externaluseridentifier": odd, "lastname": "x"})
-    assert dataverse_client.find_contact(odd).externaluseridentifier == odd
+    assert row_of(dataverse_client, odd).externaluseridentifier == odd
     assert set(dataverse_client.find_contacts([odd, "wavecnct_other"])) == {odd}
 
 
@@ -115,7 +121,7 @@ def test_bulk_lookups_with_hostile_values(dataverse_sim: DataverseSimulator, sim
     client = DataverseClient(dataverse_sim.url, sim_tokens, url_budget=300)
     before = len(dataverse_sim.request_log())
     found = client.find_users_by_email([e.upper() for e in emails] + ["nobody'@contoso.com"])
-    assert {e: u.systemuserid for e, u in found.items()} == {e.lower(): users[e] for e in emails}
+    assert {e: [u.systemuserid for u in us] for e, us in found.items()} == {e.lower(): [users[e]] for e in emails}
     sent = dataverse_sim.request_log()[before:]
     assert len(sent) > 1 and all(entry["status"] == 200 for entry in sent)
     odd = [f"wavecnct_{v}" for v in ("o'b", "a]b", "[x", "x\\", "y'z")]
@@ -124,12 +130,14 @@ def test_bulk_lookups_with_hostile_values(dataverse_sim: DataverseSimulator, sim
     assert set(client.find_contacts([*odd, "wavecnct_absent'"])) == set(odd)
 
 
-def test_duplicate_rows_pick_the_active_oldest(dataverse_sim: DataverseSimulator,
-                                               dataverse_client: DataverseClient) -> None:
+def test_duplicate_rows_are_all_found_and_the_active_oldest_picked(dataverse_sim: DataverseSimulator,
+                                                                   dataverse_client: DataverseClient) -> None:
     a = dataverse_client.upsert_contact(contact_id(ACCOUNT, "a"), {"externaluseridentifier": "wavecnct_dup"})
     b = dataverse_client.upsert_contact(contact_id(ACCOUNT, "b"), {"externaluseridentifier": "wavecnct_dup"})
     dataverse_client.deactivate_contact(a.contactid)
-    assert dataverse_client.find_contact("wavecnct_dup").contactid == b.contactid
+    rows = dataverse_client.find_contacts(["wavecnct_dup"])["wavecnct_dup"]
+    assert {r.contactid for r in rows} == {a.contactid, b.contactid} and all(r.createdon for r in rows)
+    assert row_of(dataverse_client, "wavecnct_dup").contactid == b.contactid
 
 
 # -- writes ----------------------------------------------------------------------------------------------
@@ -146,7 +154,7 @@ def test_delete_deactivate_and_reactivate_by_upsert(dataverse_sim: DataverseSimu
     assert dataverse_client.deactivate_contact(kept.contactid) is True
     row = dataverse_sim.rows()[0]
     assert (row["statecode"], row["statuscode"]) == (1, 2)
-    ref = dataverse_client.find_contact("wavecnct_k")
+    ref = row_of(dataverse_client, "wavecnct_k")
     assert ref.statecode == 1
     newer = map_contact(wave("k", job_title="Returned"), None).payload
     with pytest.raises(ValidationFailed):  # inactive rows are read-only
@@ -210,10 +218,11 @@ def test_delete_with_stale_etag_conflicts(dataverse_client: DataverseClient) -> 
 
 def test_owner_binding_round_trip(dataverse_sim: DataverseSimulator, dataverse_client: DataverseClient) -> None:
     seller = dataverse_sim.add_user("seller@contoso.test")
-    owner = dataverse_client.find_users_by_email(["SELLER@contoso.test"])["seller@contoso.test"].systemuserid
+    [user] = dataverse_client.find_users_by_email(["SELLER@contoso.test"])["seller@contoso.test"]
+    owner = user.systemuserid
     assert owner == seller["systemuserid"]
     dataverse_client.upsert_contact(contact_id(ACCOUNT, "o"), map_contact(wave("o"), owner).payload)
-    assert dataverse_client.find_contact("wavecnct_o").owner == owner
+    assert row_of(dataverse_client, "wavecnct_o").owner == owner
 
 
 # -- users -----------------------------------------------------------------------------------------------
@@ -228,8 +237,10 @@ def test_user_lookup_enabled_only_and_escaped(dataverse_sim: DataverseSimulator,
     found = dataverse_client.find_users_by_email(
         ["o'brien@contoso.test", "OFF@contoso.test", "shared@contoso.test", "nobody@x.test"])
     assert set(found) == {"o'brien@contoso.test", "shared@contoso.test"}
-    assert found["o'brien@contoso.test"].systemuserid == obrien["systemuserid"]
-    assert found["shared@contoso.test"].systemuserid == human["systemuserid"] != app["systemuserid"]
+    assert [u.systemuserid for u in found["o'brien@contoso.test"]] == [obrien["systemuserid"]]
+    # both users of the email, for sync/rules.py choose_owner to pick the interactive one
+    assert {(u.systemuserid, u.accessmode) for u in found["shared@contoso.test"]} == {
+        (human["systemuserid"], 0), (app["systemuserid"], 4)}
 
 
 def test_user_lookup_batches_many_emails(dataverse_sim: DataverseSimulator, sim_tokens: SimTokens) -> None:
@@ -256,7 +267,7 @@ def test_eight_racing_writers_create_one_row(dataverse_sim: DataverseSimulator, 
         client = DataverseClient(dataverse_sim.url, sim_tokens)
         try:
             start.wait(5)
-            ref = client.find_contact(external_id("race"))
+            ref = row_of(client, external_id("race"))
             target = ref.contactid if ref else contact_id(ACCOUNT, "race")
             results.append(client.upsert_contact(target, mapped.payload))
         except Exception as exc:  # collected: a failure in a thread must fail the test
@@ -321,9 +332,9 @@ def test_bulk_page_of_500_is_cheap(dataverse_sim: DataverseSimulator, dataverse_
     before = len(dataverse_sim.request_log())
     existing = dataverse_client.find_contacts(external_id(c["id"]) for c in contacts)
     owners = dataverse_client.find_users_by_email({"owner@contoso.test"})
-    items = [UpsertItem(c["id"], existing[external_id(c["id"])].contactid if external_id(c["id"]) in existing
+    items = [UpsertItem(c["id"], existing[external_id(c["id"])][0].contactid if external_id(c["id"]) in existing
                         else contact_id(ACCOUNT, c["id"]),
-                        map_contact(c, owners["owner@contoso.test"].systemuserid).payload) for c in contacts]
+                        map_contact(c, owners["owner@contoso.test"][0].systemuserid).payload) for c in contacts]
     result = dataverse_client.bulk_upsert(items)
     requests_made = len(dataverse_sim.request_log()) - before
     assert len(result.succeeded) == 500 and requests_made / 500 < 0.05
@@ -419,11 +430,11 @@ def test_no_thread_sends_during_a_penalty_it_has_seen(sim_tokens: SimTokens) -> 
             client.whoami()
         sent = len(sim.request_log())
         with pytest.raises(Throttled) as err:
-            client.find_contact("wavecnct_x")
+            client.find_contacts(["wavecnct_x"])
         assert len(sim.request_log()) == sent and 0 < err.value.retry_after <= 60
         assert sim.counters()["throttled"] == 1  # the penalty was not extended
         sim.clock.advance(err.value.retry_after)
-        assert client.find_contact("wavecnct_x") is None
+        assert client.find_contacts(["wavecnct_x"]) == {}
         assert len(sim.request_log()) == sent + 1
     finally:
         sim.stop()

@@ -8,6 +8,7 @@ import pytest
 
 from core.emails import normalise_email
 from core.errors import FieldError
+from dataverse.client import ContactRef, UserRef
 from sync.events import MAX_BODY_BYTES, parse_body, validate_event
 from sync.messages import BadMessage, ContactMessage, PageMessage
 from sync.rules import (
@@ -17,6 +18,7 @@ from sync.rules import (
     choose_owner,
     next_step,
     owner_lookup_problem,
+    pick_row,
     requeue_pending,
     retry_delay,
     throttle_delay,
@@ -177,15 +179,32 @@ def test_a_retried_failure_counts_as_queued_until_its_mark_is_stale():
 
 # -- owners ---------------------------------------------------------------------------------------
 
+def _user(uid: str, accessmode: int | None, disabled: bool = False) -> UserRef:
+    return UserRef(uid, "seller@contoso.test", accessmode, None, disabled)
+
+
 def test_owner_is_an_enabled_interactive_user_or_nobody():
     assert choose_owner([]) is None
-    assert choose_owner([{"systemuserid": "u1", "isdisabled": True, "accessmode": 0}]) is None
-    assert choose_owner([{"systemuserid": "u1", "isdisabled": False, "accessmode": 4}]) is None
-    users = [{"systemuserid": "u9", "isdisabled": False, "accessmode": 2},
-             {"systemuserid": "u5", "isdisabled": True, "accessmode": 0},
-             {"systemuserid": "u7", "isdisabled": False, "accessmode": 0}]
+    assert choose_owner([_user("u1", 0, disabled=True)]) is None
+    assert choose_owner([_user("u1", 4)]) is None
+    users = [_user("u9", 2), _user("u5", 0, disabled=True), _user("u7", 0)]
     assert choose_owner(users) == "u7"
     assert choose_owner(list(reversed(users))) == "u7"
+    # an application user (4) first by id does not hide a read-only human who can own the contact
+    assert choose_owner([_user("a0", 4), _user("b1", 1)]) == "b1"
+
+
+def _row(cid: str, statecode: int, createdon: str | None) -> ContactRef:
+    return ContactRef(cid, None, statecode, "wavecnct_dup", None, createdon)
+
+
+def test_among_duplicate_rows_the_active_then_oldest_then_lowest_id_is_used():
+    assert pick_row([]) is None
+    rows = [_row("c3", 1, "2020-01-01T00:00:00Z"), _row("c2", 0, "2024-05-01T00:00:00Z"),
+            _row("c1", 0, "2024-05-01T00:00:00Z"), _row("c4", 0, "2025-01-01T00:00:00Z")]
+    assert pick_row(rows).contactid == "c1"
+    assert pick_row(reversed(rows)).contactid == "c1"
+    assert pick_row([_row("c9", 1, "2020-01-01T00:00:00Z")]).contactid == "c9"  # an inactive one is still used
     assert normalise_email("  Owner@Contoso.COM ") == "owner@contoso.com"
     assert normalise_email(" ") is None
 
