@@ -3,6 +3,8 @@ its answer. Each stand-in (dev host, Wave simulator, Key Vault simulator) only d
 
 from __future__ import annotations
 
+import http.client
+import select
 import ssl
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,3 +52,17 @@ def make_server(dispatch: Dispatch, host: str, port: int, *, certfile: Path | st
         ctx.load_cert_chain(str(certfile), str(keyfile))
         server.socket = ctx.wrap_socket(server.socket, server_side=True)
     return server
+
+
+def connection_dropped(conn: http.client.HTTPConnection) -> bool:
+    """True when an idle kept connection can no longer carry a request: the server closed it (readable with
+    no request pending means end of file or a reset), as urllib3's `is_connection_dropped` decides
+    (https://github.com/urllib3/urllib3/blob/main/src/urllib3/util/connection.py)."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
