@@ -258,13 +258,15 @@ def burst_section(bursts: list[BurstResult], ceil: Ceiling, naive: Run | None, w
 # (d) as the webhooks arrive, before issue 15's intake work (BENCHMARKS.md of 2026-12-01 08:10 UTC and the same
 # burst alone, `--burst-only arrive`, on the code of then): 204 contacts/s, posting 24.4 s; CPU per webhook
 # by process, first post to done
-ARRIVE_BEFORE_CPU_MS = {"HTTP instance": 2.93, "Azurite": 2.25, "drain": 1.53, "benchmark poster": 0.77,
-                        "front": 0.36}
+ARRIVE_BEFORE_CPU_MS = {"HTTP instance": 2.93, "Azurite": 2.25, "drain": 1.57, "benchmark poster": 0.77,
+                        "front": 0.36, "Dataverse simulator": 0.07, "backfill instances (idle)": 0.06}
 
 
 def _cpu_group(process: str) -> str:
     for prefix, group in (("http-", "HTTP instances"), ("contact_worker", "drain"), ("azurite", "Azurite"),
-                          ("backfill_worker", "backfill instances (idle)"), ("bench", "benchmark poster")):
+                          ("backfill_worker", "backfill instances (idle)"), ("bench", "benchmark poster"),
+                          ("dataverse", "Dataverse simulator"), ("keyvault", "Key Vault simulator"),
+                          ("wave", "Wave simulator"), ("entra", "Entra stand-in")):
         if process.startswith(prefix):
             return group
     return process
