@@ -11,6 +11,7 @@ app token) finds its row.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.backfill import baseline_client
+from bench.intake import process_cpu_seconds
 from dataverse.errors import Throttled
 from devstack.demo import Burst, connect, deliver, wave_change, wave_state
 from devstack.stack import Stack, dataverse_control, dataverse_rows
@@ -42,6 +44,7 @@ class BurstResult:
     lone_latency: float | None = None  # seconds
     lone_sent_after: float = 0.0  # seconds after `start`
     writes: int = 0  # rows written by the burst account's requests
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # process -> CPU ms per webhook, first post to done
 
     @property
     def per_second(self) -> float:
@@ -128,12 +131,31 @@ def _measure(stack: Stack, name: str, user: str | None, since: float, start: flo
                        sum(int(e["writes"]) for e in writes))
 
 
+def stack_pids(stack: Stack) -> dict[str, int]:
+    """Every process of the stack by name, and this one (the benchmark: the poster's threads)."""
+    pids = {name: p.proc.pid for name, p in stack.procs.items() if p.alive()}
+    if stack.azurite is not None:
+        pids["azurite"] = stack.azurite.proc.pid
+    pids["bench (poster)"] = os.getpid()
+    return pids
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    out = {}
+    for name, pid in pids.items():
+        try:
+            out[name] = process_cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return out
+
+
 def _last_log_time(stack: Stack) -> float:
     tail: list[dict[str, Any]] = dataverse_control(stack, "GET", "log?limit=1")  # type: ignore[assignment]
     return tail[-1]["t"] if tail else 0.0
 
 
-def run_burst(stack: Stack, account: str, size: int, window: float) -> list[BurstResult]:
+def run_burst(stack: Stack, account: str, size: int, window: float, backlog: bool = True) -> list[BurstResult]:
     """Two bursts of `size`: as the webhooks arrive (one HTTP instance takes them here), then as a backlog
     (every change stored before anything drains: the contact worker instances are stopped while the webhooks
     are posted, and timing starts when they are started again, cold), each with the other account's lone
@@ -144,6 +166,8 @@ def run_burst(stack: Stack, account: str, size: int, window: float) -> list[Burs
 
     events, wanted, marker = _updates(stack, account, size, 0)
     since, burst = _last_log_time(stack), Burst(events)
+    pids = stack_pids(stack)
+    cpu0 = cpu_seconds(pids)
     start = time.time()
     poster = threading.Thread(target=deliver, args=(sender, events, burst), daemon=True)
     poster.start()
@@ -153,7 +177,13 @@ def run_burst(stack: Stack, account: str, size: int, window: float) -> list[Burs
     poster.join()
     post_seconds = time.time() - start
     _holds_all(stack, wanted, marker)
-    results.append(_measure(stack, "as the webhooks arrive", user, since, start, events, burst, post_seconds, lone))
+    cpu1 = cpu_seconds(pids)
+    arrive = _measure(stack, "as the webhooks arrive", user, since, start, events, burst, post_seconds, lone)
+    # CPU from the first post until every row was seen (the check polls once a second: a little idle time)
+    arrive.cpu_ms = {n: (cpu1[n] - cpu0[n]) * 1000 / size for n in cpu1 if n in cpu0}
+    results.append(arrive)
+    if not backlog:
+        return results
 
     time.sleep(window)  # the next one on a fresh window too
     events, wanted, marker = _updates(stack, account, size, 1)
@@ -164,9 +194,12 @@ def run_burst(stack: Stack, account: str, size: int, window: float) -> list[Burs
     posted = time.time()
     deliver(sender, events, burst)
     post_seconds = time.time() - posted
+    start = 0.0
     for name in workers:
         stack.restart_instance(name, kill=False)
-    start = time.time()  # the instances answer their health check: the host is up, the app not yet warm
+        # from the moment the first answers its health check (the host is up, the app not yet warm): it drains
+        # while the others start, and a small backlog was written before the last of them was up
+        start = start or time.time()
     lone = _lone_latency(stack, 0.0)
     _holds_all(stack, wanted, marker)
     results.append(_measure(stack, "as a backlog (all stored first)", user, since, start, events, burst,

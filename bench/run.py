@@ -133,7 +133,12 @@ def longest_log_silence(logs: list[Path], since: datetime) -> tuple[float, str]:
 # -- (a) one instance vs several per queue function ---------------------------------------------------
 
 ONE_INSTANCE_ACCOUNT = "acct_bench_one"
-BENCH_INSTANCES = Instances(queue=3)  # the layout the targets are set for: three of each queue function
+# The layout the targets are set for: three of each queue function, and two HTTP instances. In Azure the HTTP
+# group scales out with the requests in flight; locally one instance takes a burst's webhooks on one Python
+# process, whose handler threads share one GIL (~2.5 ms of CPU per webhook there, beside the drain on the same
+# cores), while two spread them over both cores (a 5,000-webhook burst as it arrives: 272-289 -> 308
+# contacts/s in the runs made while tuning it, total CPU per webhook 5.1 -> 4.8 ms).
+BENCH_INSTANCES = Instances(http=2, queue=3)
 
 
 def queue_functions(stack: Stack) -> list[str]:
@@ -224,11 +229,13 @@ def burst_section(bursts: list[BurstResult], ceil: Ceiling, naive: Run | None, w
         "",
         f"Bursts of `contact.updated` webhooks for existing contacts of the backfilled account (a CSV import or a "
         f"bulk reassignment in Wave), posted by 8 threads to the app's front, each one window ({window:g} s) after "
-        "the previous work. First as the webhooks arrive: timed from the first post, so one HTTP instance "
-        "taking the webhooks on this machine bounds it. Then as a backlog: every change of a second burst stored "
+        "the previous work. First as the webhooks arrive: timed from the first post, so the HTTP instances "
+        "taking the webhooks on this machine bound it, and the drain applies them pass after pass meanwhile "
+        "(a pass gathers what arrived in the last 0.5 s). Then as a backlog: every change of a second burst stored "
         "before anything drains (the contact worker instances stopped while it was posted, as when webhooks "
         "arrive faster than an account's limits let them out, e.g. over many HTTP instances), timed from "
-        "the moment they were up again (cold: sign-in token, clients). Done = Dynamics holds every new "
+        "the moment the first of them was up again (cold: sign-in token, clients; it drains while the others "
+        "start). Done = Dynamics holds every new "
         "version (checked on the simulator's rows; the time of the last successful write before). Requests "
         "and 429s are the burst account's Dataverse user's. Meanwhile a new contact of ANOTHER connected "
         "account (its own Dataverse user) is posted: its latency runs until a Web API read (a third user, "
@@ -245,6 +252,47 @@ def burst_section(bursts: list[BurstResult], ceil: Ceiling, naive: Run | None, w
         "- The webhooks store each change as pending and schedule at most one drain per account; the drain "
         "writes the account's backlog in bulk (UpsertMultiple), one pass of up to 1,000 after another (README, "
         "\"The live lane\"). The other account's change has its own drain: nothing of the burst is in front of it.",
+        *cpu_lines(bursts),
+    ]
+
+
+# (d) as the webhooks arrive, before issue 15's intake work (BENCHMARKS.md of 2026-12-01 08:10 UTC and the same
+# burst alone, `--burst-only arrive`, on the code of then): 204 contacts/s, posting 24.4 s; CPU per webhook
+# by process, first post to done
+ARRIVE_BEFORE_CPU_MS = {"HTTP instance": 2.93, "Azurite": 2.25, "drain": 1.57, "benchmark poster": 0.77,
+                        "front": 0.36, "Dataverse simulator": 0.07, "backfill instances (idle)": 0.06}
+
+
+def _cpu_group(process: str) -> str:
+    for prefix, group in (("http-", "HTTP instances"), ("contact_worker", "drain"), ("azurite", "Azurite"),
+                          ("backfill_worker", "backfill instances (idle)"), ("bench", "benchmark poster"),
+                          ("dataverse", "Dataverse simulator"), ("keyvault", "Key Vault simulator"),
+                          ("wave", "Wave simulator"), ("entra", "Entra stand-in")):
+        if process.startswith(prefix):
+            return group
+    return process
+
+
+def cpu_lines(bursts: list[BurstResult]) -> list[str]:
+    """Where the machine's CPU went while the burst arrived: each process's CPU per webhook."""
+    arrive = next((b for b in bursts if b.cpu_ms), None)
+    if arrive is None:
+        return []
+    groups: dict[str, float] = {}
+    for process, ms in arrive.cpu_ms.items():
+        groups[_cpu_group(process)] = groups.get(_cpu_group(process), 0.0) + ms
+    now = ", ".join(f"{name} {ms:.2f} ms" for name, ms in sorted(groups.items(), key=lambda kv: -kv[1])
+                    if ms >= 0.01)
+    before = ", ".join(f"{name} {ms:.2f} ms" for name, ms in ARRIVE_BEFORE_CPU_MS.items())
+    return [
+        f"- CPU per webhook while the burst arrived ({arrive.name}; each process's from /proc, first post to "
+        f"done): {now}; {sum(arrive.cpu_ms.values()):.2f} ms in all. Before issue 15's intake work (one HTTP "
+        f"instance, 204 contacts/s): {before}; {sum(ARRIVE_BEFORE_CPU_MS.values()):.2f} ms. Since then: the "
+        "front keeps its connections to the instances (as Azure's does) instead of one per request; the "
+        "benchmark posts on kept connections without requests' per-call work; the webhook's two storage calls "
+        "go as plain requests through the table client's pipeline, the marker read instead of an insert "
+        "refused with 409; the drain's passes gather what arrived in the last 0.5 s (174 passes -> 37); two HTTP "
+        "instances instead of one.",
     ]
 
 
@@ -334,9 +382,11 @@ def report(args: argparse.Namespace, ceil: Ceiling, runs: list[Run],
             "",
             "Before: five storage calls per webhook (connection read, event-id insert, snapshot read and write, "
             "enqueue), each through an SDK transport that re-read the proxy environment. Now: the connection from "
-            "a 5 s cache, one insert of the pending change, one insert attempt of the account's drain marker "
-            "(a message only when it was absent), on a transport without environment lookups and with a pool "
-            "as large as the concurrency (README, \"Webhook contract\").",
+            "a 5 s cache, one insert of the pending change, one point read of the account's drain marker "
+            "(an insert and a message only when it is absent), both as plain requests through the table "
+            "client's pipeline (core/tables.py: the SDK's own calls spent more CPU serializing and raising on "
+            "a 409 than on the call), on a transport without environment lookups and with a pool as large as "
+            "the concurrency (README, \"Webhook contract\").",
         ]
     if latencies:
         lines += [
@@ -364,6 +414,33 @@ def report(args: argparse.Namespace, ceil: Ceiling, runs: list[Run],
     return "\n".join(lines) + "\n"
 
 
+def print_cpu(burst: BurstResult) -> None:
+    """Each process's CPU per webhook during a burst, most first."""
+    total = sum(burst.cpu_ms.values())
+    print(f"  CPU per webhook, first post to done: {total:.2f} ms in all")
+    for name, ms in sorted(burst.cpu_ms.items(), key=lambda kv: -kv[1]):
+        if ms >= 0.005:
+            print(f"    {name:<24} {ms:6.2f} ms")
+
+
+def burst_only(stack: Stack, args: argparse.Namespace, ceil: Ceiling) -> None:
+    """`--burst-only`: the backfill the burst needs, then (d), printed with each process's CPU."""
+    print(f"(a) pipeline backfill of {args.contacts:,} contacts (for the burst)")
+    pipeline = run_pipeline(stack, ACCOUNT, args.contacts)
+    print(f"  pipeline: {pipeline.per_second:,.1f} contacts/s")
+    print(f"(d) bursts of {args.burst:,} webhooks, and another account's lone contact")
+    connect_other(stack)
+    time.sleep(args.window)
+    for b in run_burst(stack, ACCOUNT, args.burst, args.window, backlog=args.burst_only == "both"):
+        lone = f"{b.lone_latency * 1000:.0f} ms" if b.lone_latency is not None else "not seen"
+        print(f"  {b.name}: posting {b.post_seconds:.1f} s, Dynamics holds all after {b.seconds:.1f} s: "
+              f"{b.per_second:,.0f} contacts/s ({b.per_second / ceil.per_second:.0%} of the ceiling), "
+              f"{b.requests_per_contact:.3f} requests per contact, {b.throttled} x 429, answers "
+              f"{dict(sorted(b.statuses.items()))}; other account's lone contact {lone}")
+        if b.cpu_ms:
+            print_cpu(b)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmarks: backfill vs limits, webhook intake, live latency")
     parser.add_argument("--contacts", type=int, default=20_000)
@@ -374,10 +451,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--live-rate", type=float, default=10.0, help="webhooks per second (latency)")
     parser.add_argument("--burst", type=int, default=5000, help="webhooks of the burst (d); 0 skips it")
     parser.add_argument("--instances", type=instances_arg, default=BENCH_INSTANCES, metavar="SPEC",
-                        help="app instances: N per queue function (default 3, one HTTP instance), or "
-                             "http=N,queue=N,<function>=N; the backfill also runs once with one of each")
+                        help="app instances: N per queue function (one HTTP instance), or http=N,queue=N,<function>=N "
+                             "(default http=2,queue=3); the backfill also runs once with one of each")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
+    parser.add_argument("--burst-only", choices=("arrive", "both"),
+                        help="only the backfill (--contacts, at least 2x --burst) and (d): the burst as it arrives, "
+                             "or both bursts; prints the figures and each process's CPU per webhook, writes nothing")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     command = "make bench" if not argv else "python -m bench.run " + " ".join(argv)
@@ -389,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logs in {stack.dir.relative_to(ROOT)}/; app instances {', '.join(stack.instance_names())}")
         ceil = ceiling(stack)
         print(f"ceiling the limits allow: {ceil.per_second:,.0f} contacts/s sustained")
+        if args.burst_only:
+            burst_only(stack, args, ceil)
+            return 0
         print(f"(a) baselines, {args.baseline_seconds:g} s each")
         naive = run_naive(stack, args.baseline_seconds)
         print(f"  naive:    {naive.per_second:,.1f} contacts/s, {naive.throttled} x 429")

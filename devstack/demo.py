@@ -310,7 +310,7 @@ def event_key(event: dict[str, Any]) -> str:
 def deliver(sender: WebhookSender, events: list[dict[str, Any]], burst: Burst, threads: int = 8) -> None:
     def post(event: dict[str, Any]) -> None:
         burst.sent_at.setdefault(event_key(event), time.time())
-        burst.statuses[sender.deliver(event).status_code] += 1
+        burst.statuses[sender.post(event)] += 1
 
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(post, events))

@@ -4,6 +4,8 @@ its answer. Each stand-in (dev host, Wave simulator, Key Vault simulator) only d
 from __future__ import annotations
 
 import contextlib
+import http.client
+import select
 import signal
 import ssl
 import threading
@@ -99,3 +101,15 @@ def serve_until_terminated(served: Stoppable, announce: Callable[[str], None]) -
         stop.wait()
     served.stop()
     return 0
+def connection_dropped(conn: http.client.HTTPConnection) -> bool:
+    """True when an idle kept connection can no longer carry a request: the server closed it (readable with
+    no request pending means end of file or a reset), as urllib3's `is_connection_dropped` decides
+    (https://github.com/urllib3/urllib3/blob/main/src/urllib3/util/connection.py)."""
+    sock = conn.sock
+    if sock is None:
+        return True
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)

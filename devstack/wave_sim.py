@@ -30,6 +30,7 @@ import argparse
 import base64
 import binascii
 import hmac
+import http.client
 import json
 import random
 import re
@@ -44,7 +45,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import requests
 
-from devstack.http_server import Served, serve_until_terminated
+from devstack.http_server import Served, connection_dropped, serve_until_terminated
 from sync.signature import HEADER, signature_header
 
 Response = tuple[int, dict[str, str], bytes]
@@ -110,6 +111,7 @@ class WebhookSender:
     def __init__(self, url: str | None, secrets: Iterable[str], timeout: float = 30.0) -> None:
         self.url, self.secrets, self.timeout = url, list(secrets), timeout
         self._session = requests.Session()
+        self._kept = threading.local()  # post(): each thread's own kept connection
 
     def body(self, event: dict[str, Any]) -> bytes:
         return json.dumps(event, separators=(",", ":")).encode()
@@ -125,6 +127,33 @@ class WebhookSender:
             raise RuntimeError("webhook_url is not set")
         body = self.body(event)
         return self._session.post(self.url, data=body, headers=self.headers(body, **kw), timeout=self.timeout)
+
+    def post(self, event: dict[str, Any]) -> int:
+        """Deliver one event on this thread's kept connection and return the HTTP status: the lean way a
+        sender of many webhooks posts them (a burst's poster shares the machine with the app, and requests'
+        per-call work cost it more CPU than the app's front spent forwarding). Plain HTTP only."""
+        if not self.url:
+            raise RuntimeError("webhook_url is not set")
+        parts = urlsplit(self.url)
+        if parts.scheme != "http" or parts.hostname is None:
+            raise ValueError(f"post() speaks plain HTTP; {self.url} is not")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        body = self.body(event)
+        conn: http.client.HTTPConnection | None = getattr(self._kept, "conn", None)
+        if conn is not None and connection_dropped(conn):
+            conn.close()
+            conn = None
+        if conn is None:
+            conn = self._kept.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=self.timeout)
+        try:
+            conn.request("POST", target, body=body, headers=self.headers(body))
+            response = conn.getresponse()
+            response.read()
+        except BaseException:
+            conn.close()
+            self._kept.conn = None
+            raise
+        return response.status
 
     def send(self, events: Iterable[dict[str, Any]], *, duplicates: int = 1, order: str = "as_is",
              delay: float = 0.0, rng: random.Random | None = None) -> list[int] | threading.Thread:

@@ -34,6 +34,8 @@ from core.tables import (
     ChangesetFailed,
     Operation,
     etag_of,
+    insert_row,
+    row_exists,
     side_by_side,
     submit_changeset,
 )
@@ -146,11 +148,7 @@ class PendingStore:
         """Store the change as pending; False when this version of the contact is already pending."""
         entity = snapshot_entity(account_id, pending_key(contact["id"], int(contact["version"])), contact,
                                  deleted=deleted, event_id=event_id)
-        try:
-            self.table.create_entity(entity)
-        except ResourceExistsError:
-            return False
-        return True
+        return insert_row(self.table, entity)
 
     def remove(self, account_id: str, contact_id: str, version: int) -> None:
         """Undo `add` when no drain could be scheduled for it, so Wave's retry is not a duplicate."""
@@ -158,12 +156,15 @@ class PendingStore:
             self.table.delete_entity(account_id, pending_key(contact_id, version))
 
     def mark(self, account_id: str) -> bool:
-        """Note that a drain is scheduled; False when one already is (then nothing needs sending)."""
-        try:
-            self.drains.create_entity({"PartitionKey": account_id, "RowKey": _MARKER, "at": utcnow()})
-            return True
-        except ResourceExistsError:
+        """Note that a drain is scheduled; False when one already is (then nothing needs sending).
+
+        Read first, since during a burst the marker nearly always exists: a point read costs the caller and
+        storage less than an insert refused with 409. Reading instead of inserting keeps the guarantee: the
+        caller stored its pending row before, so a marker seen here was deleted (if at all) after that row
+        was there, and the drain deleting it looks at the pending rows once more afterwards."""
+        if row_exists(self.drains, account_id, _MARKER):
             return False
+        return insert_row(self.drains, {"PartitionKey": account_id, "RowKey": _MARKER, "at": utcnow()})
 
     def unmark(self, account_id: str) -> None:
         with contextlib.suppress(ResourceNotFoundError):

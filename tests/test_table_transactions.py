@@ -1,8 +1,9 @@
-"""core/tables.py's transaction shortcut against the pinned azure-data-tables and Azurite.
+"""core/tables.py's shortcuts against the pinned azure-data-tables and Azurite.
 
-`submit_changeset` sends a hand-built `$batch` through the SDK's private `TableClient._client`; these tests
-fail when an upgrade of the SDK removes or changes what it uses (so the change is seen, not silently
-slower), and show that the fallback through the SDK's own `submit_transaction` writes the same rows."""
+`submit_changeset` sends a hand-built `$batch`, and `insert_row` / `row_exists` (the webhook's two calls) a
+plain insert and point read, through the SDK's private `TableClient._client`; these tests fail when an
+upgrade of the SDK removes or changes what they use (so the change is seen, not silently slower), and show
+that the fallback through the SDK's own calls writes and reads the same rows."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from azure.data.tables import TableClient
 
 from core.storage import Tables, int64, read_int
-from core.tables import ChangesetFailed, etag_of, fast_path_available, submit_changeset
+from core.tables import ChangesetFailed, etag_of, fast_path_available, insert_row, row_exists, submit_changeset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,3 +92,38 @@ def test_upserts_deletes_and_binary_properties_in_one_transaction(table: TableCl
         submit_changeset(target, [("upsert", {"PartitionKey": pk, "RowKey": "c3", "x": 1}, None),  # type: ignore[arg-type]
                                   ("delete", {"PartitionKey": pk, "RowKey": "~p~c1~1"}, None)])
     assert "c3" not in {e["RowKey"] for e in table.query_entities("PartitionKey eq @pk", parameters={"pk": pk})}
+
+
+@pytest.mark.parametrize("shape", ["private", "sdk"])
+def test_an_insert_stores_what_the_sdk_would_and_a_second_one_changes_nothing(table: TableClient, shape: str
+                                                                              ) -> None:
+    """A webhook's pending change (sync/pending.py add): inserted once; the same keys again are refused
+    (a duplicate) and leave the first row as it was."""
+    target = table if shape == "private" else WithoutPrivateClient(table)
+    pk = f"p{uuid.uuid4().hex}"
+    data = "\U0001F600 ünïcode".encode() + bytes(range(256))
+    row = {"PartitionKey": pk, "RowKey": "~p~c'1 é~0000000000000007", "version": int64(2**53), "deleted": False,
+           "event_id": "evt_1", "chunks": 1, "data0": data}
+    assert insert_row(target, row) is True  # type: ignore[arg-type]
+    assert insert_row(target, {**row, "event_id": "evt_2", "deleted": True}) is False  # type: ignore[arg-type]
+    stored = table.get_entity(pk, row["RowKey"])
+    assert read_int(stored["version"]) == 2**53 and stored["deleted"] is False and stored["event_id"] == "evt_1"
+    assert stored["chunks"] == 1 and bytes(stored["data0"]) == data
+
+    reference = {**row, "PartitionKey": pk + "sdk"}
+    table.create_entity(reference)
+    by_sdk = table.get_entity(reference["PartitionKey"], reference["RowKey"])
+    assert {k: (type(v), v) for k, v in stored.items() if k != "PartitionKey"} == \
+        {k: (type(v), v) for k, v in by_sdk.items() if k != "PartitionKey"}
+
+
+@pytest.mark.parametrize("shape", ["private", "sdk"])
+def test_a_point_read_says_whether_the_row_exists(table: TableClient, shape: str) -> None:
+    target = table if shape == "private" else WithoutPrivateClient(table)
+    pk = f"p{uuid.uuid4().hex}"
+    assert row_exists(target, pk, "marker") is False  # type: ignore[arg-type]
+    table.create_entity({"PartitionKey": pk, "RowKey": "marker", "at": "2026-12-01T08:00:00Z"})
+    assert row_exists(target, pk, "marker") is True  # type: ignore[arg-type]
+    assert row_exists(target, pk, "marker'é") is False  # type: ignore[arg-type]
+    table.delete_entity(pk, "marker")
+    assert row_exists(target, pk, "marker") is False  # type: ignore[arg-type]

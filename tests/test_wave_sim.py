@@ -85,17 +85,21 @@ def test_versions_increase_and_a_delete_has_its_own_version(sim):
 
 
 class _Recorder:
-    def __init__(self):
+    def __init__(self, protocol: str = "HTTP/1.0"):
         self.received: list[tuple[bytes, str]] = []
+        self.connections: set[int] = set()  # the client ports requests came from
         rec = self
 
         class H(BaseHTTPRequestHandler):
+            protocol_version = protocol
+
             def log_message(self, *a):
                 pass
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 rec.received.append((body, self.headers[HEADER]))
+                rec.connections.add(self.client_address[1])
                 self.send_response(202)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -119,6 +123,20 @@ def test_webhooks_are_signed_duplicated_reordered_and_delayed(sim):
     assert rec.received == []  # not yet: it is delayed
     thread.join(10)
     assert len(rec.received) == 1
+    rec.server.shutdown()
+
+
+@pytest.mark.parametrize("protocol", ["HTTP/1.1", "HTTP/1.0"])
+def test_a_burst_poster_posts_signed_events_on_a_kept_connection(sim, protocol):
+    """WebhookSender.post (the burst benchmark's poster): the same signed bodies as deliver(), on one kept
+    connection per thread while the server keeps it open, and a new one when the server closes it."""
+    rec = _Recorder(protocol)
+    sim.webhook_url = rec.url
+    events = [sim.create_contact("acct_1", first_name=f"N{i}") for i in range(4)]
+    assert [sim.sender.post(e) for e in events] == [202] * 4
+    assert [json.loads(body)["id"] for body, _ in rec.received] == [e["id"] for e in events]
+    assert all(verify(header, body, ("s_old",), time.time()) for body, header in rec.received)
+    assert len(rec.connections) == (1 if protocol == "HTTP/1.1" else 4)
     rec.server.shutdown()
 
 
