@@ -369,8 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contacts", type=int, default=20_000)
     parser.add_argument("--window", type=float, default=10.0, help="scaled service-protection window (s)")
     parser.add_argument("--baseline-seconds", type=float, default=40.0)
-    parser.add_argument("--intake", type=int, default=3000, help="webhooks for the intake benchmark")
-    parser.add_argument("--live", type=int, default=300, help="webhooks for the latency benchmark")
+    parser.add_argument("--intake", type=int, default=3000, help="webhooks for the intake benchmark; 0 skips it")
+    parser.add_argument("--live", type=int, default=300, help="webhooks for the latency benchmark; 0 skips it")
     parser.add_argument("--live-rate", type=float, default=10.0, help="webhooks per second (latency)")
     parser.add_argument("--burst", type=int, default=5000, help="webhooks of the burst (d); 0 skips it")
     parser.add_argument("--instances", type=instances_arg, default=BENCH_INSTANCES, metavar="SPEC",
@@ -407,17 +407,19 @@ def main(argv: list[str] | None = None) -> int:
               f"the ceiling, {pipeline.per_second / naive.per_second:.1f}x naive), "
               f"{pipeline.requests_per_contact:.3f} requests per contact, {pipeline.throttled} x 429, "
               f"{pipeline.during_penalty} sent during a penalty")
-        print(f"(c) live latency, {args.live} webhooks at {args.live_rate:g}/s")
-        stack.restart_devhost(kill=False)  # the first event then meets a cold host
-        # The backfill used the connection's execution budget to the full: let one window pass, so that
-        # live events are measured, not the end of the backfill's penalty.
-        time.sleep(args.window)
-        live_start = datetime.now()
-        cold, latencies = live_latency(stack, args.live, args.live_rate)
-        args.silence = longest_log_silence(stack.instance_logs(), live_start)
-        print(f"  first event after the host restart: {cold * 1000 if cold else float('nan'):.0f} ms")
-        print(f"  p50 {percentile(latencies, 50) * 1000:.0f} ms, p95 {percentile(latencies, 95) * 1000:.0f} ms, "
-              f"p99 {percentile(latencies, 99) * 1000:.0f} ms")
+        cold, latencies = None, []
+        if args.live:
+            print(f"(c) live latency, {args.live} webhooks at {args.live_rate:g}/s")
+            stack.restart_devhost(kill=False)  # the first event then meets a cold host
+            # The backfill used the connection's execution budget to the full: let one window pass, so that
+            # live events are measured, not the end of the backfill's penalty.
+            time.sleep(args.window)
+            live_start = datetime.now()
+            cold, latencies = live_latency(stack, args.live, args.live_rate)
+            args.silence = longest_log_silence(stack.instance_logs(), live_start)
+            print(f"  first event after the host restart: {cold * 1000 if cold else float('nan'):.0f} ms")
+            print(f"  p50 {percentile(latencies, 50) * 1000:.0f} ms, p95 {percentile(latencies, 95) * 1000:.0f} ms, "
+                  f"p99 {percentile(latencies, 99) * 1000:.0f} ms")
         bursts: list[BurstResult] = []
         if args.burst:
             print(f"(d) bursts of {args.burst:,} webhooks, and another account's lone contact")
@@ -429,10 +431,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"ceiling, {b.per_second / naive.per_second:.1f}x naive), {b.requests_per_contact:.3f} "
                       f"requests per contact, {b.throttled} x 429; other account's lone contact "
                       f"{b.lone_latency * 1000 if b.lone_latency is not None else float('nan'):.0f} ms")
-        print(f"(b) webhook intake, {args.intake:,} requests")
-        intake = run_intake(stack, ACCOUNT, requests=args.intake)
-        print(f"  {intake.per_second:,.0f} requests/s, CPU {intake.app_cpu_ms:.2f} ms (app) + "
-              f"{intake.storage_cpu_ms:.2f} ms (Azurite) per request")
+        intake = None
+        if args.intake:
+            print(f"(b) webhook intake, {args.intake:,} requests")
+            intake = run_intake(stack, ACCOUNT, requests=args.intake)
+            print(f"  {intake.per_second:,.0f} requests/s, CPU {intake.app_cpu_ms:.2f} ms (app) + "
+                  f"{intake.storage_cpu_ms:.2f} ms (Azurite) per request")
     text = report(args, ceil, [pipeline, naive, batch10], intake, cold, latencies, command, one, bursts)
     print()
     print(text)
