@@ -15,11 +15,13 @@ import pytest
 from core.connections import CONNECTED, Connection, ConnectionStore
 from core.failures import FailureStore
 from core.storage import BACKFILL_PAGES, CONTACT_EVENTS
+from dataverse.client import DataverseClient
 from devstack.dataverse_sim import Fault
 from sync import backfill, worker
 from sync.context import SyncContext
 from sync.holds import TABLE as HOLDS
-from sync.holds import HoldStore
+from sync.holds import HoldStore, hold_partition, org_key
+from sync.mapping import contact_id
 from sync.messages import ContactMessage, PageMessage
 from sync.owners import TABLE as OWNERS
 from sync.owners import OwnerCache
@@ -157,25 +159,29 @@ def test_a_concurrent_newer_write_is_reapplied_after_a_state_conflict(ctx, datav
     assert ctx.states.get(ctx.account, "c_race").version == 2
 
 
-def test_a_repair_that_meets_a_throttle_comes_back_forced(ctx, dataverse_sim, dataverse_client, monkeypatch):
-    """As above, but Dataverse throttles the connection before A can re-apply v2: the message A puts back
-    must still force the re-apply, or it would find v2 recorded and leave A's v1 in Dynamics."""
-    from core.penalties import Penalties
+def test_a_repair_that_meets_a_throttle_comes_back_forced(ctx, dataverse_sim, dataverse_client, sim_tokens):
+    """As above, but Dataverse throttles the connection's user before A can re-apply v2: the message A puts
+    back must still force the re-apply, or it would find v2 recorded and leave A's v1 in Dynamics."""
 
-    registry = Penalties()
-    monkeypatch.setattr(worker, "penalties", registry)
+    class ThrottledAfterTheWrite(NewerWriteFirst):
+        def upsert_contact(self, *args, **kwargs):
+            written = super().upsert_contact(*args, **kwargs)
+            self.client.budget.note(30)  # another message of the user is throttled meanwhile
+            return written
+
     first = _put(ctx, "c_race_t", 1, first_name="v1")
-    # another message of the connection is throttled meanwhile
-    interleaving = NewerWriteFirst(ctx, dataverse_client, "c_race_t", lambda: registry.note(ctx.account, 30))
-    ctx.dataverse = lambda conn: interleaving
+    ctx.dataverse = lambda conn: ThrottledAfterTheWrite(ctx, dataverse_client, "c_race_t")
     assert worker.process(ctx, first) == "rescheduled:throttled"
     assert _rows(dataverse_sim, "c_race_t")[0]["firstname"] == "v1"  # A's older write landed last
     queue, body, delay = ctx.queues.sent[-1]
     assert queue == CONTACT_EVENTS and body["force"] is True and delay >= 30
 
-    monkeypatch.setattr(worker, "penalties", Penalties())  # the penalty is over
-    ctx.dataverse = lambda conn: dataverse_client
-    assert worker.process(ctx, ContactMessage.parse(json.dumps(body).encode())) == "synced"
+    later = DataverseClient(dataverse_sim.url, sim_tokens, timeout=(2.0, 10.0))  # the penalty is over
+    ctx.dataverse = lambda conn: later
+    try:
+        assert worker.process(ctx, ContactMessage.parse(json.dumps(body).encode())) == "synced"
+    finally:
+        later.close()
     assert _rows(dataverse_sim, "c_race_t")[0]["firstname"] == "v2"
 
 
