@@ -169,6 +169,7 @@ class Budget:
         self.in_flight = 0
         self.waiting = 0  # callers waiting for a slot
         self._callers = threading.local()  # threads whose caller waits out penalties itself
+        self._in_turn = threading.Lock()
 
     # -- the shared view ------------------------------------------------------------------------
 
@@ -243,6 +244,18 @@ class Budget:
     @property
     def caller_waiting(self) -> bool:
         return bool(getattr(self._callers, "on", False))
+
+    @contextlib.contextmanager
+    def in_turn(self) -> Iterator[None]:
+        """Around one request: those of callers that wait out penalties themselves (`caller_waits`: a
+        backfill page, a drain; few and bulk) go one at a time in this process, so that a 429 one of them
+        meets is noted before the next is sent. Sent side by side when the window's budget runs out, all
+        but the first would be sent during the penalty and extend it. Per-contact requests are not held."""
+        if not self.caller_waiting:
+            yield
+            return
+        with self._in_turn:
+            yield
 
     def note(self, retry_after: float) -> None:
         """A 429's Retry-After: held back here at once, and shared when it ends later than the known one."""

@@ -62,17 +62,25 @@ class Patience:
         self._sleep = sleep
         self.waited = 0.0
 
+    def check(self) -> None:
+        """Raise Throttled, as `call` would, when the penalty running now is longer than this work may wait:
+        asked before work that going back to the queue would waste (a backfill page's claims)."""
+        left = self.waits.remaining(fresh=True)
+        if left > min(self.longest, self.budget - self.waited):
+            raise Throttled("held back while Dataverse throttles this connection", retry_after=left)
+
     def call(self, fn: Callable[[], T]) -> T:
-        waited = False
         while True:
-            if self.waits.remaining(fresh=waited) > 0:
+            # Read the user's shared row (dataverse/budget.py) before each call, not the view of up to a
+            # second ago: a penalty another instance has just met is then not sent into. Prepared work makes
+            # few requests (a backfill page 2-4), so this storage read costs little beside them.
+            if self.waits.remaining(fresh=True) > 0:
                 limit = min(self.longest, self.budget - self.waited)
                 turn = self.waits.turn(limit)
                 if turn > limit:
                     raise Throttled("held back while Dataverse throttles this connection", retry_after=turn)
                 self.waited += turn
                 self._sleep(turn)
-                waited = True
                 continue  # another call of this user may have been throttled meanwhile
             try:
                 with self.waits.caller_waits():  # the client does not wait inline besides: this loop does
