@@ -390,6 +390,7 @@ def test_requests_of_callers_that_wait_themselves_go_one_at_a_time(key: str) -> 
     penalty (side by side it would have been, and extended it)."""
     clock, flight = FakeTime(1_800_000_000.0), Flight()
     a = instance(MemoryStore(), key, clock, flight)
+    a.budget.turn_wait = 30.0
     a.session.script = [response(429, {"Retry-After": "9"})]
     outcomes: list[str] = []
 
@@ -410,6 +411,28 @@ def test_requests_of_callers_that_wait_themselves_go_one_at_a_time(key: str) -> 
     for t in threads:
         t.join(30)
     assert outcomes == ["throttled", "throttled"] and a.session.sent == 1
+
+
+def test_a_request_that_hangs_holds_back_the_next_one_only_briefly(key: str) -> None:
+    """A stuck bulk write (held inside Dataverse) must not hold back the user's other prepared work, such as
+    another account's drain: the next request goes after `turn_wait` with the first still in flight."""
+    clock, flight = FakeTime(1_800_000_000.0), Flight()
+    a = instance(MemoryStore(), key, clock, flight)
+    a.budget.turn_wait = 0.05
+    threads = [threading.Thread(target=lambda: page(a)) for _ in range(2)]
+    threads[0].start()
+    assert flight.wait_in_flight(1)
+    threads[1].start()
+    assert flight.wait_in_flight(2)  # both in flight at once
+    flight.release()
+    for t in threads:
+        t.join(30)
+    assert a.session.sent == 2
+
+
+def page(a: Instance) -> None:
+    with a.budget.caller_waits():
+        a.transport.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple")
 
 
 def test_instances_let_their_waiters_go_a_fraction_of_a_stagger_apart(key: str) -> None:
