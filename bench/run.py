@@ -84,9 +84,9 @@ ANALYSIS = [
     "Prepared work now reads the row before each call (2-4 reads a page; per-contact requests keep the cache) "
     "and its requests go one at a time in each instance. (4) The contact worker and the drain kept a second, "
     "in-process record of penalties per account beside the budget; the budget is now the one record. Steady "
-    "rate with three instances: 76-82% of the ceiling before, 89-91% after (one instance 80-88% before, 90-93% "
-    "after); requests sent during a penalty 7-15 before, 0-1 after.",
-    "- Not solved: three instances still meet more 429s than one in most runs (0.35-0.45 against 0.25-0.35 per "
+    "rate with three instances: 76-82% of the ceiling before, 89-91% after (one instance 80-82% before, "
+    "90-93% after); requests sent during a penalty 7-15 before, 0-2 after.",
+    "- Not solved: three instances still meet more 429s than one in most runs (0.35-0.60 against 0.20-0.35 per "
     "1,000 contacts). The first window's writes go out as pages are prepared, over 1.5 s; the next window's "
     "budget comes back as those leave it, piece by piece, and the three instances' waiters, a third of a stagger "
     "apart, go three times as fast as one instance's: most windows meet a 429 with Retry-After 1 and a second "
