@@ -144,6 +144,8 @@ def page_breakdown(stack: Stack, seconds: float, started_at: float, account: str
             if page.get("account_id") == account:
                 times.append(float(page["ms"]))
     log: list[dict[str, Any]] = dataverse_control(stack, "GET", "log")  # type: ignore[assignment]
+    # kept beside the instances' logs, for reading where a run's time went
+    (stack.dir / f"dataverse-requests-{account}.json").write_text(json.dumps(log))
     dataverse = sum(float(e.get("seconds") or 0) for e in log) * 1000
     writes = sorted((e["t"] - started_at, int(e["writes"])) for e in log
                     if e["method"] == "POST" and e["status"] < 300 and e.get("writes"))

@@ -1,4 +1,6 @@
-"""Retry-After penalties remembered in this process, by key (a connection, or a client's one user).
+"""Retry-After penalties remembered in this process, by key: the in-process part of a Dataverse user's
+budget (dataverse/budget.py), which shares them with the app's other instances; it is the one record of
+a user's penalties (the workers ask the budget, not a registry of their own).
 
 Service protection counts per user, and every request sent during a penalty extends it
 (https://learn.microsoft.com/power-apps/developer/data-platform/api-limits#retry-operations). So once

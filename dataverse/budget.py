@@ -52,6 +52,7 @@ REFRESH_SECONDS = 1.0  # how old the shared view may get before a request reads 
 HEARTBEAT_SECONDS = 5.0  # how often an instance sending to a user says so
 INSTANCE_TTL_SECONDS = 20.0  # an instance not heard of for this long has no share any more
 NO_SHARE_RETRY_SECONDS = HEARTBEAT_SECONDS  # work of an instance without a share comes back after this
+TURN_WAIT_SECONDS = 0.5  # longest a request of prepared work waits for the one before it (Budget.in_turn)
 _PENALTY_ROW = "budget"
 _INSTANCE_PREFIX = "i~"
 _KEY = "user"  # the one key of the local Penalties
@@ -156,7 +157,7 @@ class Budget:
     def __init__(self, key: str = "local", store: BudgetStore | None = None, *, instance: str = INSTANCE_ID,
                  clock: Callable[[], float] = time.time, refresh: float = REFRESH_SECONDS,
                  heartbeat: float = HEARTBEAT_SECONDS, instance_ttl: float = INSTANCE_TTL_SECONDS,
-                 limit: int = CONCURRENCY_LIMIT) -> None:
+                 limit: int = CONCURRENCY_LIMIT, turn_wait: float = TURN_WAIT_SECONDS) -> None:
         self.key, self.store, self.instance = key, store, instance
         self._clock = clock
         self.refresh, self.heartbeat, self.instance_ttl, self.limit = refresh, heartbeat, instance_ttl, limit
@@ -169,6 +170,8 @@ class Budget:
         self.in_flight = 0
         self.waiting = 0  # callers waiting for a slot
         self._callers = threading.local()  # threads whose caller waits out penalties itself
+        self._in_turn = threading.Lock()
+        self.turn_wait = turn_wait
 
     # -- the shared view ------------------------------------------------------------------------
 
@@ -243,6 +246,25 @@ class Budget:
     @property
     def caller_waiting(self) -> bool:
         return bool(getattr(self._callers, "on", False))
+
+    @contextlib.contextmanager
+    def in_turn(self) -> Iterator[None]:
+        """Around one request: those of callers that wait out penalties themselves (`caller_waits`: a
+        backfill page, a drain; few and bulk) go one at a time in this process, so that a 429 one of them
+        meets is noted before the next is sent. Sent side by side when the window's budget runs out, all
+        but the first would be sent during the penalty and extend it. A request waits for the one before it
+        at most `turn_wait`: a 429 is answered at once, so one still running after that was let in, and a
+        slow or stuck bulk write (seconds on the service) must not hold back the user's other work, another
+        account's drain among it. Per-contact requests are not held."""
+        if not self.caller_waiting:
+            yield
+            return
+        mine = self._in_turn.acquire(timeout=self.turn_wait)
+        try:
+            yield
+        finally:
+            if mine:
+                self._in_turn.release()
 
     def note(self, retry_after: float) -> None:
         """A 429's Retry-After: held back here at once, and shared when it ends later than the known one."""

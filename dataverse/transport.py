@@ -178,10 +178,13 @@ class Transport:
             send_headers["Authorization"] = "Bearer " + self._token(force_refresh)
             force_refresh = False
             try:
-                with self.budget.slot(self.max_inline_wait):
-                    self._local.count = self.requests_made + 1
-                    resp = self._session.request(method, url, data=data, headers=send_headers,
-                                                 timeout=self.timeout, verify=self.verify, allow_redirects=False)
+                with self.budget.slot(self.max_inline_wait), self.budget.in_turn():
+                    if self.budget.remaining() > 0:
+                        sent = None  # a request sent while this one waited its turn met a penalty
+                    else:
+                        self._local.count = self.requests_made + 1
+                        sent = self._session.request(method, url, data=data, headers=send_headers,
+                                                     timeout=self.timeout, verify=self.verify, allow_redirects=False)
             except NoSlot as busy:
                 raise Busy(f"{where}: held back: {busy}", retry_after=busy.retry_after) from None
             except requests.exceptions.SSLError:
@@ -193,6 +196,9 @@ class Transport:
                     self._sleep(TRANSIENT_PAUSE_SECONDS * transient)
                     continue
                 raise Transient(f"{where}: {type(exc).__name__}") from None
+            if sent is None:
+                continue  # the top of the loop holds it back
+            resp = sent
             hint = resp.headers.get("x-ms-dop-hint")
             if hint and hint.isdigit():
                 self.dop_hint = int(hint)

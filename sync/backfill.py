@@ -20,10 +20,11 @@ a no-op.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from core.connections import Backfill, Connection, ConnectionStore, LiveConnection, live_connection, utcnow
@@ -31,7 +32,7 @@ from core.errors import FieldError
 from core.failures import CATEGORIES
 from core.storage import BACKFILL_PAGES, CONTACT_EVENTS
 from dataverse.client import DataverseClient, UpsertItem
-from dataverse.errors import Busy, Throttled
+from dataverse.errors import Throttled
 from sync.context import Queues, SyncContext
 from sync.events import CONTACT_ID_RE, validate_contact
 from sync.holds import CONFLICT, conflict_reason
@@ -43,7 +44,7 @@ from sync.outcomes import EXPECTED, Action, failure_category, readable, verdict
 from sync.owners import Owners
 from sync.rules import MAX_TRANSIENT_ATTEMPTS, backfill_writes, pick_row, unchanged, warning_text
 from sync.state import ContactState
-from sync.throttle import Patience, penalties, return_delay
+from sync.throttle import Patience, return_delay
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,12 @@ PAGES_AHEAD = 16
 # PAGE_WAIT_SECONDS in all: short, because a waiting page holds one of the worker's threads, which every
 # function of the instance shares (README, host.json choices). A page that would wait longer goes back to
 # the queue, visible again PREPARE_AHEAD_SECONDS before the penalty ends (sync/throttle.py return_delay),
-# so that it is read from Wave and prepared while the penalty runs out, and is ready when it ends.
-INLINE_WAIT_SECONDS = 3.0
-PAGE_WAIT_SECONDS = 6.0
-PREPARE_AHEAD_SECONDS = 3.0
+# so that it is read from Wave and prepared while the penalty runs out, and is ready when it ends. With 3 s
+# the pages of three instances, read and prepared side by side, were ready 2-7 s after the penalty's end
+# (bench/run.py ANALYSIS); the in-process wait is as long, or a page ready early would go back again.
+INLINE_WAIT_SECONDS = 5.0
+PAGE_WAIT_SECONDS = 8.0
+PREPARE_AHEAD_SECONDS = 5.0
 PAGE_FAILURE_PREFIX = "~backfill-page-"  # failure rows of a whole page; '~' is never in a Wave contact id
 
 
@@ -102,6 +105,7 @@ class PageReport:
     repairs: int = 0  # contacts a live worker changed meanwhile: re-applied through the live lane
     dataverse_requests: int = 0
     waited: float = 0.0  # seconds the page waited in-process for Dataverse penalties to end
+    claimed: str | None = None  # the digest of the new rows the page claimed (claim_new_rows)
 
 
 def _live(conn: Connection | None, msg: PageMessage) -> LiveConnection | None:
@@ -166,6 +170,8 @@ class Plan:
     new_states: dict[str, ContactState] = field(default_factory=dict)  # what each becomes once written
     mapped: dict[str, MappedContact] = field(default_factory=dict)  # the ones to send
     failed: dict[str, str] = field(default_factory=dict)  # contact id -> failure category
+    claimed: dict[str, str] = field(default_factory=dict)  # contact id -> its new row's id, claimed ahead
+    refused: set[str] = field(default_factory=set)  # of those, the contacts whose row another account holds
 
 
 def _plan(ctx: SyncContext, conn: LiveConnection, contacts: dict[str, dict[str, Any]], report: PageReport
@@ -220,11 +226,39 @@ def _keep_snapshot(ctx: SyncContext, conn: LiveConnection, contact: dict[str, An
         ctx.snapshots.put_if_newer(conn.account_id, contact, deleted=False, event_id="backfill")
 
 
+def claims_digest(account_id: str, rows: dict[str, str]) -> str:
+    """What a page claimed (contact id -> row id), in a few bytes of its queue message."""
+    text = "\n".join([account_id, *(f"{cid}={row}" for cid, row in sorted(rows.items()))])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def claim_new_rows(ctx: SyncContext, conn: LiveConnection, plan: Plan, todo: dict[str, dict[str, Any]],
+                   claimed: str | None = None) -> str | None:
+    """Claim (sync/holds.py) the deterministic-id rows of the contacts never written before, ahead of any
+    Dataverse request, so that these Table writes run while a penalty runs out instead of between the
+    lookup and the write: that lookup and write go out together once the penalty ends. Under load the
+    claims took 0.1-5 s there and spread a window's writes over seconds (bench/run.py ANALYSIS). Should
+    the lookup find an existing row instead, `resolve_ids` claims that one; the unused claim is harmless,
+    since only this account ever names that id (sync/mapping.py contact_id).
+
+    Returns the digest of the claims when none was refused; a page that goes back to its queue keeps it
+    (PageMessage.claimed) and, finding the same rows to claim when it runs again, skips claiming them: holds
+    are never released, and claiming rows that exist already is done row by row, which took seconds."""
+    fresh = {cid: new_contact_id(conn.account_id, cid) for cid in todo
+             if cid not in plan.states or plan.states[cid].dynamics_id is None}
+    if not fresh:
+        return None
+    digest = claims_digest(conn.account_id, fresh)
+    plan.refused = set() if digest == claimed else ctx.holds.refused(conn, fresh)
+    plan.claimed = fresh
+    return None if plan.refused else digest
+
+
 def resolve_ids(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, patience: Patience, plan: Plan,
                 report: PageReport) -> None:
     """The rows of contacts never written before: found by external id in one lookup, or the deterministic
-    id for a new row; claimed for the whole page before any write, so that a row another account of this
-    org holds is left alone (sync/holds.py)."""
+    id for a new row; claimed for the whole page before any write (unless `claim_new_rows` claimed that
+    row already), so that a row another account of this org holds is left alone (sync/holds.py)."""
     unknown = [cid for cid in plan.mapped if plan.new_states[cid].dynamics_id is None]
     if not unknown:
         return
@@ -234,8 +268,11 @@ def resolve_ids(ctx: SyncContext, conn: LiveConnection, dv: DataverseClient, pat
         ref = pick_row(found.get(external_id(cid), ()))
         claims[cid] = ref.contactid if ref else new_contact_id(conn.account_id, cid)
         plan.new_states[cid].dynamics_id = claims[cid]
+    ahead = {cid for cid, row in claims.items() if plan.claimed.get(cid, "").lower() == row.lower()}
+    late = {cid: row for cid, row in claims.items() if cid not in ahead}
+    refused = (plan.refused & ahead) | (ctx.holds.refused(conn, late) if late else set())
     ledger = FailureLedger(ctx, conn)
-    for cid in ctx.holds.refused(conn, claims):
+    for cid in sorted(refused):
         del plan.mapped[cid]
         report.failed += 1
         plan.failed[cid] = CONFLICT
@@ -282,13 +319,15 @@ def settle_states(ctx: SyncContext, conn: LiveConnection, plan: Plan, report: Pa
 
 
 def _write_page(ctx: SyncContext, conn: LiveConnection, contacts: dict[str, dict[str, Any]],
-                report: PageReport) -> None:
+                report: PageReport, claimed: str | None = None) -> None:
     plan, todo = _plan(ctx, conn, contacts, report)
     if not todo:
         return
     dv = ctx.dataverse(conn)
     # the page is read and prepared: a short penalty is waited out here rather than through the queue
     patience = Patience(dv.budget, longest=INLINE_WAIT_SECONDS, budget=PAGE_WAIT_SECONDS)
+    patience.check()  # a longer one sends the page back before it claims rows, which it would do again
+    report.claimed = claim_new_rows(ctx, conn, plan, todo, claimed)
     before = dv.requests_made
     try:
         owners = patience.call(lambda: ctx.owners.lookup(dv, conn.account_id, conn.generation,
@@ -318,8 +357,6 @@ def _fail_run(ctx: SyncContext, msg: PageMessage, category: str, reason: str) ->
 def _settle_failure(ctx: SyncContext, msg: PageMessage, error: Exception) -> str:
     """Act on the ladder's verdict (sync/outcomes.py) for `error`; returns the outcome."""
     found = verdict(error, msg.attempt)
-    if found.penalty is not None and not isinstance(error, Busy):
-        penalties.note(msg.account_id, found.penalty)  # the live lane of this process holds back too
     if found.action is Action.RESCHEDULE:
         # a Dataverse penalty: back shortly before it ends, to be prepared while the rest runs out
         delay = return_delay(error.retry_after, PREPARE_AHEAD_SECONDS) if isinstance(error, Throttled) else found.delay
@@ -386,8 +423,8 @@ def run_page(ctx: SyncContext, msg: PageMessage, dequeue_count: int = 1) -> tupl
         if page.next_cursor is not None and conn.backfill.queued < msg.page:
             _queue_next(ctx, msg, page.next_cursor)  # the next page runs while this one is written
         contacts = _valid_contacts(ctx, conn, page.contacts, report)
-        _write_page(ctx, conn, contacts, report)
+        _write_page(ctx, conn, contacts, report, msg.claimed)
     except EXPECTED as exc:
-        return _settle_failure(ctx, msg, exc), report
+        return _settle_failure(ctx, replace(msg, claimed=report.claimed or msg.claimed), exc), report
     finished = _finish_page(ctx, msg, report, last=page.next_cursor is None)
     return ("done" if finished else "page"), report

@@ -51,7 +51,7 @@ from sync.outcomes import EXPECTED, Action, readable, verdict
 from sync.pending import PendingChange, PendingStore, newest_by_contact
 from sync.rules import Step, next_step
 from sync.state import ContactState, Snapshot
-from sync.throttle import Patience, penalties, reschedule_delay
+from sync.throttle import Patience, reschedule_delay
 from sync.worker import apply_deletes
 
 log = logging.getLogger(__name__)
@@ -186,8 +186,6 @@ def _pass_failed(ctx: SyncContext, conn: LiveConnection, pending: PendingStore, 
     """Act on the ladder's verdict (sync/outcomes.py) for a pass that failed as a whole; returns the drain's
     outcome when it stops here, None when it goes on with the next pass."""
     found = verdict(error, msg.attempt)
-    if found.penalty is not None:
-        penalties.note(conn.account_id, found.penalty)
     if found.action is Action.RESCHEDULE:
         _send(ctx, msg.retry() if found.next_attempt else msg, found.delay)
         return found.outcome
@@ -250,7 +248,7 @@ def drain(ctx: SyncContext, pending: PendingStore, msg: DrainMessage, holder: st
         if clock() - started > MAX_DRAIN_SECONDS:
             _send(ctx, replace(msg, attempt=0))
             return stop("continued")
-        wait = penalties.remaining(account)
+        wait = ctx.dataverse(conn).budget.remaining()
         if wait > INLINE_WAIT_SECONDS:  # Dataverse throttles this connection for a while: come back then
             _send(ctx, msg, reschedule_delay(wait))
             return stop("parked:throttled")

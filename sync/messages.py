@@ -91,9 +91,12 @@ class PageMessage:
     cursor: str | None
     page: int
     attempt: int = 0
+    # set when the page went back to its queue after claiming its new rows: the digest of what it claimed
+    # (sync/backfill.py claim_new_rows), so that it does not claim them again
+    claimed: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "claimed" or v is not None}
 
     def retry(self) -> PageMessage:
         return replace(self, attempt=self.attempt + 1)
@@ -105,6 +108,6 @@ class PageMessage:
             cursor = d.get("cursor")
             return cls(account_id=str(d["account_id"]), generation=str(d["generation"]), run_id=str(d["run_id"]),
                        cursor=None if cursor is None else str(cursor), page=int(d["page"]),
-                       attempt=int(d.get("attempt", 0)))
+                       attempt=int(d.get("attempt", 0)), claimed=str(d["claimed"]) if d.get("claimed") else None)
         except (KeyError, TypeError, ValueError) as exc:
             raise BadMessage(f"page message lacks a valid field: {exc}") from exc

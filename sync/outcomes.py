@@ -5,8 +5,8 @@ The ladder, so that only true bugs reach the poison queue:
 - a sign-in Microsoft no longer accepts (ReauthRequired: the token layer has set needs_reauth), or a
   connection that is not live any more (NotConnected; both are ConnectionGone): the work is dropped;
 - throttling (Dataverse's 429, Wave's 429): the message goes back to its queue, visible after Retry-After
-  (and the original completes: the host's dequeue count is not burned); Dataverse's penalty is noted for
-  the connection so that its other messages hold back;
+  (and the original completes: the host's dequeue count is not burned); Dataverse's penalty is already
+  in the user's budget (dataverse/budget.py), which holds back the user's other work on every instance;
 - transient errors (5xx, network, token service hiccups): back to the queue with a growing delay and an
   attempt counter (the host's fixed visibilityTimeout cannot back off) until MAX_TRANSIENT_ATTEMPTS, then
   recorded as failed;
@@ -45,7 +45,6 @@ class Verdict:
     outcome: str  # the worker's outcome word: dropped:needs_reauth, rescheduled:throttled, ...
     delay: int = 0  # RESCHEDULE: seconds before the message is visible again
     next_attempt: bool = False  # RESCHEDULE: the message comes back as its next attempt
-    penalty: float | None = None  # Dataverse's Retry-After, to note for the connection
     category: str = ""  # RECORD
     exhausted: bool = False  # RECORD: a transient error that used up its attempts
 
@@ -80,9 +79,7 @@ def verdict(error: Exception, attempt: int, *, jitter: float = 0.0) -> Verdict:
     if isinstance(error, NotConnected):
         return Verdict(Action.DROP, "dropped:not_connected")
     if isinstance(error, (Throttled, WaveThrottled)):
-        penalty = error.retry_after if isinstance(error, Throttled) else None
-        return Verdict(Action.RESCHEDULE, "rescheduled:throttled", delay=throttle_delay(error.retry_after, jitter),
-                       penalty=penalty)
+        return Verdict(Action.RESCHEDULE, "rescheduled:throttled", delay=throttle_delay(error.retry_after, jitter))
     transient = isinstance(error, (Transient, AuthExpired, TokenUnavailable, WaveUnavailable))
     if transient and attempt + 1 < MAX_TRANSIENT_ATTEMPTS:
         return Verdict(Action.RESCHEDULE, "rescheduled:transient", delay=retry_delay(attempt), next_attempt=True)

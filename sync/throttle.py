@@ -1,12 +1,11 @@
 """Dataverse's Retry-After, as the workers wait for it.
 
 Service protection counts per user, and every request sent during a penalty extends it. The Dataverse
-client holds back every request of a user while a penalty runs, on every instance (dataverse/budget.py).
-On top of that, once one message of a connection is throttled, its other messages in this process hold
-back without even preparing their work (`penalties`, per connection): a live event goes back to its queue
-(with a little jitter, so they do not all return at once). A backfill page that is already read and
-prepared waits a short penalty out in-process (`Patience`), and goes back to its queue for a longer one,
-timed to come back shortly before the penalty ends (`return_delay`).
+client holds back every request of a user while a penalty runs, on every instance (dataverse/budget.py:
+the one record of the user's penalties), and the workers look there before preparing work: a live event
+goes back to its queue (with a little jitter, so they do not all return at once). A backfill page that is
+already read and prepared waits a short penalty out in-process (`Patience`), and goes back to its queue
+for a longer one, timed to come back shortly before the penalty ends (`return_delay`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol, TypeVar
 
-from core.penalties import Penalties
 from dataverse.errors import Busy, Throttled
 from sync.rules import throttle_delay
 
@@ -35,9 +33,6 @@ def return_delay(wait: float, ahead: float) -> int:
     at most `ahead` seconds before the penalty ends, so that it is read and prepared again meanwhile and
     waits the last moments in-process, instead of arriving after the budget came back."""
     return max(1, math.ceil(wait - ahead))
-
-
-penalties = Penalties()
 
 
 class Waits(Protocol):
@@ -67,17 +62,25 @@ class Patience:
         self._sleep = sleep
         self.waited = 0.0
 
+    def check(self) -> None:
+        """Raise Throttled, as `call` would, when the penalty running now is longer than this work may wait:
+        asked before work that going back to the queue would waste (a backfill page's claims)."""
+        left = self.waits.remaining(fresh=True)
+        if left > min(self.longest, self.budget - self.waited):
+            raise Throttled("held back while Dataverse throttles this connection", retry_after=left)
+
     def call(self, fn: Callable[[], T]) -> T:
-        waited = False
         while True:
-            if self.waits.remaining(fresh=waited) > 0:
+            # Read the user's shared row (dataverse/budget.py) before each call, not the view of up to a
+            # second ago: a penalty another instance has just met is then not sent into. Prepared work makes
+            # few requests (a backfill page 2-4), so this storage read costs little beside them.
+            if self.waits.remaining(fresh=True) > 0:
                 limit = min(self.longest, self.budget - self.waited)
                 turn = self.waits.turn(limit)
                 if turn > limit:
                     raise Throttled("held back while Dataverse throttles this connection", retry_after=turn)
                 self.waited += turn
                 self._sleep(turn)
-                waited = True
                 continue  # another call of this user may have been throttled meanwhile
             try:
                 with self.waits.caller_waits():  # the client does not wait inline besides: this loop does

@@ -33,7 +33,7 @@ from sync.messages import ContactMessage
 from sync.outcomes import EXPECTED, Action, readable, verdict
 from sync.rules import Step, next_step, pick_row, unchanged, warning_text
 from sync.state import ContactState, Snapshot
-from sync.throttle import penalties, reschedule_delay
+from sync.throttle import reschedule_delay
 
 log = logging.getLogger(__name__)
 MAX_ROUNDS = 5  # re-applications after a state conflict before giving up to the host's retry
@@ -179,8 +179,6 @@ def _settle_failure(ctx: SyncContext, conn: LiveConnection, message: ContactMess
                     state: ContactState | None, error: Exception) -> str:
     """Act on the ladder's verdict (sync/outcomes.py) for `error`; returns the outcome."""
     found = verdict(error, message.attempt, jitter=random.random())
-    if found.penalty is not None:
-        penalties.note(conn.account_id, found.penalty)
     if found.action is Action.RESCHEDULE:
         _reschedule(ctx, message.retry() if found.next_attempt else message, found.delay)
     elif found.action is Action.RECORD:
@@ -204,8 +202,9 @@ def process(ctx: SyncContext, message: ContactMessage) -> str:
         step = next_step(state.applied if state else None, snap.version, snap.deleted, force=message.force)
         if step is Step.STALE:
             return "stale"
-        wait = penalties.remaining(conn.account_id)
-        if wait > 0:  # Dataverse throttled this connection moments ago: don't extend its penalty
+        # Dataverse throttles the connection's user (seen by any instance, dataverse/budget.py): don't extend it
+        wait = ctx.dataverse(conn).budget.remaining()
+        if wait > 0:
             _reschedule(ctx, message, reschedule_delay(wait))
             return "rescheduled:throttled"
         try:

@@ -28,6 +28,7 @@ from dataverse.budget import (
 )
 from dataverse.errors import Busy, Throttled
 from dataverse.transport import Transport
+from sync.throttle import Patience
 from tests.fixtures.fake_time import FakeTime
 
 URL = "https://org.crm.dynamics.com"
@@ -239,6 +240,21 @@ def test_a_waiter_reads_storage_again_before_sending_after_a_penalty(store: Budg
     assert b.session.sent == 0 and b.budget.remaining() == pytest.approx(10.5)
 
 
+def test_prepared_work_reads_storage_before_each_call(store: BudgetStore, key: str) -> None:
+    """Per-contact requests see another instance's penalty within the refresh interval; a backfill page's few
+    bulk requests (sync/throttle.py Patience) read the row first, so they are not sent into a penalty met
+    a moment ago."""
+    clock = FakeTime(1_800_000_000.0)
+    a, b = instance(store, key, clock), instance(store, key, clock)
+    assert b.transport.request("GET", "WhoAmI").status_code == 200  # b's view is fresh for a second
+    a.budget.note(30.0)
+    assert b.budget.remaining() == 0  # the cached view, as the hot path reads it
+    patience = Patience(b.budget, longest=3.0, budget=6.0, sleep=clock.sleep)
+    with pytest.raises(Throttled) as held:
+        patience.call(lambda: b.transport.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple"))
+    assert held.value.retry_after == pytest.approx(30.0, abs=0.3) and b.session.sent == 1 and clock.slept == []
+
+
 def test_requests_in_flight_stay_within_the_dop_hint_across_instances(store: BudgetStore, key: str) -> None:
     clock, flight = FakeTime(1_800_000_000.0), Flight()
     instances = [instance(store, key, clock, flight, max_inline_wait=30.0) for _ in range(3)]
@@ -367,6 +383,56 @@ def test_inside_a_caller_that_waits_itself_the_client_raises_instead_of_waiting_
     assert clock.slept == [] and a.session.sent == 1
     assert a.transport.request("GET", "contacts").status_code == 200  # outside: the short rest is waited
     assert clock.slept == [1.0] and a.session.sent == 2
+
+
+def test_requests_of_callers_that_wait_themselves_go_one_at_a_time(key: str) -> None:
+    """Two pages of one instance: the second waits for the first's answer, a 429, and is not sent into the
+    penalty (side by side it would have been, and extended it)."""
+    clock, flight = FakeTime(1_800_000_000.0), Flight()
+    a = instance(MemoryStore(), key, clock, flight)
+    a.budget.turn_wait = 30.0
+    a.session.script = [response(429, {"Retry-After": "9"})]
+    outcomes: list[str] = []
+
+    def page() -> None:
+        with a.budget.caller_waits():
+            try:
+                a.transport.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple")
+                outcomes.append("sent")
+            except Throttled:
+                outcomes.append("throttled")
+
+    threads = [threading.Thread(target=page) for _ in range(2)]
+    threads[0].start()
+    assert flight.wait_in_flight(1)
+    threads[1].start()
+    assert wait_until(lambda: a.budget.in_flight == 2)  # the second holds a slot, waiting for its turn
+    flight.release()
+    for t in threads:
+        t.join(30)
+    assert outcomes == ["throttled", "throttled"] and a.session.sent == 1
+
+
+def test_a_request_that_hangs_holds_back_the_next_one_only_briefly(key: str) -> None:
+    """A stuck bulk write (held inside Dataverse) must not hold back the user's other prepared work, such as
+    another account's drain: the next request goes after `turn_wait` with the first still in flight."""
+    clock, flight = FakeTime(1_800_000_000.0), Flight()
+    a = instance(MemoryStore(), key, clock, flight)
+    a.budget.turn_wait = 0.05
+    threads = [threading.Thread(target=lambda: page(a)) for _ in range(2)]
+    threads[0].start()
+    assert flight.wait_in_flight(1)
+    threads[1].start()
+    assert flight.wait_in_flight(2)  # both in flight at once
+    flight.release()
+    for t in threads:
+        t.join(30)
+    assert a.session.sent == 2
+
+
+def page(a: Instance) -> None:
+    with a.budget.caller_waits():
+        a.transport.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple")
 
 
 def test_instances_let_their_waiters_go_a_fraction_of_a_stagger_apart(key: str) -> None:

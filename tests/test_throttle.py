@@ -112,3 +112,17 @@ def test_waiters_beyond_the_patience_limit_go_back_instead_of_queueing_up() -> N
     with pytest.raises(Throttled) as err:  # a fourth would wait 2.1 s: back to the queue instead
         patience.call(lambda: pytest.fail("called"))
     assert err.value.retry_after == pytest.approx(2.1) and t.slept == []
+
+
+def test_work_that_could_not_wait_the_penalty_out_is_told_before_it_starts() -> None:
+    """Patience.check: a backfill page asks before claiming its rows, which going back would waste."""
+    t = FakeTime(100.0)
+    b = Budget(clock=t.clock)
+    patience = Patience(b, longest=5, budget=8, sleep=t.sleep)
+    patience.check()  # no penalty
+    b.note(4)
+    patience.check()  # one it may wait out in-process
+    b.note(9)
+    with pytest.raises(Throttled) as err:
+        patience.check()
+    assert err.value.retry_after == 9 and t.slept == []

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -15,11 +15,13 @@ import pytest
 from core.connections import CONNECTED, Connection, ConnectionStore
 from core.failures import FailureStore
 from core.storage import BACKFILL_PAGES, CONTACT_EVENTS
+from dataverse.client import DataverseClient
 from devstack.dataverse_sim import Fault
 from sync import backfill, worker
 from sync.context import SyncContext
 from sync.holds import TABLE as HOLDS
-from sync.holds import HoldStore
+from sync.holds import HoldStore, hold_partition, org_key
+from sync.mapping import contact_id
 from sync.messages import ContactMessage, PageMessage
 from sync.owners import TABLE as OWNERS
 from sync.owners import OwnerCache
@@ -157,25 +159,29 @@ def test_a_concurrent_newer_write_is_reapplied_after_a_state_conflict(ctx, datav
     assert ctx.states.get(ctx.account, "c_race").version == 2
 
 
-def test_a_repair_that_meets_a_throttle_comes_back_forced(ctx, dataverse_sim, dataverse_client, monkeypatch):
-    """As above, but Dataverse throttles the connection before A can re-apply v2: the message A puts back
-    must still force the re-apply, or it would find v2 recorded and leave A's v1 in Dynamics."""
-    from core.penalties import Penalties
+def test_a_repair_that_meets_a_throttle_comes_back_forced(ctx, dataverse_sim, dataverse_client, sim_tokens):
+    """As above, but Dataverse throttles the connection's user before A can re-apply v2: the message A puts
+    back must still force the re-apply, or it would find v2 recorded and leave A's v1 in Dynamics."""
 
-    registry = Penalties()
-    monkeypatch.setattr(worker, "penalties", registry)
+    class ThrottledAfterTheWrite(NewerWriteFirst):
+        def upsert_contact(self, *args, **kwargs):
+            written = super().upsert_contact(*args, **kwargs)
+            self.client.budget.note(30)  # another message of the user is throttled meanwhile
+            return written
+
     first = _put(ctx, "c_race_t", 1, first_name="v1")
-    # another message of the connection is throttled meanwhile
-    interleaving = NewerWriteFirst(ctx, dataverse_client, "c_race_t", lambda: registry.note(ctx.account, 30))
-    ctx.dataverse = lambda conn: interleaving
+    ctx.dataverse = lambda conn: ThrottledAfterTheWrite(ctx, dataverse_client, "c_race_t")
     assert worker.process(ctx, first) == "rescheduled:throttled"
     assert _rows(dataverse_sim, "c_race_t")[0]["firstname"] == "v1"  # A's older write landed last
     queue, body, delay = ctx.queues.sent[-1]
     assert queue == CONTACT_EVENTS and body["force"] is True and delay >= 30
 
-    monkeypatch.setattr(worker, "penalties", Penalties())  # the penalty is over
-    ctx.dataverse = lambda conn: dataverse_client
-    assert worker.process(ctx, ContactMessage.parse(json.dumps(body).encode())) == "synced"
+    later = DataverseClient(dataverse_sim.url, sim_tokens, timeout=(2.0, 10.0))  # the penalty is over
+    ctx.dataverse = lambda conn: later
+    try:
+        assert worker.process(ctx, ContactMessage.parse(json.dumps(body).encode())) == "synced"
+    finally:
+        later.close()
     assert _rows(dataverse_sim, "c_race_t")[0]["firstname"] == "v2"
 
 
@@ -377,14 +383,14 @@ def test_a_contact_that_fails_to_map_unexpectedly_is_recorded_alone(ctx, dataver
 def test_a_page_during_a_long_penalty_goes_back_unread_to_return_shortly_before_it_ends(
         ctx, dataverse_sim, dataverse_client):
     """The penalty another instance met is in the user's budget: the page is not read from Wave, sends
-    nothing to Dataverse and holds no thread; it comes back up to 3 s before the penalty ends, to be read
+    nothing to Dataverse and holds no thread; it comes back up to 5 s before the penalty ends, to be read
     and prepared meanwhile."""
     run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
     ctx.wave = StubWave({None: Page([{"id": "c_pen", "version": 1, "first_name": "P"}], None)})
     dataverse_client.budget.note(8.6)
     msg = PageMessage(ctx.account, "gen1", run_id, None, 1)
     assert backfill.run_page(ctx, msg)[0] == "rescheduled:throttled"
-    assert ctx.queues.sent[-1] == (BACKFILL_PAGES, msg.to_dict(), 6)
+    assert ctx.queues.sent[-1] == (BACKFILL_PAGES, msg.to_dict(), 4)
     assert ctx.wave.calls == 0 and dataverse_sim.request_log() == []
 
 
@@ -397,5 +403,40 @@ def test_a_page_meeting_a_429_after_its_read_goes_back_instead_of_sleeping(ctx, 
     result, _ = backfill.run_page(ctx, msg)
     assert result == "rescheduled:throttled" and ctx.wave.calls == 1
     queue, body, delay = ctx.queues.sent[-1]
-    assert (queue, body["page"]) == (BACKFILL_PAGES, 1) and delay == 6  # 3 s before the 9 s penalty ends
+    assert (queue, body["page"]) == (BACKFILL_PAGES, 1) and delay == 4  # 5 s before the 9 s penalty ends
     assert [r["status"] for r in dataverse_sim.request_log()] == [429]  # nothing sent into the penalty
+
+
+def test_a_page_claims_its_new_rows_before_its_lookup_and_not_again_when_it_comes_back(
+        ctx, dataverse_sim, dataverse_client, sim_tokens):
+    """The claims (sync/holds.py) are Table writes: made before the first Dataverse request, they do not
+    stand between the lookup and the write once a penalty ends; a page that went back to its queue after
+    them does not make them again (row by row, as rows that exist already are)."""
+    run_id = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+    contacts = [{"id": f"c_claim{i}", "version": 1, "first_name": "P"} for i in range(3)]
+    ctx.wave = StubWave({None: Page(contacts, None)})
+    dataverse_sim.script_faults(Fault("status", status=429, retry_after=9))  # the lookup meets a penalty
+    assert backfill.run_page(ctx, PageMessage(ctx.account, "gen1", run_id, None, 1))[0] == "rescheduled:throttled"
+    org = org_key("https://org.crm.dynamics.com")
+    for c in contacts:
+        row = contact_id(ctx.account, c["id"])
+        assert ctx.holds.table.get_entity(hold_partition(org, row), row)["account_id"] == ctx.account
+    body = ctx.queues.sent[-1][1]
+    assert body["claimed"]
+
+    claims: list[object] = []
+    claim_many = ctx.holds.claim_many
+    ctx.holds.claim_many = lambda *args: claims.append(args) or claim_many(*args)  # type: ignore[method-assign]
+    later = DataverseClient(dataverse_sim.url, sim_tokens, timeout=(2.0, 10.0))  # the penalty is over
+    ctx.dataverse = lambda conn: later
+    try:
+        assert backfill.run_page(ctx, PageMessage.parse(json.dumps(body).encode()))[0] == "done"
+        assert claims == [] and {r["externaluseridentifier"] for r in dataverse_sim.rows("contacts")} >= {
+            f"wavecnct_{c['id']}" for c in contacts}
+        # the same page with another contact on it claims again
+        ctx.wave = StubWave({None: Page([*contacts, {"id": "c_claim9", "version": 1, "first_name": "Q"}], None)})
+        rerun = backfill.start_backfill(ctx.connections, ctx.queues, ctx.account)
+        again = replace(PageMessage.parse(json.dumps(body).encode()), run_id=rerun)
+        assert backfill.run_page(ctx, again)[0] == "done" and len(claims) == 1
+    finally:
+        later.close()

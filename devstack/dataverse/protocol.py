@@ -71,6 +71,7 @@ class Response:
     written: tuple[str, ...] = ()  # a bulk write's contactids, for the request log (tests and benchmarks)
     exec_ms: float = 0.0  # simulated execution time, filled in by the server
     user: str | None = None
+    during_penalty: bool = False  # a 429 for a request sent while its user was in penalty (for the request log)
 
     @classmethod
     def of_json(cls, status: int, data: Any, **kw: Any) -> Response:

@@ -360,7 +360,9 @@ class DataverseSimulator:
         except SimError as err:
             if err.status == 429:
                 self._count(throttled=1, sent_during_penalty=int(err.during_penalty), **{f"throttled_{err.code}": 1})
-            return Response.of_error(err)
+            answer = Response.of_error(err)
+            answer.during_penalty = err.during_penalty
+            return answer
         exec_ms = 0.0
         try:
             if hold is not None:
@@ -544,6 +546,8 @@ class _Handler(BaseHTTPRequestHandler):
         sim.record(method, path, resp.status, code=error_code, user=resp.user,
                    writes=resp.writes, inner=resp.inner_requests, exec_ms=resp.exec_ms,
                    seconds=round(time.monotonic() - started, 4),
+                   **({"retry_after": resp.headers.get("Retry-After"), "during_penalty": resp.during_penalty}
+                      if resp.status == 429 else {}),
                    **({"ids": list(resp.written)} if resp.written else {}))
         self._send(resp.status, resp.headers, resp.body)
 
