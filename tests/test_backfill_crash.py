@@ -44,7 +44,10 @@ def test_backfill_killed_mid_page_resumes_without_duplicates_or_gaps(stack: Stac
     dataverse_control(stack, "POST", "faults/release")  # the write lands; nobody records it
     landed = wait_for(lambda: dataverse_control(stack, "GET", "counters")["in_flight"] == 0
                       and len(dataverse_rows(stack)), 30, what="the held write to land")
-    assert landed >= 500  # pages run side by side: the others may have landed too
+    # the held write landed: a whole page (500) or the last one (200), whichever page's write went first
+    # (pages run side by side and their bulk writes go one at a time, dataverse/budget.py in_turn); others
+    # may have landed too
+    assert landed >= CONTACTS - 2 * 500
     after_crash = status_after_crash(stack)["backfill"]
     # the held page never recorded its progress: the crash was mid-run
     assert after_crash["state"] == "running" and after_crash["pages"] < 3
