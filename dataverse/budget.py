@@ -11,6 +11,11 @@ process learns from a 429 must hold back the others too, and their requests in f
   table (only when it ends later than the one already known). Every instance reads that partition at most
   every REFRESH_SECONDS while it sends to the user, so the hot path reads memory; an instance learns of
   another's penalty within that time.
+- Turns: after a penalty the user's waiting callers go one stagger apart over all instances, in one
+  schedule: the next free turn is `next_turn` in the user's row, taken with an ETag-conditional write.
+  The service gives the window's budget back as the old requests age out, at the pace they were sent;
+  each instance's own schedule side by side sent three instances' waiters three times as fast as one's,
+  and most windows met a second 429. One or two Table requests per waiting call, after a penalty only.
 - Concurrency: requests in flight to the user, over all instances, stay within the cap: Dataverse's
   concurrency limit, or the `x-ms-dop-hint` when it is lower (sending more than the hint "worsens
   performance": https://learn.microsoft.com/power-apps/developer/data-platform/send-parallel-requests).
