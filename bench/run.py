@@ -97,8 +97,8 @@ ANALYSIS = [
     "worked: one schedule of turns per Dataverse user over all instances, the next free turn kept in the "
     "user's budget row (`next_turn`) and taken with an ETag-conditional write by a caller that must wait, "
     "so three instances' waiters go 0.2 s apart as one instance's do (one or two Table requests per waiting "
-    "page, after a penalty only). Two runs: three instances 91% steady, 4 429s (0.20 per 1,000) and 0 sent "
-    "during a penalty in each; one instance 89%, 4-5 429s (0.20-0.25), 0 (before: three instances 89%, 12 "
+    "page, after a penalty only). Three runs: three instances 91% steady, 4 429s (0.20 per 1,000) and 0 sent "
+    "during a penalty in each; one instance 89-91%, 4-5 429s (0.20-0.25), 0 (before: three instances 89%, 12 "
     "429s, 2 during a penalty).",
     "- What is left: Retry-After is whole seconds, so each window loses up to a second to rounding (10% of a "
     "10 s window, 0.3% of the real 300 s one): the loss is the part of a second in the time from the "
