@@ -11,6 +11,11 @@ process learns from a 429 must hold back the others too, and their requests in f
   table (only when it ends later than the one already known). Every instance reads that partition at most
   every REFRESH_SECONDS while it sends to the user, so the hot path reads memory; an instance learns of
   another's penalty within that time.
+- Turns: after a penalty the user's waiting callers go one stagger apart over all instances, in one
+  schedule: the next free turn is `next_turn` in the user's row, taken with an ETag-conditional write.
+  The service gives the window's budget back as the old requests age out, at the pace they were sent;
+  each instance's own schedule side by side sent three instances' waiters three times as fast as one's,
+  and most windows met a second 429. One or two Table requests per waiting call, after a penalty only.
 - Concurrency: requests in flight to the user, over all instances, stay within the cap: Dataverse's
   concurrency limit, or the `x-ms-dop-hint` when it is lower (sending more than the hint "worsens
   performance": https://learn.microsoft.com/power-apps/developer/data-platform/send-parallel-requests).
@@ -78,6 +83,23 @@ class BudgetStore(Protocol):
 
     def heartbeat(self, key: str, instance: str, now: float) -> None: ...
 
+    def claim_turn(self, key: str, not_before: float, stagger: float, latest: float | None) -> Turn: ...
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A place in the user's one schedule of sends after a penalty (TableBudgetStore.claim_turn)."""
+
+    at: float  # epoch seconds
+    taken: bool  # False: it was later than the caller may wait, and left for others
+    penalty_until: float = 0.0  # the penalty the row held
+
+
+def next_turn(not_before: float, penalty_until: float, scheduled: float) -> float:
+    """The first free turn: after the penalty (as the caller and the row know it) and after the turns
+    already given out (`scheduled`: the row's next free one)."""
+    return max(not_before, penalty_until, scheduled)
+
 
 def budget_key(instance_url: str, user: str) -> str:
     """The partition of a Dataverse user: the instance's host and the user (Table keys take no / \\ # ?)."""
@@ -133,6 +155,25 @@ class TableBudgetStore:
                     "dop_hint": hint}
 
         self._update(key, set_hint)
+
+    def claim_turn(self, key: str, not_before: float, stagger: float, latest: float | None) -> Turn:
+        """Take the user's next turn (not before `not_before`) and move the row's `next_turn` one stagger on,
+        with an ETag-conditional write (retried on a conflict); a turn later than `latest` is returned
+        without taking it."""
+        got: list[Turn] = []
+
+        def claim(old: TableEntity | None) -> dict[str, object] | None:
+            row: dict[str, object] = dict(old or {})
+            until = float(row.get("penalty_until") or 0.0)  # type: ignore[arg-type]
+            at = next_turn(not_before, until, float(row.get("next_turn") or 0.0))  # type: ignore[arg-type]
+            got[:] = [Turn(at, latest is None or at <= latest, until)]
+            if not got[0].taken:
+                return None
+            return {"penalty_until": 0.0, **row, "PartitionKey": key, "RowKey": _PENALTY_ROW,
+                    "next_turn": at + stagger}
+
+        self._update(key, claim)
+        return got[0]
 
     def heartbeat(self, key: str, instance: str, now: float) -> None:
         self.table.upsert_entity({"PartitionKey": key, "RowKey": _INSTANCE_PREFIX + instance, "seen": now},
@@ -223,12 +264,31 @@ class Budget:
         return self._local.remaining(_KEY)
 
     def turn(self, limit: float | None = None) -> float:
-        """Seconds a caller waits before trying again: the penalty's end plus its place among the waiters
-        (core/penalties.py `turn`; a turn longer than `limit` takes no place). The user's instances start
-        a fraction of a stagger apart by rank, and each caller reads storage before sending
-        (`remaining(fresh=True)`), so that a 429 one instance meets stops the others too. (Taking turns over
-        all instances, every n-th for each, sent more pages of a burst back to the queue and was slower
-        in `make bench`: 310 against 370 contacts/s with three instances.)"""
+        """Seconds a caller waits before trying again: the penalty's end plus its place among the waiters; a
+        turn longer than `limit` takes no place. With a store the places are one schedule for the user over
+        all instances (the budget row's `next_turn`, claimed with a conditional write): after a penalty the
+        service gives the window's budget back as the old requests age out, at the pace they were sent, so
+        the user's waiters go one stagger apart whatever the number of instances, as one instance's do.
+        (Places per instance, the instances a fraction of a stagger apart, sent three instances' waiters
+        three times as fast as one's, and met a second 429 in most windows.) Each caller reads storage
+        again before sending (`remaining(fresh=True)`), so that a 429 one instance meets stops the others
+        too. Without a store, or when storage fails, the places are this process's (core/penalties.py
+        `turn`), the instances offset by rank."""
+        left = self._local.remaining(_KEY)
+        if left <= 0:
+            return 0.0
+        if self.store is not None and (limit is None or left <= limit):
+            now = self._clock()
+            try:
+                got = self.store.claim_turn(self.key, now + left, self._local.stagger,
+                                            None if limit is None else now + limit)
+            except (AzureError, ConcurrencyError) as exc:
+                log.warning("Dataverse budget %s: could not take a shared turn (%s); taking one in this instance",
+                            self.key, type(exc).__name__)
+            else:
+                if got.penalty_until > now:
+                    self._local.note(_KEY, got.penalty_until - now)
+                return max(0.0, got.at - now)
         live = sorted({*self._shared.instances, self.instance})
         return self._local.turn(_KEY, limit, rank=live.index(self.instance), processes=len(live))
 

@@ -22,6 +22,7 @@ from dataverse.budget import (
     BudgetStore,
     Shared,
     TableBudgetStore,
+    Turn,
     budget_key,
     concurrency_cap,
     instance_share,
@@ -67,6 +68,7 @@ class MemoryStore:
         self.until: dict[str, float] = {}
         self.hints: dict[str, int] = {}
         self.seen: dict[tuple[str, str], float] = {}
+        self.next_turn: dict[str, float] = {}
 
     def read(self, key: str, live_since: float) -> Shared:
         return Shared(self.until.get(key, 0.0), self.hints.get(key),
@@ -80,6 +82,14 @@ class MemoryStore:
 
     def heartbeat(self, key: str, instance: str, now: float) -> None:
         self.seen[(key, instance)] = now
+
+    def claim_turn(self, key: str, not_before: float, stagger: float, latest: float | None) -> Turn:
+        until = self.until.get(key, 0.0)
+        at = max(not_before, until, self.next_turn.get(key, 0.0))
+        taken = latest is None or at <= latest
+        if taken:
+            self.next_turn[key] = at + stagger
+        return Turn(at, taken, until)
 
 
 @pytest.fixture(params=["memory", "azurite"])
@@ -233,11 +243,29 @@ def test_a_waiter_reads_storage_again_before_sending_after_a_penalty(store: Budg
     a.budget.note(1.5)
     clock.now += 1.0  # b's refresh interval has passed: it reads the penalty's last 0.5 s ...
     assert b.budget.remaining() == pytest.approx(0.5)
-    a.budget.note(11.0)  # ... and while b waits them out, a meets a new one: b learns of it before sending
+    a.budget.note(11.0)  # ... and a meets a new one: b learns of it before sending
     with pytest.raises(Throttled):
         b.transport.request("GET", "contacts")
-    assert clock.slept == [0.5]
-    assert b.session.sent == 0 and b.budget.remaining() == pytest.approx(10.5)
+    assert clock.slept == []  # taking its turn read the row: the new penalty is too long to wait inline
+    assert b.session.sent == 0 and b.budget.remaining() == pytest.approx(11.0)
+
+
+def test_a_waiter_learns_of_a_penalty_met_while_it_slept(key: str) -> None:
+    clock, store = FakeTime(1_800_000_000.0), MemoryStore()
+    a, b = instance(store, key, clock), instance(store, key, clock, max_inline_wait=2.0)
+    a.budget.note(1.5)
+    clock.now += 1.0
+    sleep = b.transport._sleep
+
+    def meanwhile(seconds: float) -> None:  # while b waits out the last 0.5 s, a meets a new penalty
+        sleep(seconds)
+        if len(clock.slept) == 1:
+            a.budget.note(11.0)
+
+    b.transport._sleep = meanwhile  # type: ignore[method-assign]
+    with pytest.raises(Throttled):
+        b.transport.request("GET", "contacts")
+    assert clock.slept == [0.5] and b.session.sent == 0 and b.budget.remaining() == pytest.approx(11.0)
 
 
 def test_prepared_work_reads_storage_before_each_call(store: BudgetStore, key: str) -> None:
@@ -435,8 +463,65 @@ def page(a: Instance) -> None:
         a.transport.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple")
 
 
-def test_instances_let_their_waiters_go_a_fraction_of_a_stagger_apart(key: str) -> None:
-    clock, store = FakeTime(1_800_000_000.0), MemoryStore()
+def test_after_a_penalty_the_instances_waiters_take_turns_in_one_sequence(store: BudgetStore, key: str) -> None:
+    """Three instances' waiters go one stagger apart, as one instance's do: the service gives the window's
+    budget back at the pace the old requests were sent, so three sequences side by side would go three
+    times as fast and meet a second 429."""
+    clock = FakeTime(1_800_000_000.0)
+    a, b = instance(store, key, clock), instance(store, key, clock)
+    a.budget.note(2.0)
+    b.budget.remaining(fresh=True)  # reads a's penalty
+    turns = [round(i.budget.turn(), 3) for i in (a, b, b, a, b)]
+    assert turns == [2.0, 2.2, 2.4, 2.6, 2.8]
+    clock.now += 1.0  # later callers queue behind the turns given out, not beside them
+    assert round(a.budget.turn(), 3) == 2.0
+
+
+def test_a_turn_beyond_the_callers_wait_takes_no_place(store: BudgetStore, key: str) -> None:
+    """A page that may wait only 1 s goes back to its queue (sync/throttle.py Patience) and leaves its place
+    to the next caller."""
+    clock = FakeTime(1_800_000_000.0)
+    a, b = instance(store, key, clock), instance(store, key, clock)
+    a.budget.note(2.0)
+    b.budget.remaining(fresh=True)
+    assert round(a.budget.turn(1.0), 3) == 2.0  # more than its limit: not taken
+    assert round(b.budget.turn(2.1), 3) == 2.0
+    assert round(a.budget.turn(2.1), 3) == 2.2  # 2.2 > 2.1: not taken either
+    assert round(b.budget.turn(), 3) == 2.2
+
+
+def test_instances_claiming_turns_at_once_get_distinct_ones(store: BudgetStore, key: str) -> None:
+    clock = FakeTime(1_800_000_000.0)
+    instances = [instance(store, key, clock) for _ in range(3)]
+    instances[0].budget.note(5.0)
+    for i in instances:
+        i.budget.remaining(fresh=True)
+    turns: list[float] = []
+    lock = threading.Lock()
+
+    def claim(i: Instance) -> None:
+        got = i.budget.turn()
+        with lock:
+            turns.append(round(got, 3))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in instances for _ in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    assert sorted(turns) == [round(5.0 + 0.2 * n, 3) for n in range(9)]
+
+
+def test_without_the_shared_schedule_instances_take_turns_a_fraction_of_a_stagger_apart(key: str) -> None:
+    """Storage failing (or no store): each instance keeps its own places, offset by rank, so two instances'
+    waiters still never go at the same instant."""
+    from azure.core.exceptions import ServiceRequestError
+
+    class NoTurns(MemoryStore):
+        def claim_turn(self, key: str, not_before: float, stagger: float, latest: float | None) -> Turn:
+            raise ServiceRequestError("storage unreachable")
+
+    clock, store = FakeTime(1_800_000_000.0), NoTurns()
     a, b = instance(store, key, clock), instance(store, key, clock)
     for i in (a, b, a, b):
         i.budget.remaining(fresh=True)  # both have said they are there and read each other
