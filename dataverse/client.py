@@ -215,18 +215,11 @@ class DataverseClient:
         return self._write(f"contacts({contact_id})", body, {})
 
     def delete_contact(self, contact_id: str, *, etag: str | None = None) -> bool:
-        try:
-            self.request("DELETE", f"contacts({contact_id})", headers={"If-Match": etag} if etag else None)
-        except NotFound:
-            return False
-        return True
+        part = self._removal(contact_id, False)
+        return self._send_removal(BatchPart(part.method, part.url, headers={"If-Match": etag}) if etag else part)
 
     def deactivate_contact(self, contact_id: str) -> bool:
-        try:
-            self.request("PATCH", f"contacts({contact_id})", body=INACTIVE, headers={"If-Match": "*"})
-        except NotFound:
-            return False
-        return True
+        return self._send_removal(self._removal(contact_id, True))
 
     def delete_contacts(self, contact_ids: Sequence[str], *, deactivate: bool = False) -> dict[str, DataverseError]:
         """Delete (or deactivate) many rows; returns the error of each row Dynamics refused, by contactid.
@@ -252,12 +245,17 @@ class DataverseClient:
             return BatchPart("PATCH", f"contacts({contact_id})", INACTIVE, {"If-Match": "*"})
         return BatchPart("DELETE", f"contacts({contact_id})")
 
-    def _remove_one(self, contact_id: str, deactivate: bool) -> dict[str, DataverseError]:
-        part = self._removal(contact_id, deactivate)
+    def _send_removal(self, part: BatchPart) -> bool:
+        """One removal as a request of its own; False when the row was already gone."""
         try:
             self.request(part.method, part.url, body=part.body, headers=part.headers or None)
         except NotFound:
-            return {}
+            return False
+        return True
+
+    def _remove_one(self, contact_id: str, deactivate: bool) -> dict[str, DataverseError]:
+        try:
+            self._send_removal(self._removal(contact_id, deactivate))
         except (Throttled, Transient, AuthExpired):
             raise
         except DataverseError as exc:
