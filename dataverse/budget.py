@@ -16,6 +16,15 @@ process learns from a 429 must hold back the others too, and their requests in f
   The service gives the window's budget back as the old requests age out, at the pace they were sent;
   each instance's own schedule side by side sent three instances' waiters three times as fast as one's,
   and most windows met a second 429. One or two Table requests per waiting call, after a penalty only.
+- One prepared request at a time over all instances: requests of callers that wait out penalties
+  themselves (a backfill page, a drain pass: few and bulk) take the user's lease (`lease`, `lease_until` in
+  the same row, ETag-conditional) and give it back after the answer, with the 429 it may have met written
+  in the same write. The next one, of any instance, takes the lease by reading that row, so it sees the
+  penalty before sending: one per window is the least a client that does not predict the budget meets.
+  Per-instance turns let two instances' requests go side by side when the window ran out, and a penalty
+  reached the row 5-370 ms after its 429, so a third was sent into it (BENCHMARKS.md (a)). A lease ends
+  after TURN_WAIT_SECONDS: a 429 is answered at once, so a request still running then was let in, and a
+  slow bulk write must not hold back the user's other work. Three Table requests per bulk request.
 - Concurrency: requests in flight to the user, over all instances, stay within the cap: Dataverse's
   concurrency limit, or the `x-ms-dop-hint` when it is lower (sending more than the hint "worsens
   performance": https://learn.microsoft.com/power-apps/developer/data-platform/send-parallel-requests).
@@ -37,12 +46,13 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Protocol
 from urllib.parse import quote, urlsplit
 
-from azure.core.exceptions import AzureError
+from azure.core import MatchConditions
+from azure.core.exceptions import AzureError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableEntity, UpdateMode
 
 from core.errors import ConcurrencyError
@@ -58,6 +68,7 @@ HEARTBEAT_SECONDS = 5.0  # how often an instance sending to a user says so
 INSTANCE_TTL_SECONDS = 20.0  # an instance not heard of for this long has no share any more
 NO_SHARE_RETRY_SECONDS = HEARTBEAT_SECONDS  # work of an instance without a share comes back after this
 TURN_WAIT_SECONDS = 0.5  # longest a request of prepared work waits for the one before it (Budget.in_turn)
+LEASE_POLL_SECONDS = 0.02  # how often a request waiting for another instance's lease reads the row again
 _PENALTY_ROW = "budget"
 _INSTANCE_PREFIX = "i~"
 _KEY = "user"  # the one key of the local Penalties
@@ -85,6 +96,10 @@ class BudgetStore(Protocol):
 
     def claim_turn(self, key: str, not_before: float, stagger: float, latest: float | None) -> Turn: ...
 
+    def take_lease(self, key: str, token: str, now: float, until: float) -> Lease: ...
+
+    def give_back(self, key: str, lease: Lease, penalty_until: float) -> None: ...
+
 
 @dataclass(frozen=True)
 class Turn:
@@ -93,6 +108,26 @@ class Turn:
     at: float  # epoch seconds
     taken: bool  # False: it was later than the caller may wait, and left for others
     penalty_until: float = 0.0  # the penalty the row held
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The user's one prepared request in flight over all instances (TableBudgetStore.take_lease)."""
+
+    taken: bool  # False: another instance's request holds it (until `until`), or a penalty runs
+    until: float  # epoch seconds: when the lease ends
+    penalty_until: float = 0.0  # the penalty the row held
+    token: str = ""
+    row: dict[str, object] | None = None  # the row as written when taken, for a one-request give-back
+    etag: str | None = None
+
+
+def lease_state(row: Mapping[str, object], token: str, now: float) -> tuple[float, float, bool]:
+    """(penalty_until, lease_until, free) of a budget row: the lease is free when it has ended or is
+    `token`'s, and no penalty runs."""
+    penalty = float(row.get("penalty_until") or 0.0)  # type: ignore[arg-type]
+    held = float(row.get("lease_until") or 0.0)  # type: ignore[arg-type]
+    return penalty, held, penalty <= now and (held <= now or row.get("lease") == token)
 
 
 def next_turn(not_before: float, penalty_until: float, scheduled: float) -> float:
@@ -136,8 +171,8 @@ class TableBudgetStore:
                 instances.append(name[len(_INSTANCE_PREFIX):])
         return Shared(until, hint, tuple(sorted(instances)))
 
-    def _update(self, key: str, change: Callable[[TableEntity | None], dict[str, object] | None]) -> None:
-        update_row(self.table, key, _PENALTY_ROW, change, what="Dataverse budget")
+    def _update(self, key: str, change: Callable[[TableEntity | None], dict[str, object] | None]) -> str | None:
+        return update_row(self.table, key, _PENALTY_ROW, change, what="Dataverse budget")
 
     def note_penalty(self, key: str, until: float) -> None:
         def extend(old: TableEntity | None) -> dict[str, object] | None:
@@ -174,6 +209,53 @@ class TableBudgetStore:
 
         self._update(key, claim)
         return got[0]
+
+    def take_lease(self, key: str, token: str, now: float, until: float) -> Lease:
+        """Take the user's lease until `until` when it is free (lease_state), with an ETag-conditional write;
+        otherwise say who holds it until when, or which penalty runs, and write nothing."""
+        got: list[Lease] = []
+
+        def take(old: TableEntity | None) -> dict[str, object] | None:
+            row: dict[str, object] = dict(old or {})
+            penalty, held, free = lease_state(row, token, now)
+            if not free:
+                got[:] = [Lease(False, held, penalty)]
+                return None
+            new = {"penalty_until": 0.0, **row, "PartitionKey": key, "RowKey": _PENALTY_ROW, "lease": token,
+                   "lease_until": until}
+            got[:] = [Lease(True, until, penalty, token, new)]
+            return new
+
+        etag = self._update(key, take)
+        return replace(got[0], etag=etag) if got[0].taken else got[0]
+
+    def give_back(self, key: str, lease: Lease, penalty_until: float) -> None:
+        """End the lease, and note the penalty its request met (when later than the row's) in the same write:
+        one replace on the ETag of the take when nobody wrote the row since, else read and write again."""
+        def release(old: Mapping[str, object] | None) -> dict[str, object] | None:
+            if old is None:
+                return None
+            row = dict(old)
+            mine = row.get("lease") == lease.token
+            later = penalty_until > float(row.get("penalty_until") or 0.0)  # type: ignore[arg-type]
+            if not mine and not later:
+                return None
+            if mine:
+                row.update(lease="", lease_until=0.0)
+            if later:
+                row["penalty_until"] = penalty_until
+            return row
+
+        if lease.row is not None and lease.etag:
+            new = release(lease.row)
+            try:
+                if new is not None:
+                    self.table.update_entity(new, mode=UpdateMode.REPLACE, etag=lease.etag,
+                                             match_condition=MatchConditions.IfNotModified)
+                return
+            except (ResourceModifiedError, ResourceNotFoundError):
+                pass  # another write came between (a penalty, a turn): read it and write again
+        self._update(key, release)
 
     def heartbeat(self, key: str, instance: str, now: float) -> None:
         self.table.upsert_entity({"PartitionKey": key, "RowKey": _INSTANCE_PREFIX + instance, "seen": now},
@@ -310,31 +392,72 @@ class Budget:
     @contextlib.contextmanager
     def in_turn(self) -> Iterator[None]:
         """Around one request: those of callers that wait out penalties themselves (`caller_waits`: a
-        backfill page, a drain; few and bulk) go one at a time in this process, so that a 429 one of them
-        meets is noted before the next is sent. Sent side by side when the window's budget runs out, all
-        but the first would be sent during the penalty and extend it. A request waits for the one before it
-        at most `turn_wait`: a 429 is answered at once, so one still running after that was let in, and a
-        slow or stuck bulk write (seconds on the service) must not hold back the user's other work, another
+        backfill page, a drain; few and bulk) go one at a time, in this process (a lock) and over all
+        instances (the user's lease in storage), so that a 429 one of them meets is noted, in the shared row
+        too, before the next is sent. Sent side by side when the window's budget runs out, all but the
+        first would be sent during the penalty and extend it. A request waits for the one before it at most
+        `turn_wait`: a 429 is answered at once, so one still running after that was let in, and a slow or
+        stuck bulk write (seconds on the service) must not hold back the user's other work, another
         account's drain among it. Per-contact requests are not held."""
         if not self.caller_waiting:
             yield
             return
+        deadline = time.monotonic() + self.turn_wait
         mine = self._in_turn.acquire(timeout=self.turn_wait)
         try:
-            yield
+            lease = self._take_lease(deadline)
+            self._callers.lease, self._callers.penalty = lease, 0.0
+            try:
+                yield
+            finally:
+                self._callers.lease = None
+                if lease is not None:
+                    self._give_back(lease, self._callers.penalty)
         finally:
             if mine:
                 self._in_turn.release()
 
+    def _take_lease(self, deadline: float) -> Lease | None:
+        """The user's lease, waiting for another instance's request until `deadline` (monotonic); None
+        without a store, when storage fails, after the deadline, or when the row shows a penalty (noted
+        here, so the request is not sent)."""
+        if self.store is None:
+            return None
+        token = uuid.uuid4().hex
+        while True:
+            now = self._clock()
+            try:
+                got = self.store.take_lease(self.key, token, now, now + self.turn_wait)
+            except (AzureError, ConcurrencyError) as exc:
+                log.warning("Dataverse budget %s: could not take the lease (%s); sending in this instance's turn",
+                            self.key, type(exc).__name__)
+                return None
+            if got.penalty_until > now:
+                self._local.note(_KEY, got.penalty_until - now)
+            if got.taken:
+                return got
+            left = deadline - time.monotonic()
+            if got.penalty_until > now or left <= 0:
+                return None
+            time.sleep(min(LEASE_POLL_SECONDS, left))
+
+    def _give_back(self, lease: Lease, penalty_until: float) -> None:
+        store = self.store
+        if store is not None:
+            self._write("lease", lambda: store.give_back(self.key, lease, penalty_until))
+
     def note(self, retry_after: float) -> None:
-        """A 429's Retry-After: held back here at once, and shared when it ends later than the known one."""
+        """A 429's Retry-After: held back here at once, and shared when it ends later than the known one
+        (inside a lease, by the write that gives it back)."""
         self._local.note(_KEY, retry_after)
         until = self._clock() + retry_after
         with self._cond:
             if until <= self._shared.penalty_until:
                 return
             self._shared = Shared(until, self._shared.dop_hint, self._shared.instances)
-        if self.store is not None:
+        if getattr(self._callers, "lease", None) is not None:
+            self._callers.penalty = max(until, getattr(self._callers, "penalty", 0.0))
+        elif self.store is not None:
             store = self.store
             self._write("penalty", lambda: store.note_penalty(self.key, until))
 

@@ -185,6 +185,8 @@ class Transport:
                         self._local.count = self.requests_made + 1
                         sent = self._session.request(method, url, data=data, headers=send_headers,
                                                      timeout=self.timeout, verify=self.verify, allow_redirects=False)
+                        if sent.status_code == 429:  # noted before the turn passes on (Budget.in_turn)
+                            self.budget.note(retry_after_seconds(sent.headers.get("Retry-After")))
             except NoSlot as busy:
                 raise Busy(f"{where}: held back: {busy}", retry_after=busy.retry_after) from None
             except requests.exceptions.SSLError:
@@ -211,7 +213,6 @@ class Transport:
                 continue
             if status == 429:
                 wait = retry_after_seconds(resp.headers.get("Retry-After"))
-                self.budget.note(wait)
                 inline = not self.budget.caller_waiting
                 if inline and wait <= self.max_inline_wait and throttled < self.max_throttle_retries:
                     log.info("Dataverse throttled %s; waiting %.1f s inline", where, wait)

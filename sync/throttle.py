@@ -71,10 +71,10 @@ class Patience:
 
     def call(self, fn: Callable[[], T]) -> T:
         while True:
-            # Read the user's shared row (dataverse/budget.py) before each call, not the view of up to a
-            # second ago: a penalty another instance has just met is then not sent into. Prepared work makes
-            # few requests (a backfill page 2-4), so this storage read costs little beside them.
-            if self.waits.remaining(fresh=True) > 0:
+            # The view of up to a second ago: each request of `fn` reads the user's row as it takes the
+            # lease (dataverse/budget.py Budget.in_turn), so a penalty another instance has just met stops
+            # it there, and it comes back here as Throttled.
+            if self.waits.remaining() > 0:
                 limit = min(self.longest, self.budget - self.waited)
                 turn = self.waits.turn(limit)
                 if turn > limit:

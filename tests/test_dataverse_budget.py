@@ -20,12 +20,14 @@ from core.storage import Tables
 from dataverse.budget import (
     Budget,
     BudgetStore,
+    Lease,
     Shared,
     TableBudgetStore,
     Turn,
     budget_key,
     concurrency_cap,
     instance_share,
+    lease_state,
 )
 from dataverse.errors import Busy, Throttled
 from dataverse.transport import Transport
@@ -69,6 +71,7 @@ class MemoryStore:
         self.hints: dict[str, int] = {}
         self.seen: dict[tuple[str, str], float] = {}
         self.next_turn: dict[str, float] = {}
+        self.leases: dict[str, dict[str, object]] = {}
 
     def read(self, key: str, live_since: float) -> Shared:
         return Shared(self.until.get(key, 0.0), self.hints.get(key),
@@ -90,6 +93,19 @@ class MemoryStore:
         if taken:
             self.next_turn[key] = at + stagger
         return Turn(at, taken, until)
+
+    def take_lease(self, key: str, token: str, now: float, until: float) -> Lease:
+        row = {"penalty_until": self.until.get(key, 0.0), **self.leases.get(key, {})}
+        penalty, held, free = lease_state(row, token, now)
+        if not free:
+            return Lease(False, held, penalty)
+        self.leases[key] = {"lease": token, "lease_until": until}
+        return Lease(True, until, penalty, token)
+
+    def give_back(self, key: str, lease: Lease, penalty_until: float) -> None:
+        if self.leases.get(key, {}).get("lease") == lease.token:
+            del self.leases[key]
+        self.note_penalty(key, penalty_until)
 
 
 @pytest.fixture(params=["memory", "azurite"])
@@ -268,10 +284,10 @@ def test_a_waiter_learns_of_a_penalty_met_while_it_slept(key: str) -> None:
     assert clock.slept == [0.5] and b.session.sent == 0 and b.budget.remaining() == pytest.approx(11.0)
 
 
-def test_prepared_work_reads_storage_before_each_call(store: BudgetStore, key: str) -> None:
+def test_prepared_work_reads_storage_before_each_request(store: BudgetStore, key: str) -> None:
     """Per-contact requests see another instance's penalty within the refresh interval; a backfill page's few
-    bulk requests (sync/throttle.py Patience) read the row first, so they are not sent into a penalty met
-    a moment ago."""
+    bulk requests (sync/throttle.py Patience) read the row as they take the lease, so they are not sent
+    into a penalty met a moment ago."""
     clock = FakeTime(1_800_000_000.0)
     a, b = instance(store, key, clock), instance(store, key, clock)
     assert b.transport.request("GET", "WhoAmI").status_code == 200  # b's view is fresh for a second
@@ -530,3 +546,84 @@ def test_without_the_shared_schedule_instances_take_turns_a_fraction_of_a_stagge
     first, second = sorted((a, b), key=lambda i: i.budget.instance)
     assert [round(first.budget.turn(), 3) for _ in range(3)] == [2.0, 2.2, 2.4]
     assert [round(second.budget.turn(), 3) for _ in range(2)] == [2.1, 2.3]  # never at the same instant
+
+
+class Refusals:
+    """A store that counts the leases it refused (a request of another instance waiting for its turn)."""
+
+    def __init__(self, store: BudgetStore) -> None:
+        self.store, self.refused = store, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.store, name)
+
+    def take_lease(self, key: str, token: str, now: float, until: float) -> Lease:
+        got = self.store.take_lease(key, token, now, until)
+        self.refused += not got.taken
+        return got
+
+
+def test_prepared_requests_of_two_instances_go_one_at_a_time(store: BudgetStore, key: str) -> None:
+    """Two instances' pages when the window's budget runs out: the second waits for the first's answer, a
+    429, and learns of it from the row before sending. With turns per instance both went out side by side,
+    and a penalty reached the row up to 370 ms after its 429 (BENCHMARKS.md (a))."""
+    clock, flight, shared = FakeTime(1_800_000_000.0), Flight(), Refusals(store)
+    a, b = (instance(shared, key, clock, flight) for _ in range(2))  # type: ignore[arg-type]
+    b.budget.turn_wait = 30.0
+    a.session.script = [response(429, {"Retry-After": "9"})]
+    outcomes: list[str] = []
+
+    def send(i: Instance) -> None:
+        try:
+            page(i)
+            outcomes.append("sent")
+        except Throttled:
+            outcomes.append("throttled")
+
+    first = threading.Thread(target=send, args=(a,))
+    first.start()
+    assert flight.wait_in_flight(1)
+    second = threading.Thread(target=send, args=(b,))
+    second.start()
+    assert wait_until(lambda: shared.refused >= 2)  # b has asked for the lease and been told to wait
+    flight.release()
+    for t in (first, second):
+        t.join(30)
+    assert outcomes == ["throttled", "throttled"] and (a.session.sent, b.session.sent) == (1, 0)
+    assert b.budget.remaining() == pytest.approx(9.0)
+    assert store.read(key, 0).penalty_until == pytest.approx(clock.now + 9.0)  # written as the lease ended
+
+
+def test_another_instances_hung_request_holds_back_the_next_only_until_its_lease_ends(store: BudgetStore,
+                                                                                     key: str) -> None:
+    clock, flight, shared = FakeTime(1_800_000_000.0), Flight(), Refusals(store)
+    a, b = (instance(shared, key, clock, flight) for _ in range(2))  # type: ignore[arg-type]
+    b.budget.turn_wait = 30.0
+    first = threading.Thread(target=page, args=(a,))
+    first.start()
+    assert flight.wait_in_flight(1)
+    second = threading.Thread(target=page, args=(b,))
+    second.start()
+    assert wait_until(lambda: shared.refused >= 1)
+    clock.now += a.budget.turn_wait  # a's lease has ended: its request was let in, and is slow
+    assert flight.wait_in_flight(2)
+    flight.release()
+    for t in (first, second):
+        t.join(30)
+    assert (a.session.sent, b.session.sent) == (1, 1)
+
+
+def test_the_lease_row_gives_back_with_the_penalty_in_one_write(table_store: TableBudgetStore, key: str) -> None:
+    mine = table_store.take_lease(key, "t1", now=100.0, until=100.5)
+    assert mine.taken and mine.etag
+    other = table_store.take_lease(key, "t2", now=100.1, until=100.6)
+    assert not other.taken and other.until == 100.5
+    table_store.give_back(key, mine, penalty_until=109.0)
+    assert table_store.read(key, 0).penalty_until == 109.0
+    assert not table_store.take_lease(key, "t2", now=100.2, until=100.7).taken  # a penalty runs: no lease
+    later = table_store.take_lease(key, "t2", now=109.0, until=109.5)
+    assert later.taken and later.penalty_until == 109.0
+    table_store.note_penalty(key, 120.0)  # another instance writes the row meanwhile: read and write again
+    table_store.give_back(key, later, penalty_until=115.0)
+    assert table_store.read(key, 0).penalty_until == 120.0
+    assert table_store.take_lease(key, "t3", now=120.0, until=120.5).taken  # given back
