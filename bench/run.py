@@ -499,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
 
     limits = LimitSettings(args.window)
     print(f"starting the local stack (limits scaled to a {args.window:g} s window; instances {args.instances})")
-    with Stack(StackOptions(name="bench", dataverse_args=limits.simulator_args(), instances=args.instances)) as stack:
+    # The app's budget knows the simulator's scaled window, as it knows Dataverse's 300 s (dataverse/budget.py).
+    options = StackOptions(name="bench", dataverse_args=limits.simulator_args(), instances=args.instances,
+                           devhost_env={"DEV_DATAVERSE_WINDOW_SECONDS": f"{limits.window_seconds:g}"})
+    with Stack(options) as stack:
         print(f"logs in {stack.dir.relative_to(ROOT)}/; app instances {', '.join(stack.instance_names())}")
         ceil = ceiling(stack)
         print(f"ceiling the limits allow: {ceil.per_second:,.0f} contacts/s sustained")

@@ -8,6 +8,7 @@ are ignored with a warning, so a stray override can never weaken production.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -47,6 +48,7 @@ DEV_SETTINGS = (
     "DEV_ENTRA_AUTHORITY",  # OIDC authority of the local Entra stand-in, replaces the cloud's authority
     "DEV_ALLOWED_INSTANCE_HOSTS",  # extra instance hosts (host:port), e.g. the loopback Dataverse simulator
     "DEV_CA_BUNDLE",  # CA bundle trusted for the stand-ins' HTTPS
+    "DEV_DATAVERSE_WINDOW_SECONDS",  # the simulator's scaled limit window (bench), instead of Dataverse's 300 s
 )
 
 
@@ -65,6 +67,7 @@ class DevOverrides:
     entra_authority: str | None = None
     allowed_instance_hosts: tuple[str, ...] = ()
     ca_bundle: str | None = None
+    dataverse_window_seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,16 @@ def _dev_overrides(env: Mapping[str, str], development: bool) -> DevOverrides:
     ca_bundle = env.get("DEV_CA_BUNDLE", "").strip() or None
     if ca_bundle and not os.path.isfile(ca_bundle):
         raise SettingsError("DEV_CA_BUNDLE", "names a file that does not exist", got=ca_bundle)
+    window = env.get("DEV_DATAVERSE_WINDOW_SECONDS", "").strip() or None
+    try:
+        window_seconds = float(window) if window else None
+    except ValueError:
+        window_seconds = -1.0
+    if window_seconds is not None and not 0 < window_seconds < math.inf:
+        raise SettingsError("DEV_DATAVERSE_WINDOW_SECONDS", "must be a positive number of seconds", got=window)
     log.warning("development mode: honouring local overrides %s", ", ".join(present))
-    return DevOverrides(entra_authority=authority, allowed_instance_hosts=hosts, ca_bundle=ca_bundle)
+    return DevOverrides(entra_authority=authority, allowed_instance_hosts=hosts, ca_bundle=ca_bundle,
+                        dataverse_window_seconds=window_seconds)
 
 
 # App Service hands the app a setting whose Key Vault reference it could not resolve (no access yet, a

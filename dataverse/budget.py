@@ -41,6 +41,7 @@ A storage error never fails a request: the budget then goes on with what this pr
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import threading
@@ -68,7 +69,11 @@ HEARTBEAT_SECONDS = 5.0  # how often an instance sending to a user says so
 INSTANCE_TTL_SECONDS = 20.0  # an instance not heard of for this long has no share any more
 NO_SHARE_RETRY_SECONDS = HEARTBEAT_SECONDS  # work of an instance without a share comes back after this
 TURN_WAIT_SECONDS = 0.5  # longest a request of prepared work waits for the one before it (Budget.in_turn)
+LEASE_WAIT_SECONDS = 5.0  # longest a request waits for the lease (Budget.in_turn), then goes without it
 LEASE_POLL_SECONDS = 0.02  # how often a request waiting for another instance's lease reads the row again
+WINDOW_SECONDS = 300.0  # the service's sliding window (api-limits page above)
+CAP_TTL_WINDOWS = 6  # a learned cap is trusted this many windows, then met again (the service's may have grown)
+LOG_LIMIT = 500  # bulk requests kept in the row's log (one window's; ~150 at a bulk write every 2 s)
 _PENALTY_ROW = "budget"
 _INSTANCE_PREFIX = "i~"
 _KEY = "user"  # the one key of the local Penalties
@@ -96,9 +101,9 @@ class BudgetStore(Protocol):
 
     def claim_turn(self, key: str, not_before: float, stagger: float, latest: float | None) -> Turn: ...
 
-    def take_lease(self, key: str, token: str, now: float, until: float) -> Lease: ...
+    def take_lease(self, key: str, token: str, now: float, until: float, window: float) -> Lease: ...
 
-    def give_back(self, key: str, lease: Lease, penalty_until: float) -> None: ...
+    def give_back(self, key: str, lease: Lease, answer: Answer, window: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,26 @@ class Lease:
     token: str = ""
     row: dict[str, object] | None = None  # the row as written when taken, for a one-request give-back
     etag: str | None = None
+    paced_until: float = 0.0  # not taken: the window's known budget is spent until then (paced_until())
+
+
+@dataclass
+class Answer:
+    """What the request sent in a lease came to: written to the row as the lease is given back."""
+
+    rows: int = 0  # rows a bulk request writes (0: a lookup)
+    at: float = 0.0  # epoch seconds the service answered (0: not sent)
+    penalty_until: float = 0.0  # the end of the 429 it met (0: none)
+
+
+def row_log(row: Mapping[str, object]) -> list[list[float]]:
+    return list(json.loads(str(row.get("sent") or "[]")))
+
+
+def cap_of(row: Mapping[str, object], now: float, window: float) -> int | None:
+    """The row's learned cap while it is trusted (CAP_TTL_WINDOWS)."""
+    cap, at = row.get("cap"), float(row.get("cap_at") or 0.0)  # type: ignore[arg-type]
+    return int(cap) if cap and now - at < CAP_TTL_WINDOWS * window else None  # type: ignore[call-overload]
 
 
 def lease_state(row: Mapping[str, object], token: str, now: float) -> tuple[float, float, bool]:
@@ -128,6 +153,76 @@ def lease_state(row: Mapping[str, object], token: str, now: float) -> tuple[floa
     penalty = float(row.get("penalty_until") or 0.0)  # type: ignore[arg-type]
     held = float(row.get("lease_until") or 0.0)  # type: ignore[arg-type]
     return penalty, held, penalty <= now and (held <= now or row.get("lease") == token)
+
+
+def window_rows(log: Sequence[Sequence[float]], now: float, window: float) -> list[tuple[float, int]]:
+    """The log's bulk requests still inside the window: (answered at, rows)."""
+    return sorted((float(at), int(rows)) for at, rows in log if float(at) > now - window)
+
+
+def paced_until(log: Sequence[Sequence[float]], cap: int | None, now: float, window: float) -> float:
+    """When the next prepared request may go (0: now), as the service would admit it: a request is refused
+    while the window's execution time is at its limit, and time leaves the window as requests age out
+    (devstack/dataverse/limits.py, after the api-limits page). The limit is known as `cap`, the rows the
+    user's bulk requests had written within the window when one met a 429 (`learned_cap`); so with `cap`
+    rows in the window, the request waits until enough of them have aged out. Without a cap, nothing
+    waits: the first 429 teaches it."""
+    if not cap:
+        return 0.0
+    inside = window_rows(log, now, window)
+    rows = sum(r for _, r in inside)
+    if rows < cap:
+        return 0.0
+    for at, r in inside:
+        rows -= r
+        if rows < cap:
+            return at + window
+    return 0.0  # not reached: with every request aged out, 0 rows are left
+
+
+def learned_cap(log: Sequence[Sequence[float]], now: float, window: float) -> int | None:
+    """The rows written within the window when a 429 came: what the user's execution time allows (None when
+    the log holds none: that 429 came from other work, and teaches nothing about bulk requests)."""
+    rows = sum(r for _, r in window_rows(log, now, window))
+    return rows or None
+
+
+def taken_lease(row: Mapping[str, object], token: str, now: float, until: float,
+                window: float) -> tuple[Lease, dict[str, object] | None]:
+    """The user's lease, taken until `until` when it is free (lease_state) and the window's known budget is
+    not spent (paced_until): the lease and the row to write; otherwise who holds it until when, which
+    penalty runs, or when the budget comes back, and nothing to write."""
+    penalty, held, free = lease_state(row, token, now)
+    pace = paced_until(row_log(row), cap_of(row, now, window), now, window) if free else 0.0
+    if not free or pace > now:
+        return Lease(False, held, penalty, paced_until=pace), None
+    new = {"penalty_until": 0.0, **row, "lease": token, "lease_until": until}
+    return Lease(True, until, penalty, token, new), new
+
+
+def given_back(row: Mapping[str, object], lease: Lease, answer: Answer, window: float) -> dict[str, object] | None:
+    """The row with the lease ended and what its request came to: a bulk request answered goes into the
+    window's log; a 429 is noted (when it ends later than the row's penalty), and the rows the log holds
+    then become the cap (learned_cap). None: nothing to write."""
+    new = dict(row)
+    mine = new.get("lease") == lease.token
+    later = answer.penalty_until > float(new.get("penalty_until") or 0.0)  # type: ignore[arg-type]
+    if not mine and not later and not answer.at:
+        return None
+    if mine:
+        new.update(lease="", lease_until=0.0)
+    if later:
+        new["penalty_until"] = answer.penalty_until
+    if answer.at:
+        log = [[at, rows] for at, rows in window_rows(row_log(new), answer.at, window)]
+        if answer.penalty_until:
+            cap = learned_cap(log, answer.at, window)
+            if cap:
+                new.update(cap=cap, cap_at=answer.at)
+        elif answer.rows:
+            log = [*log, [answer.at, answer.rows]][-LOG_LIMIT:]
+        new["sent"] = json.dumps(log, separators=(",", ":"))
+    return new
 
 
 def next_turn(not_before: float, penalty_until: float, scheduled: float) -> float:
@@ -210,44 +305,24 @@ class TableBudgetStore:
         self._update(key, claim)
         return got[0]
 
-    def take_lease(self, key: str, token: str, now: float, until: float) -> Lease:
-        """Take the user's lease until `until` when it is free (lease_state), with an ETag-conditional write;
-        otherwise say who holds it until when, or which penalty runs, and write nothing."""
+    def take_lease(self, key: str, token: str, now: float, until: float, window: float) -> Lease:
+        """`taken_lease` with an ETag-conditional write (retried on a conflict)."""
         got: list[Lease] = []
 
         def take(old: TableEntity | None) -> dict[str, object] | None:
-            row: dict[str, object] = dict(old or {})
-            penalty, held, free = lease_state(row, token, now)
-            if not free:
-                got[:] = [Lease(False, held, penalty)]
-                return None
-            new = {"penalty_until": 0.0, **row, "PartitionKey": key, "RowKey": _PENALTY_ROW, "lease": token,
-                   "lease_until": until}
-            got[:] = [Lease(True, until, penalty, token, new)]
-            return new
+            lease, new = taken_lease(dict(old or {}), token, now, until, window)
+            got[:] = [lease]
+            return None if new is None else {**new, "PartitionKey": key, "RowKey": _PENALTY_ROW}
 
         etag = self._update(key, take)
-        return replace(got[0], etag=etag) if got[0].taken else got[0]
+        return replace(got[0], row=dict(got[0].row or {}, PartitionKey=key, RowKey=_PENALTY_ROW),
+                       etag=etag) if got[0].taken else got[0]
 
-    def give_back(self, key: str, lease: Lease, penalty_until: float) -> None:
-        """End the lease, and note the penalty its request met (when later than the row's) in the same write:
-        one replace on the ETag of the take when nobody wrote the row since, else read and write again."""
-        def release(old: Mapping[str, object] | None) -> dict[str, object] | None:
-            if old is None:
-                return None
-            row = dict(old)
-            mine = row.get("lease") == lease.token
-            later = penalty_until > float(row.get("penalty_until") or 0.0)  # type: ignore[arg-type]
-            if not mine and not later:
-                return None
-            if mine:
-                row.update(lease="", lease_until=0.0)
-            if later:
-                row["penalty_until"] = penalty_until
-            return row
-
+    def give_back(self, key: str, lease: Lease, answer: Answer, window: float) -> None:
+        """`given_back` in one replace on the ETag of the take when nobody wrote the row since, else read and
+        write again."""
         if lease.row is not None and lease.etag:
-            new = release(lease.row)
+            new = given_back(lease.row, lease, answer, window)
             try:
                 if new is not None:
                     self.table.update_entity(new, mode=UpdateMode.REPLACE, etag=lease.etag,
@@ -255,7 +330,7 @@ class TableBudgetStore:
                 return
             except (ResourceModifiedError, ResourceNotFoundError):
                 pass  # another write came between (a penalty, a turn): read it and write again
-        self._update(key, release)
+        self._update(key, lambda old: None if old is None else given_back(old, lease, answer, window))
 
     def heartbeat(self, key: str, instance: str, now: float) -> None:
         self.table.upsert_entity({"PartitionKey": key, "RowKey": _INSTANCE_PREFIX + instance, "seen": now},
@@ -280,7 +355,8 @@ class Budget:
     def __init__(self, key: str = "local", store: BudgetStore | None = None, *, instance: str = INSTANCE_ID,
                  clock: Callable[[], float] = time.time, refresh: float = REFRESH_SECONDS,
                  heartbeat: float = HEARTBEAT_SECONDS, instance_ttl: float = INSTANCE_TTL_SECONDS,
-                 limit: int = CONCURRENCY_LIMIT, turn_wait: float = TURN_WAIT_SECONDS) -> None:
+                 limit: int = CONCURRENCY_LIMIT, turn_wait: float = TURN_WAIT_SECONDS,
+                 window: float = WINDOW_SECONDS) -> None:
         self.key, self.store, self.instance = key, store, instance
         self._clock = clock
         self.refresh, self.heartbeat, self.instance_ttl, self.limit = refresh, heartbeat, instance_ttl, limit
@@ -294,7 +370,7 @@ class Budget:
         self.waiting = 0  # callers waiting for a slot
         self._callers = threading.local()  # threads whose caller waits out penalties itself
         self._in_turn = threading.Lock()
-        self.turn_wait = turn_wait
+        self.turn_wait, self.window = turn_wait, window
 
     # -- the shared view ------------------------------------------------------------------------
 
@@ -390,29 +466,29 @@ class Budget:
         return bool(getattr(self._callers, "on", False))
 
     @contextlib.contextmanager
-    def in_turn(self) -> Iterator[None]:
+    def in_turn(self, rows: int = 0) -> Iterator[None]:
         """Around one request: those of callers that wait out penalties themselves (`caller_waits`: a
         backfill page, a drain; few and bulk) go one at a time, in this process (a lock) and over all
         instances (the user's lease in storage), so that a 429 one of them meets is noted, in the shared row
         too, before the next is sent. Sent side by side when the window's budget runs out, all but the
-        first would be sent during the penalty and extend it. A request waits for the one before it at most
-        `turn_wait`: a 429 is answered at once, so one still running after that was let in, and a slow or
-        stuck bulk write (seconds on the service) must not hold back the user's other work, another
-        account's drain among it. Per-contact requests are not held."""
+        first would be sent during the penalty and extend it. A lease, and the lock, are held at most
+        `turn_wait`: a 429 is answered at once, so a request still running after that was let in, and a slow
+        or stuck bulk write (seconds on the service) must not hold back the user's other work, another
+        account's drain among it. A request waits for the lease while others hold it one after another, up
+        to LEASE_WAIT_SECONDS. Per-contact requests are not held."""
         if not self.caller_waiting:
             yield
             return
-        deadline = time.monotonic() + self.turn_wait
         mine = self._in_turn.acquire(timeout=self.turn_wait)
         try:
-            lease = self._take_lease(deadline)
-            self._callers.lease, self._callers.penalty = lease, 0.0
+            lease = self._take_lease(time.monotonic() + LEASE_WAIT_SECONDS)
+            answer = self._callers.answer = Answer(rows)
             try:
                 yield
             finally:
-                self._callers.lease = None
-                if lease is not None:
-                    self._give_back(lease, self._callers.penalty)
+                self._callers.answer = None
+                if lease is not None or answer.at:  # sent without the lease too: its rows count all the same
+                    self._give_back(lease or Lease(False, 0.0), answer)
         finally:
             if mine:
                 self._in_turn.release()
@@ -427,37 +503,47 @@ class Budget:
         while True:
             now = self._clock()
             try:
-                got = self.store.take_lease(self.key, token, now, now + self.turn_wait)
+                got = self.store.take_lease(self.key, token, now, now + self.turn_wait, self.window)
             except (AzureError, ConcurrencyError) as exc:
                 log.warning("Dataverse budget %s: could not take the lease (%s); sending in this instance's turn",
                             self.key, type(exc).__name__)
                 return None
-            if got.penalty_until > now:
-                self._local.note(_KEY, got.penalty_until - now)
+            held = max(got.penalty_until, got.paced_until) - now
+            if held > 0:  # a penalty, or the window's known budget spent: held back as a penalty would
+                self._local.note(_KEY, held)
+                return None
             if got.taken:
                 return got
             left = deadline - time.monotonic()
-            if got.penalty_until > now or left <= 0:
+            if left <= 0:
                 return None
             time.sleep(min(LEASE_POLL_SECONDS, left))
 
-    def _give_back(self, lease: Lease, penalty_until: float) -> None:
+    def _give_back(self, lease: Lease, answer: Answer) -> None:
         store = self.store
         if store is not None:
-            self._write("lease", lambda: store.give_back(self.key, lease, penalty_until))
+            self._write("lease", lambda: store.give_back(self.key, lease, answer, self.window))
+
+    def answered(self) -> None:
+        """The request in this thread's lease was answered, not with a 429: its rows go into the log."""
+        answer: Answer | None = getattr(self._callers, "answer", None)
+        if answer is not None:
+            answer.at = self._clock()
 
     def note(self, retry_after: float) -> None:
         """A 429's Retry-After: held back here at once, and shared when it ends later than the known one
         (inside a lease, by the write that gives it back)."""
         self._local.note(_KEY, retry_after)
-        until = self._clock() + retry_after
+        now = self._clock()
+        until = now + retry_after
+        answer: Answer | None = getattr(self._callers, "answer", None)
+        if answer is not None:
+            answer.at, answer.penalty_until = now, until
         with self._cond:
             if until <= self._shared.penalty_until:
                 return
             self._shared = Shared(until, self._shared.dop_hint, self._shared.instances)
-        if getattr(self._callers, "lease", None) is not None:
-            self._callers.penalty = max(until, getattr(self._callers, "penalty", 0.0))
-        elif self.store is not None:
+        if answer is None and self.store is not None:
             store = self.store
             self._write("penalty", lambda: store.note_penalty(self.key, until))
 
@@ -512,8 +598,8 @@ class Budget:
 class Budgets:
     """One Budget per Dataverse user in this process, over one store."""
 
-    def __init__(self, store: BudgetStore | None) -> None:
-        self.store = store
+    def __init__(self, store: BudgetStore | None, window: float = WINDOW_SECONDS) -> None:
+        self.store, self.window = store, window
         self._budgets: dict[str, Budget] = {}
         self._lock = threading.Lock()
 
@@ -522,5 +608,5 @@ class Budgets:
         with self._lock:
             found = self._budgets.get(key)
             if found is None:
-                found = self._budgets[key] = Budget(key, self.store)
+                found = self._budgets[key] = Budget(key, self.store, window=self.window)
             return found

@@ -169,8 +169,8 @@ class DataverseClient:
         return self.transport.max_inline_wait
 
     def request(self, method: str, path: str, *, params: dict[str, str] | None = None, body: JsonBody | None = None,
-                data: bytes | None = None, headers: dict[str, str] | None = None) -> requests.Response:
-        return self.transport.request(method, path, params=params, body=body, data=data, headers=headers)
+                data: bytes | None = None, headers: dict[str, str] | None = None, rows: int = 0) -> requests.Response:
+        return self.transport.request(method, path, params=params, body=body, data=data, headers=headers, rows=rows)
 
     def _get_all(self, path: str, params: dict[str, str]) -> list[dict[str, Any]]:
         return self.transport.get_all(path, params)
@@ -367,13 +367,14 @@ class DataverseClient:
         for item in items:
             _, body = self._target(item)
             targets.append({"@odata.type": CONTACT_TYPE, **body, "contactid": item.contact_id})
-        self.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", body={"Targets": targets})
+        self.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", body={"Targets": targets},
+                     rows=len(targets))
         return []  # all or nothing on standard tables: success means every record landed
 
     def _batch(self, parts: list[BatchPart]) -> list[PartResponse]:
         """One continue-on-error `$batch` of independent requests; each part's response, in order."""
         content_type, data = build_batch(parts, API_PATH)
-        resp = self.request("POST", "$batch", data=data,
+        resp = self.request("POST", "$batch", data=data, rows=len(parts),
                             headers={"Content-Type": content_type, "Prefer": "odata.continue-on-error"})
         try:
             responses = parse_batch_response(resp.headers.get("Content-Type", ""), resp.content)

@@ -150,8 +150,10 @@ class Transport:
         body: JsonBody | None = None,
         data: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        rows: int = 0,
     ) -> requests.Response:
-        """One Web API call with the rules of the module docstring; raises a DataverseError subclass."""
+        """One Web API call with the rules of the module docstring; raises a DataverseError subclass. `rows`:
+        the rows a bulk request writes, for the budget's log (dataverse/budget.py paced_until)."""
         url = self._url(path, params)
         where = f"{method} {urlsplit(url).path}"
         send_headers = dict(headers or {})
@@ -178,7 +180,7 @@ class Transport:
             send_headers["Authorization"] = "Bearer " + self._token(force_refresh)
             force_refresh = False
             try:
-                with self.budget.slot(self.max_inline_wait), self.budget.in_turn():
+                with self.budget.slot(self.max_inline_wait), self.budget.in_turn(rows):
                     if self.budget.remaining() > 0:
                         sent = None  # a request sent while this one waited its turn met a penalty
                     else:
@@ -187,6 +189,8 @@ class Transport:
                                                      timeout=self.timeout, verify=self.verify, allow_redirects=False)
                         if sent.status_code == 429:  # noted before the turn passes on (Budget.in_turn)
                             self.budget.note(retry_after_seconds(sent.headers.get("Retry-After")))
+                        else:
+                            self.budget.answered()
             except NoSlot as busy:
                 raise Busy(f"{where}: held back: {busy}", retry_after=busy.retry_after) from None
             except requests.exceptions.SSLError:

@@ -18,7 +18,7 @@ from core.failures import FailureStore
 from core.settings import Settings, get_settings
 from core.storage import QueueSender, Tables
 from dataverse.budget import TABLE as BUDGETS
-from dataverse.budget import Budget, Budgets, TableBudgetStore
+from dataverse.budget import WINDOW_SECONDS, Budget, Budgets, TableBudgetStore
 from dataverse.client import DataverseClient
 from dataverse.transport import TokenProvider
 from oauth.errors import NotConnected
@@ -64,7 +64,8 @@ class Services:
     def budgets(self) -> Budgets:
         """Each Dataverse user's penalties and concurrency, shared with the app's other instances through a
         Table (dataverse/budget.py)."""
-        return Budgets(TableBudgetStore(self.tables(BUDGETS)))
+        window = self.settings.dev.dataverse_window_seconds or WINDOW_SECONDS
+        return Budgets(TableBudgetStore(self.tables(BUDGETS)), window)
 
     @cached_property
     def secrets(self) -> SecretClient:

@@ -18,6 +18,7 @@ from requests.structures import CaseInsensitiveDict
 
 from core.storage import Tables
 from dataverse.budget import (
+    Answer,
     Budget,
     BudgetStore,
     Lease,
@@ -26,8 +27,11 @@ from dataverse.budget import (
     Turn,
     budget_key,
     concurrency_cap,
+    given_back,
     instance_share,
-    lease_state,
+    learned_cap,
+    paced_until,
+    taken_lease,
 )
 from dataverse.errors import Busy, Throttled
 from dataverse.transport import Transport
@@ -71,7 +75,7 @@ class MemoryStore:
         self.hints: dict[str, int] = {}
         self.seen: dict[tuple[str, str], float] = {}
         self.next_turn: dict[str, float] = {}
-        self.leases: dict[str, dict[str, object]] = {}
+        self.rows: dict[str, dict[str, object]] = {}  # the lease's and the log's fields of the budget row
 
     def read(self, key: str, live_since: float) -> Shared:
         return Shared(self.until.get(key, 0.0), self.hints.get(key),
@@ -94,18 +98,20 @@ class MemoryStore:
             self.next_turn[key] = at + stagger
         return Turn(at, taken, until)
 
-    def take_lease(self, key: str, token: str, now: float, until: float) -> Lease:
-        row = {"penalty_until": self.until.get(key, 0.0), **self.leases.get(key, {})}
-        penalty, held, free = lease_state(row, token, now)
-        if not free:
-            return Lease(False, held, penalty)
-        self.leases[key] = {"lease": token, "lease_until": until}
-        return Lease(True, until, penalty, token)
+    def _row(self, key: str) -> dict[str, object]:
+        return {**self.rows.get(key, {}), "penalty_until": self.until.get(key, 0.0)}
 
-    def give_back(self, key: str, lease: Lease, penalty_until: float) -> None:
-        if self.leases.get(key, {}).get("lease") == lease.token:
-            del self.leases[key]
-        self.note_penalty(key, penalty_until)
+    def take_lease(self, key: str, token: str, now: float, until: float, window: float) -> Lease:
+        lease, new = taken_lease(self._row(key), token, now, until, window)
+        if new is not None:
+            self.rows[key] = new
+        return lease
+
+    def give_back(self, key: str, lease: Lease, answer: Answer, window: float) -> None:
+        new = given_back(self._row(key), lease, answer, window)
+        if new is not None:
+            self.rows[key] = new
+            self.note_penalty(key, float(new["penalty_until"]))  # type: ignore[arg-type]
 
 
 @pytest.fixture(params=["memory", "azurite"])
@@ -467,6 +473,7 @@ def test_a_request_that_hangs_holds_back_the_next_one_only_briefly(key: str) -> 
     threads[0].start()
     assert flight.wait_in_flight(1)
     threads[1].start()
+    clock.now += a.budget.turn_wait  # the first one's lease has ended
     assert flight.wait_in_flight(2)  # both in flight at once
     flight.release()
     for t in threads:
@@ -474,9 +481,9 @@ def test_a_request_that_hangs_holds_back_the_next_one_only_briefly(key: str) -> 
     assert a.session.sent == 2
 
 
-def page(a: Instance) -> None:
+def page(a: Instance, rows: int = 0) -> None:
     with a.budget.caller_waits():
-        a.transport.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple")
+        a.transport.request("POST", "contacts/Microsoft.Dynamics.CRM.UpsertMultiple", rows=rows)
 
 
 def test_after_a_penalty_the_instances_waiters_take_turns_in_one_sequence(store: BudgetStore, key: str) -> None:
@@ -557,8 +564,8 @@ class Refusals:
     def __getattr__(self, name: str) -> object:
         return getattr(self.store, name)
 
-    def take_lease(self, key: str, token: str, now: float, until: float) -> Lease:
-        got = self.store.take_lease(key, token, now, until)
+    def take_lease(self, key: str, token: str, now: float, until: float, window: float) -> Lease:
+        got = self.store.take_lease(key, token, now, until, window)
         self.refused += not got.taken
         return got
 
@@ -614,16 +621,71 @@ def test_another_instances_hung_request_holds_back_the_next_only_until_its_lease
 
 
 def test_the_lease_row_gives_back_with_the_penalty_in_one_write(table_store: TableBudgetStore, key: str) -> None:
-    mine = table_store.take_lease(key, "t1", now=100.0, until=100.5)
+    mine = table_store.take_lease(key, "t1", now=100.0, until=100.5, window=10)
     assert mine.taken and mine.etag
-    other = table_store.take_lease(key, "t2", now=100.1, until=100.6)
+    other = table_store.take_lease(key, "t2", now=100.1, until=100.6, window=10)
     assert not other.taken and other.until == 100.5
-    table_store.give_back(key, mine, penalty_until=109.0)
+    table_store.give_back(key, mine, Answer(penalty_until=109.0), window=10)
     assert table_store.read(key, 0).penalty_until == 109.0
-    assert not table_store.take_lease(key, "t2", now=100.2, until=100.7).taken  # a penalty runs: no lease
-    later = table_store.take_lease(key, "t2", now=109.0, until=109.5)
+    assert not table_store.take_lease(key, "t2", now=100.2, until=100.7, window=10).taken  # a penalty runs
+    later = table_store.take_lease(key, "t2", now=109.0, until=109.5, window=10)
     assert later.taken and later.penalty_until == 109.0
     table_store.note_penalty(key, 120.0)  # another instance writes the row meanwhile: read and write again
-    table_store.give_back(key, later, penalty_until=115.0)
+    table_store.give_back(key, later, Answer(), window=10)
     assert table_store.read(key, 0).penalty_until == 120.0
-    assert table_store.take_lease(key, "t3", now=120.0, until=120.5).taken  # given back
+    assert table_store.take_lease(key, "t3", now=120.0, until=120.5, window=10).taken  # given back
+
+
+# -- pacing bulk requests by the window's log ---------------------------------------------------------
+
+def test_a_request_waits_while_the_window_holds_the_learned_cap_until_enough_has_aged_out() -> None:
+    log = [[100.0, 500], [101.0, 500], [102.0, 500], [103.0, 500], [80.0, 500]]  # the last one has aged out
+    assert paced_until(log, None, 104.0, 10.0) == 0  # nothing learned yet: the first 429 teaches it
+    assert paced_until(log, 2500, 104.0, 10.0) == 0  # 2,000 rows in the window, under the cap
+    assert paced_until(log, 2000, 104.0, 10.0) == 110.0  # at the cap: until the oldest leaves the window
+    assert paced_until(log, 1200, 104.0, 10.0) == 111.0  # over it: until enough have left
+    assert paced_until(log, 2000, 110.5, 10.0) == 0
+    assert learned_cap(log, 104.0, 10.0) == 2000 and learned_cap(log, 200.0, 10.0) is None
+
+
+def test_the_row_logs_answered_bulk_requests_and_learns_the_cap_from_a_429() -> None:
+    row: dict[str, object] = {}
+    for at in (100.0, 101.0, 102.0):
+        lease, taken = taken_lease(row, "t", at, at + 0.5, 10.0)
+        assert lease.taken and taken is not None
+        row = given_back(taken, lease, Answer(rows=500, at=at), 10.0) or {}
+    lease, taken = taken_lease(row, "t", 102.5, 103.0, 10.0)
+    assert taken is not None
+    row = given_back(taken, lease, Answer(rows=500, at=102.6, penalty_until=105.0), 10.0) or {}
+    assert row["cap"] == 1500 and row["penalty_until"] == 105.0 and row["lease"] == ""
+    assert not taken_lease(row, "u", 104.0, 104.5, 10.0)[0].taken  # the penalty runs
+    late = taken_lease(row, "u", 105.5, 106.0, 10.0)[0]
+    assert not late.taken and late.paced_until == 110.0  # 1,500 rows still in the window: the cap
+    assert taken_lease(row, "u", 110.0, 110.5, 10.0)[0].taken
+
+
+def test_after_a_429_teaches_the_cap_no_instance_sends_into_a_spent_window(store: BudgetStore, key: str) -> None:
+    """The service gives a window's budget back as its requests age out, at the pace they were sent: pages
+    sent faster than that after a penalty met a second 429 in the window, and the split carried into
+    every later window (BENCHMARKS.md (a)). Once a 429 has shown the cap, every instance waits for the
+    window's log instead."""
+    clock = FakeTime(1_800_000_000.0)
+    a, b = instance(store, key, clock), instance(store, key, clock)
+    for i in (a, b):
+        i.budget.window = 10.0
+    start = clock.now
+    for _ in range(3):
+        page(a, rows=500)
+        clock.now += 1.0
+    a.session.script = [response(429, {"Retry-After": "7"})]
+    with pytest.raises(Throttled):
+        page(a, rows=500)
+    clock.now = start + 10.5  # the penalty is over; the first write (at +0) has left the window
+    page(b, rows=500)
+    assert b.session.sent == 1
+    with pytest.raises(Throttled) as held:  # 1,500 rows in the window again: until the one at +1 leaves it
+        page(b, rows=500)
+    assert b.session.sent == 1 and held.value.retry_after == pytest.approx(0.5, abs=0.25)
+    clock.now = start + 11.0
+    page(b, rows=500)
+    assert b.session.sent == 2 and a.session.sent == 4
