@@ -20,11 +20,18 @@ process learns from a 429 must hold back the others too, and their requests in f
   themselves (a backfill page, a drain pass: few and bulk) take the user's lease (`lease`, `lease_until` in
   the same row, ETag-conditional) and give it back after the answer, with the 429 it may have met written
   in the same write. The next one, of any instance, takes the lease by reading that row, so it sees the
-  penalty before sending: one per window is the least a client that does not predict the budget meets.
-  Per-instance turns let two instances' requests go side by side when the window ran out, and a penalty
-  reached the row 5-370 ms after its 429, so a third was sent into it (BENCHMARKS.md (a)). A lease ends
+  penalty before sending. Per-instance turns let two instances' requests go side by side when the window
+  ran out, and a penalty reached the row 5-370 ms after its 429, so a third was sent into it. A lease ends
   after TURN_WAIT_SECONDS: a 429 is answered at once, so a request still running then was let in, and a
   slow bulk write must not hold back the user's other work. Three Table requests per bulk request.
+- The window's log: the give-back also logs each answered bulk request (when, rows) for the last window
+  (WINDOW_SECONDS), and a 429 of the execution-time limit makes the rows then in the window the user's
+  cap. A prepared request that finds the cap's rows in the window waits, as for a penalty, until enough
+  have aged out (paced_until): the service gives the budget back as its requests age out, at the pace
+  they were sent, and pages sent faster met a second 429 and split every later window in two
+  (BENCHMARKS.md (a)). The cap assumes a row costs the same execution time in every bulk request; a 429
+  corrects it downwards, and it is trusted CAP_TTL_WINDOWS windows, then met again, so a service that
+  grew is used.
 - Concurrency: requests in flight to the user, over all instances, stay within the cap: Dataverse's
   concurrency limit, or the `x-ms-dop-hint` when it is lower (sending more than the hint "worsens
   performance": https://learn.microsoft.com/power-apps/developer/data-platform/send-parallel-requests).
@@ -135,6 +142,7 @@ class Answer:
     rows: int = 0  # rows a bulk request writes (0: a lookup)
     at: float = 0.0  # epoch seconds the service answered (0: not sent)
     penalty_until: float = 0.0  # the end of the 429 it met (0: none)
+    execution_time: bool = False  # that 429 was the execution-time limit's: the window's rows are the cap
 
 
 def row_log(row: Mapping[str, object]) -> list[list[float]]:
@@ -215,7 +223,7 @@ def given_back(row: Mapping[str, object], lease: Lease, answer: Answer, window: 
         new["penalty_until"] = answer.penalty_until
     if answer.at:
         log = [[at, rows] for at, rows in window_rows(row_log(new), answer.at, window)]
-        if answer.penalty_until:
+        if answer.execution_time:
             cap = learned_cap(log, answer.at, window)
             if cap:
                 new.update(cap=cap, cap_at=answer.at)
@@ -530,15 +538,17 @@ class Budget:
         if answer is not None:
             answer.at = self._clock()
 
-    def note(self, retry_after: float) -> None:
+    def note(self, retry_after: float, *, execution_time: bool = False) -> None:
         """A 429's Retry-After: held back here at once, and shared when it ends later than the known one
-        (inside a lease, by the write that gives it back)."""
+        (inside a lease, by the write that gives it back, which learns the cap from an `execution_time`
+        one: only that limit is what the window's rows measure; a 429 of the request count or of
+        concurrency, or one scripted by a test, teaches nothing about them)."""
         self._local.note(_KEY, retry_after)
         now = self._clock()
         until = now + retry_after
         answer: Answer | None = getattr(self._callers, "answer", None)
         if answer is not None:
-            answer.at, answer.penalty_until = now, until
+            answer.at, answer.penalty_until, answer.execution_time = now, until, execution_time
         with self._cond:
             if until <= self._shared.penalty_until:
                 return

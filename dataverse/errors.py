@@ -30,7 +30,8 @@ _ATTRIBUTE_RE = re.compile(r"The length of the '([^']+)' attribute")
 _PROPERTY_RE = re.compile(r"propert(?:y|ies)(?: named)? '([^']+)'")
 _ENTITY_RE = re.compile(r"^(\w+) With Id = ")
 DUPLICATE_DETECTED = "0x80040333"
-THROTTLE_CODES = {"0x80072322": "requests", "0x80072321": "execution time", "0x80072326": "concurrency"}
+EXECUTION_TIME_LIMIT = "0x80072321"
+THROTTLE_CODES = {"0x80072322": "requests", EXECUTION_TIME_LIMIT: "execution time", "0x80072326": "concurrency"}
 
 
 class DataverseError(AppError):

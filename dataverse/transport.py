@@ -36,7 +36,15 @@ from requests.adapters import HTTPAdapter
 
 from core.retry_after import retry_after_seconds
 from dataverse.budget import Budget, NoSlot
-from dataverse.errors import Busy, DataverseError, Throttled, Transient, error_for
+from dataverse.errors import (
+    EXECUTION_TIME_LIMIT,
+    Busy,
+    DataverseError,
+    Throttled,
+    Transient,
+    error_for,
+    parse_error_body,
+)
 from dataverse.odata import encode_query
 
 log = logging.getLogger("dataverse")
@@ -188,7 +196,9 @@ class Transport:
                         sent = self._session.request(method, url, data=data, headers=send_headers,
                                                      timeout=self.timeout, verify=self.verify, allow_redirects=False)
                         if sent.status_code == 429:  # noted before the turn passes on (Budget.in_turn)
-                            self.budget.note(retry_after_seconds(sent.headers.get("Retry-After")))
+                            limit, _ = parse_error_body(sent.content)
+                            self.budget.note(retry_after_seconds(sent.headers.get("Retry-After")),
+                                             execution_time=limit == EXECUTION_TIME_LIMIT)
                         else:
                             self.budget.answered()
             except NoSlot as busy:

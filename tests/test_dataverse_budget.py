@@ -123,11 +123,14 @@ def store(request: pytest.FixtureRequest) -> BudgetStore:
 
 
 
-def response(status: int, headers: Mapping[str, str] | None = None) -> requests.Response:
+EXECUTION_TIME = b'{"error": {"code": "0x80072321", "message": "Combined execution time ... exceeded limit"}}'
+
+
+def response(status: int, headers: Mapping[str, str] | None = None, body: bytes = b"{}") -> requests.Response:
     resp = requests.Response()
     resp.status_code = status
     resp.headers = CaseInsensitiveDict(headers or {})
-    resp._content = b"{}"
+    resp._content = body
     return resp
 
 
@@ -656,7 +659,9 @@ def test_the_row_logs_answered_bulk_requests_and_learns_the_cap_from_a_429() -> 
         row = given_back(taken, lease, Answer(rows=500, at=at), 10.0) or {}
     lease, taken = taken_lease(row, "t", 102.5, 103.0, 10.0)
     assert taken is not None
-    row = given_back(taken, lease, Answer(rows=500, at=102.6, penalty_until=105.0), 10.0) or {}
+    assert "cap" not in (given_back(taken, lease, Answer(rows=500, at=102.6, penalty_until=105.0), 10.0) or {})
+    row = given_back(taken, lease, Answer(rows=500, at=102.6, penalty_until=105.0, execution_time=True),
+                     10.0) or {}
     assert row["cap"] == 1500 and row["penalty_until"] == 105.0 and row["lease"] == ""
     assert not taken_lease(row, "u", 104.0, 104.5, 10.0)[0].taken  # the penalty runs
     late = taken_lease(row, "u", 105.5, 106.0, 10.0)[0]
@@ -677,7 +682,7 @@ def test_after_a_429_teaches_the_cap_no_instance_sends_into_a_spent_window(store
     for _ in range(3):
         page(a, rows=500)
         clock.now += 1.0
-    a.session.script = [response(429, {"Retry-After": "7"})]
+    a.session.script = [response(429, {"Retry-After": "7"}, EXECUTION_TIME)]
     with pytest.raises(Throttled):
         page(a, rows=500)
     clock.now = start + 10.5  # the penalty is over; the first write (at +0) has left the window
