@@ -77,6 +77,14 @@ def test_dev_overrides_only_count_in_development(tmp_path):
     assert prod.allowed_instance_hosts == () and prod.ca_bundle is None and prod.entra_authority is None
 
 
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "inf", "nan"])
+def test_the_dev_dataverse_window_must_be_a_positive_number_of_seconds(value):
+    assert load_settings({**GOOD, "DEV_DATAVERSE_WINDOW_SECONDS": "10"}).dev.dataverse_window_seconds == 10.0
+    with pytest.raises(SettingsError) as err:
+        load_settings({**GOOD, "DEV_DATAVERSE_WINDOW_SECONDS": value})
+    assert err.value.name == "DEV_DATAVERSE_WINDOW_SECONDS"
+
+
 def test_production_refuses_plain_http_for_wave():
     with pytest.raises(SettingsError) as err:
         load_settings({**GOOD, "APP_ENV": "production"})
