@@ -161,7 +161,7 @@ class Transport:
         rows: int = 0,
     ) -> requests.Response:
         """One Web API call with the rules of the module docstring; raises a DataverseError subclass. `rows`:
-        the rows a bulk request writes, for the budget's log (dataverse/budget.py paced_until)."""
+        the rows a bulk request writes, for the budget's log (dataverse/lease.py paced_until)."""
         url = self._url(path, params)
         where = f"{method} {urlsplit(url).path}"
         send_headers = dict(headers or {})

@@ -18,8 +18,9 @@ from core.failures import FailureStore
 from core.settings import Settings, get_settings
 from core.storage import QueueSender, Tables
 from dataverse.budget import TABLE as BUDGETS
-from dataverse.budget import WINDOW_SECONDS, Budget, Budgets, TableBudgetStore
+from dataverse.budget import Budget, Budgets, TableBudgetStore
 from dataverse.client import DataverseClient
+from dataverse.lease import WINDOW_SECONDS
 from dataverse.transport import TokenProvider
 from oauth.errors import NotConnected
 from oauth.token_store import TokenStore, secret_client

@@ -18,22 +18,24 @@ from requests.structures import CaseInsensitiveDict
 
 from core.storage import Tables
 from dataverse.budget import (
-    Answer,
     Budget,
     BudgetStore,
-    Lease,
     Shared,
     TableBudgetStore,
     Turn,
     budget_key,
     concurrency_cap,
-    given_back,
     instance_share,
+)
+from dataverse.errors import Busy, Throttled
+from dataverse.lease import (
+    Answer,
+    Lease,
+    given_back,
     learned_cap,
     paced_until,
     taken_lease,
 )
-from dataverse.errors import Busy, Throttled
 from dataverse.transport import Transport
 from sync.throttle import Patience
 from tests.fixtures.fake_time import FakeTime
